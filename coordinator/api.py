@@ -1,0 +1,199 @@
+"""The coordinator's HTTP front door: OpenAI-compatible API plus admin and health routes.
+
+One handler serves both inference endpoints (validate → route → proxy); every error, whoever
+raises it, leaves through :func:`fleet.coordinator.errors.render`, so the body is OpenAI's
+``{"error": {...}}`` with the right status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .errors import ApiError, PayloadTooLarge, error_body, render
+from .validation import RequestKind, validate
+
+if TYPE_CHECKING:
+    from .service import Coordinator
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS: dict[str, RequestKind] = {
+    "/v1/completions": "completion",
+    "/v1/chat/completions": "chat",
+}
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json")
+
+
+def create_app(coord: Coordinator) -> QuartTrio:
+    """Build the ASGI app for a coordinator."""
+    app = QuartTrio("fleet.coordinator")
+    app.config["MAX_CONTENT_LENGTH"] = coord.cfg.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does
+    app.config["BODY_TIMEOUT"] = coord.cfg.body_timeout_s
+
+    @app.errorhandler(ApiError)
+    async def _api_error(err: ApiError) -> Response:
+        coord.metrics.request_errors.labels(reason=err.code or str(err.status)).inc()
+        body, status, headers = render(err)
+        return Response(body, status=status, headers=headers)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        if status == 413:
+            return await _api_error(PayloadTooLarge(coord.cfg.max_body_bytes))
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        coord.metrics.request_errors.labels(reason=str(status)).inc()
+        return Response(
+            error_body(err.description or err.name, type=kind, code=status),
+            status=status,
+            content_type="application/json",
+        )
+
+    @app.errorhandler(Exception)
+    async def _unexpected(err: Exception) -> Response:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        coord.metrics.request_errors.labels(reason="internal").inc()
+        return Response(
+            error_body("Internal error in the coordinator.", type="server_error", code=500),
+            status=500,
+            content_type="application/json",
+        )
+
+    async def _inference(path: str) -> Response:
+        kind = ENDPOINTS[path]
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        parsed = validate(kind, raw)
+        deployment = coord.placer.deployment(parsed.model)
+        if deployment is not None and parsed.max_tokens is not None:
+            validate(kind, raw, max_model_len=deployment.max_model_len)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        fwd = await coord.gateway.forward(path, parsed, raw, headers)
+        label = {"endpoint": path, "model": parsed.model, "status": str(fwd.status)}
+        coord.metrics.requests.labels(**label).inc()
+        streaming = fwd.headers.get("content-type", "").startswith("text/event-stream")
+        if not streaming:
+            chunks = [chunk async for chunk in fwd.body]
+            return Response(b"".join(chunks), status=fwd.status, headers=fwd.headers)
+        response = Response(_passthrough(fwd.body), status=fwd.status, headers=fwd.headers)
+        response.timeout = None
+        return response
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await _inference("/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        return await _inference("/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        created = int(coord.started_at)
+        data = []
+        for model in coord.registry.models():
+            deployment = coord.placer.deployment(model)
+            entry: dict[str, Any] = {
+                "id": model,
+                "object": "model",
+                "created": created,
+                "owned_by": "fleet",
+                "root": deployment.model_path if deployment else model,
+                "parent": None,
+            }
+            if deployment is not None:
+                entry["max_model_len"] = deployment.max_model_len
+            data.append(entry)
+        return _json({"object": "list", "data": data})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        live = set(coord.registry.models())
+        missing = [d.model for d in coord.placer.deployments if d.replicas and d.model not in live]
+        if missing:
+            return _json({"status": "not ready", "models_without_engines": missing}, 503)
+        return _json({"status": "ready", "models": sorted(live)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        coord.refresh_gauges()
+        return Response(coord.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.get("/api/v1/engines")
+    async def engines() -> Response:
+        return _json({"engines": [e.as_json() for e in coord.registry.engines()]})
+
+    @app.get("/api/v1/nodes")
+    async def nodes() -> Response:
+        return _json({"nodes": [n.as_json() for n in coord.registry.nodes()]})
+
+    @app.get("/api/v1/cache/state")
+    async def cache_state() -> Response:
+        index = coord.kvindex
+        pods = []
+        for engine_id in index.engine_ids():
+            entry = index.engine(engine_id)
+            assert entry is not None
+            pods.append(
+                {
+                    "engine_id": engine_id,
+                    "model": entry.model,
+                    "blocks": len(entry.blocks),
+                    "events": entry.events,
+                    "batches": entry.batches,
+                }
+            )
+        return _json({"blocks": index.block_count(), "engines": pods, "stats": dict(index.stats)})
+
+    @app.get("/api/v1/cache/pod/<engine_id>")
+    async def cache_pod(engine_id: str) -> Response:
+        entry = coord.kvindex.engine(engine_id)
+        if entry is None:
+            raise ApiError(
+                f"No KV events seen from engine `{engine_id}`.",
+                status=404,
+                param="engine_id",
+                code="engine_not_found",
+            )
+        keys = sorted(coord.kvindex.engine_keys(engine_id))
+        return _json(
+            {
+                "engine_id": engine_id,
+                "model": entry.model,
+                "blocks": len(keys),
+                "events": entry.events,
+                "batches": entry.batches,
+                "block_keys": [f"{k:016x}" for k in keys],
+            }
+        )
+
+    return app
+
+
+async def _passthrough(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # Re-yield so the proxy's generator is closed (engine released) even if the client leaves.
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+__all__ = ["ENDPOINTS", "create_app"]

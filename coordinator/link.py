@@ -1,0 +1,180 @@
+"""The coordinator's end of the agent link: one ZMQ ROUTER socket, msgpack messages.
+
+Agents connect with a DEALER whose routing id is their node id. Every frame set that cannot be
+decoded is logged and counted (``fleet_link_rejected_total``) and the loop goes on. A heartbeat
+from a node the coordinator does not know (it restarted, or declared the node lost) is answered
+with ``ErrorReport(code="unknown_node")``, and the agent registers again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+import zmq
+
+from fleet.protocol import codec
+from fleet.protocol.errors import ProtocolError
+from fleet.protocol.messages import (
+    ErrorReport,
+    Heartbeat,
+    KVEventBatch,
+    Message,
+    Register,
+    Welcome,
+)
+from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
+
+from .kvindex import KVIndex
+from .metrics import CoordinatorMetrics
+from .placement import Placer
+from .registry import FleetRegistry
+
+log = logging.getLogger(__name__)
+
+
+class AgentLink:
+    """Receives agent messages into the registry and KV index; sends assignments.
+
+    Owns the ROUTER socket; :meth:`run` binds it, reports the bound endpoint through
+    ``task_status.started()``, and closes it when cancelled.
+
+    Args:
+        endpoint: where to bind (``tcp://127.0.0.1:5555``; port ``*`` picks a free one).
+        coordinator_id: sent to agents in Welcome.
+        heartbeat_interval_s: the interval agents are told to use.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        coordinator_id: str,
+        heartbeat_interval_s: float,
+        registry: FleetRegistry,
+        placer: Placer,
+        kvindex: KVIndex,
+        metrics: CoordinatorMetrics,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.endpoint = endpoint
+        self.coordinator_id = coordinator_id
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.registry = registry
+        self.placer = placer
+        self.kvindex = kvindex
+        self.metrics = metrics
+        self.clock = clock
+        self._sock: zmq.Socket[bytes] | None = None
+        self.bound_endpoint = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, then receive until cancelled."""
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        with open_socket(ctx, zmq.ROUTER) as sock:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.bind(self.endpoint)
+            self._sock = sock
+            self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            log.info("agent link bound at %s", self.bound_endpoint)
+            task_status.started(self.bound_endpoint)
+            try:
+                while True:
+                    for frames in await recv_batch(sock):
+                        self._handle(frames)
+            finally:
+                self._sock = None
+
+    def send(self, node_id: str, msg: Message) -> bool:
+        """Send a message to a node's agent; False (and counted) if it cannot be delivered."""
+        if self._sock is None or not send_nowait(
+            self._sock, [node_id.encode(), *codec.encode(msg)]
+        ):
+            self.metrics.link_send_dropped.inc()
+            log.warning("could not send %s to node %s", type(msg).__name__, node_id)
+            return False
+        return True
+
+    def reconcile(self) -> None:
+        """Send whatever assignments placement wants now."""
+        for placement in self.placer.reconcile(self.registry, self.clock()):
+            log.info("assigning %s to node %s", placement.assign.spec.engine_id, placement.node_id)
+            self.send(placement.node_id, placement.assign)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self._reject("short", f"{len(frames)} frames")
+            return
+        identity, rest = frames[0], frames[1:]
+        try:
+            msg = codec.decode(rest)
+        except ProtocolError as exc:
+            self._reject("malformed", f"from {identity[:64]!r}: {exc}")
+            return
+        self.metrics.link_messages.labels(type=type(msg).__name__).inc()
+        sender = getattr(msg, "node_id", None)
+        if sender is not None and sender.encode() != identity:
+            self._reject("identity", f"node_id {sender!r} sent from routing id {identity[:64]!r}")
+            return
+        if isinstance(msg, Register):
+            self._on_register(msg)
+        elif isinstance(msg, Heartbeat):
+            self._on_heartbeat(msg)
+        elif isinstance(msg, KVEventBatch):
+            self._on_kv(msg)
+        elif isinstance(msg, ErrorReport):
+            log.warning("agent %s reports %s: %s", msg.node_id, msg.code, msg.message)
+        else:
+            self._reject("direction", f"{type(msg).__name__} is not sent by agents")
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.metrics.link_rejected.labels(reason=reason).inc()
+        log.warning("rejected agent frame (%s): %s", reason, detail)
+
+    def _on_register(self, msg: Register) -> None:
+        known = self.registry.node(msg.node_id)
+        if known is not None:
+            # The node restarted its link: engines it no longer reports leave the index.
+            for engine_id in set(known.engines) - {e.engine_id for e in msg.engines}:
+                self.kvindex.drop_engine(engine_id)
+        self.registry.register(msg, self.clock())
+        log.info(
+            "node %s registered with %d GPUs, %d engines",
+            msg.node_id,
+            len(msg.gpus),
+            len(msg.engines),
+        )
+        self.send(msg.node_id, Welcome(self.coordinator_id, self.heartbeat_interval_s))
+        self.reconcile()
+
+    def _on_heartbeat(self, msg: Heartbeat) -> None:
+        before = self.registry.node(msg.node_id)
+        old = dict(before.engines) if before is not None and not before.lost else {}
+        if not self.registry.heartbeat(msg, self.clock()):
+            self.send(msg.node_id, ErrorReport("unknown_node", "register first", msg.node_id))
+            return
+        now = {e.engine_id: e for e in msg.engines}
+        for engine_id, status in old.items():
+            current = now.get(engine_id)
+            # Gone, or restarted (a new process has an empty cache): its blocks go too.
+            if current is None or current.restarts != status.restarts:
+                self.kvindex.drop_engine(engine_id)
+        self.reconcile()
+
+    def _on_kv(self, msg: KVEventBatch) -> None:
+        model = msg.model
+        if not model:
+            view = self.registry.engine(msg.engine_id)
+            if view is None:
+                self._reject("unknown_engine", f"KV batch for unknown engine {msg.engine_id!r}")
+                return
+            model = view.model
+        self.kvindex.apply(msg.engine_id, model, msg.seq, msg.events)
+        self.metrics.kv_batches.labels(engine=msg.engine_id).inc()
+        self.metrics.kv_events.labels(engine=msg.engine_id).inc(len(msg.events))
+
+
+__all__ = ["AgentLink"]

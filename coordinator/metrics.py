@@ -1,0 +1,74 @@
+"""The coordinator's Prometheus metrics, in a registry each coordinator owns (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class CoordinatorMetrics:
+    """Every metric the coordinator exports on ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fleet_requests_total",
+            "Requests answered, by endpoint, model and HTTP status.",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
+        self.request_errors = Counter(
+            "fleet_request_rejected_total",
+            "Requests rejected before routing, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "fleet_upstream_errors_total",
+            "Engine failures seen by the proxy, by engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "fleet_requests_inflight", "Requests being proxied, by engine.", ["engine"], registry=r
+        )
+        self.ttfb = Histogram(
+            "fleet_upstream_first_byte_seconds",
+            "Time from routing to the engine's first response byte.",
+            ["model"],
+            registry=r,
+        )
+        self.kv_events = Counter(
+            "fleet_kv_events_total", "KV events received, by engine.", ["engine"], registry=r
+        )
+        self.kv_batches = Counter(
+            "fleet_kv_batches_total",
+            "KV event batches received, by engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.kv_blocks = Gauge("fleet_kv_index_blocks", "Distinct blocks indexed.", registry=r)
+        self.link_messages = Counter(
+            "fleet_link_messages_total", "Agent messages received, by type.", ["type"], registry=r
+        )
+        self.link_rejected = Counter(
+            "fleet_link_rejected_total",
+            "Agent frames rejected (malformed, unknown version, ...), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.link_send_dropped = Counter(
+            "fleet_link_send_dropped_total",
+            "Messages to agents that could not be sent.",
+            registry=r,
+        )
+        self.nodes = Gauge("fleet_nodes", "Known nodes, by state.", ["state"], registry=r)
+        self.engines = Gauge("fleet_engines", "Known engines, by state.", ["state"], registry=r)
+        self.nodes_lost = Counter("fleet_nodes_lost_total", "Nodes marked lost.", registry=r)
+
+    def render(self) -> bytes:
+        """Return the text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+__all__ = ["CoordinatorMetrics"]

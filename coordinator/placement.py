@@ -1,0 +1,163 @@
+"""Placement: decide which node runs which engine.
+
+Sans-I/O. :meth:`Placer.reconcile` compares the wanted engines (from the deployments) with what
+the live nodes report and returns the assignments to send. An assignment stays pending until its
+node reports the engine; one that is not reported within ``assign_timeout_s`` is sent again, and
+engines of a lost node are placed anew on a live one.
+
+This first placer spreads engines over nodes by count and gives each engine the GPUs it asks for
+from the node's healthy, unused GPUs. Later work (tensor-parallel groups, bin packing by memory)
+replaces the choice, not the reconcile loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, AssignEngine, EngineSpec
+
+from .registry import FleetRegistry, NodeRecord
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A model the fleet should serve: how many engines of which kind.
+
+    Raises:
+        ConfigError: on a bad value (names the key).
+    """
+
+    model: str
+    model_path: str
+    replicas: int = 1
+    kind: str = "vllm"
+    role: str = "both"
+    gpus_per_engine: int = 0
+    block_size: int = 32
+    max_model_len: int = 1024
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model", self.model, "must be a non-empty name")
+        if self.replicas < 0:
+            raise ConfigError("replicas", self.replicas, "must be >= 0")
+        if self.kind not in ENGINE_KINDS:
+            raise ConfigError("engine", self.kind, f"must be one of {ENGINE_KINDS}")
+        if self.role not in ENGINE_ROLES:
+            raise ConfigError("role", self.role, f"must be one of {ENGINE_ROLES}")
+        if self.gpus_per_engine < 0:
+            raise ConfigError("gpus_per_engine", self.gpus_per_engine, "must be >= 0")
+        if self.block_size <= 0:
+            raise ConfigError("block_size", self.block_size, "must be > 0")
+        if self.max_model_len <= 0:
+            raise ConfigError("max_model_len", self.max_model_len, "must be > 0")
+
+    def engine_ids(self) -> list[str]:
+        return [f"{self.model}-{i}" for i in range(self.replicas)]
+
+    def spec(self, engine_id: str, gpus: tuple[int, ...]) -> EngineSpec:
+        return EngineSpec(
+            engine_id=engine_id,
+            model=self.model,
+            model_path=self.model_path,
+            kind=self.kind,
+            role=self.role,
+            gpus=gpus,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            extra_args=self.extra_args,
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One decision: send ``assign`` to ``node_id``."""
+
+    node_id: str
+    assign: AssignEngine
+
+
+class Placer:
+    """Reconciles wanted engines with what nodes report.
+
+    Args:
+        deployments: what to serve.
+        assign_timeout_s: resend an assignment its node has not reported after this long.
+    """
+
+    def __init__(self, deployments: tuple[Deployment, ...], *, assign_timeout_s: float) -> None:
+        names = [d.model for d in deployments]
+        if len(set(names)) != len(names):
+            raise ConfigError("model", names, "each deployment needs its own model name")
+        self.deployments = deployments
+        self.assign_timeout_s = assign_timeout_s
+        # engine id -> (node id, spec, time sent)
+        self._pending: dict[str, tuple[str, EngineSpec, float]] = {}
+
+    def deployment(self, model: str) -> Deployment | None:
+        for d in self.deployments:
+            if d.model == model:
+                return d
+        return None
+
+    def reconcile(self, registry: FleetRegistry, now: float) -> list[Placement]:
+        """Return the assignments to send now."""
+        live = {n.node_id: n for n in registry.live_nodes()}
+        running: dict[str, str] = {}
+        for node in live.values():
+            for engine_id in node.engines:
+                running[engine_id] = node.node_id
+        out: list[Placement] = []
+        for deployment in self.deployments:
+            for engine_id in deployment.engine_ids():
+                if engine_id in running:
+                    self._pending.pop(engine_id, None)
+                    continue
+                pending = self._pending.get(engine_id)
+                if pending is not None:
+                    node_id, spec, sent = pending
+                    if node_id in live and now - sent < self.assign_timeout_s:
+                        continue
+                    if node_id in live:  # resend to the same node: it may have missed it
+                        self._pending[engine_id] = (node_id, spec, now)
+                        out.append(Placement(node_id, AssignEngine(spec)))
+                        continue
+                placed = self._choose(deployment, engine_id, live, running)
+                if placed is None:
+                    continue
+                node_id, spec = placed
+                self._pending[engine_id] = (node_id, spec, now)
+                running[engine_id] = node_id
+                out.append(Placement(node_id, AssignEngine(spec)))
+        return out
+
+    def _choose(
+        self,
+        deployment: Deployment,
+        engine_id: str,
+        live: dict[str, NodeRecord],
+        running: dict[str, str],
+    ) -> tuple[str, EngineSpec] | None:
+        load = {node_id: 0 for node_id in live}
+        for node_id in running.values():
+            if node_id in load:
+                load[node_id] += 1
+        for node_id in sorted(live, key=lambda n: (load[n], n)):
+            node = live[node_id]
+            if not node.healthy:
+                continue
+            gpus = self._free_gpus(node, node_id)
+            if len(gpus) < deployment.gpus_per_engine:
+                continue
+            return node_id, deployment.spec(engine_id, tuple(gpus[: deployment.gpus_per_engine]))
+        return None
+
+    def _free_gpus(self, node: NodeRecord, node_id: str) -> list[int]:
+        used = {g for e in node.engines.values() for g in e.gpus}
+        used |= {g for n, spec, _ in self._pending.values() if n == node_id for g in spec.gpus}
+        return [g.index for g in node.gpus if g.healthy and g.index not in used]
+
+
+__all__ = ["Deployment", "Placement", "Placer"]

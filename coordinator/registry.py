@@ -1,0 +1,198 @@
+"""The fleet registry: which nodes exist, what they run, and which engines may take traffic.
+
+Sans-I/O: fed by agent messages and ``now`` (seconds on any monotonic clock), it answers
+questions synchronously. A node that has not been heard from for ``lost_after_s`` is marked lost
+by :meth:`FleetRegistry.expire`, and its engines leave routing at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fleet.protocol.messages import EngineStatus, GpuInfo, Heartbeat, Register
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """An engine as the coordinator sees it (what ``fleet engines`` prints)."""
+
+    id: str
+    node: str
+    model: str
+    url: str
+    pid: int
+    state: str
+    role: str
+    kind: str
+    restarts: int
+    block_size: int
+    gpus: tuple[int, ...]
+    routable: bool
+
+    def as_json(self) -> dict[str, object]:
+        """Return the JSON shape of ``fleet engines -o json``."""
+        return {
+            "id": self.id,
+            "node": self.node,
+            "model": self.model,
+            "url": self.url,
+            "pid": self.pid,
+            "state": self.state,
+            "role": self.role,
+            "kind": self.kind,
+            "restarts": self.restarts,
+            "block_size": self.block_size,
+            "gpus": list(self.gpus),
+            "routable": self.routable,
+        }
+
+
+@dataclass
+class NodeRecord:
+    """One node's last known state."""
+
+    node_id: str
+    agent_url: str
+    agent_version: str
+    registered_at: float
+    last_seen: float
+    gpus: tuple[GpuInfo, ...] = ()
+    engines: dict[str, EngineStatus] = field(default_factory=dict)
+    healthy: bool = True
+    lost: bool = False
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.node_id,
+            "agent_url": self.agent_url,
+            "agent_version": self.agent_version,
+            "healthy": self.healthy,
+            "lost": self.lost,
+            "gpus": [
+                {
+                    "index": g.index,
+                    "uuid": g.uuid,
+                    "name": g.name,
+                    "memory_total_bytes": g.memory_total_bytes,
+                    "memory_used_bytes": g.memory_used_bytes,
+                    "utilization_pct": g.utilization_pct,
+                    "temperature_c": g.temperature_c,
+                    "power_w": g.power_w,
+                    "healthy": g.healthy,
+                    "xids": list(g.xids),
+                    "reason": g.reason,
+                }
+                for g in self.gpus
+            ],
+            "engines": sorted(self.engines),
+        }
+
+
+class FleetRegistry:
+    """Nodes and engines, fed by Register and Heartbeat messages.
+
+    Args:
+        lost_after_s: a node not heard from for this long is lost.
+    """
+
+    def __init__(self, *, lost_after_s: float) -> None:
+        self.lost_after_s = lost_after_s
+        self._nodes: dict[str, NodeRecord] = {}
+
+    # -- updates -----------------------------------------------------------------------------
+
+    def register(self, msg: Register, now: float) -> NodeRecord:
+        """Apply an agent's Register; a node that re-registers replaces its old record."""
+        record = NodeRecord(
+            node_id=msg.node_id,
+            agent_url=msg.agent_url,
+            agent_version=msg.agent_version,
+            registered_at=now,
+            last_seen=now,
+            gpus=msg.gpus,
+            engines={e.engine_id: e for e in msg.engines},
+        )
+        self._nodes[msg.node_id] = record
+        return record
+
+    def heartbeat(self, msg: Heartbeat, now: float) -> bool:
+        """Apply a Heartbeat. Returns False if the node is unknown (it must register first)."""
+        record = self._nodes.get(msg.node_id)
+        if record is None or record.lost:
+            return False
+        record.last_seen = now
+        record.healthy = msg.healthy
+        record.gpus = msg.gpus
+        record.engines = {e.engine_id: e for e in msg.engines}
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Mark nodes not heard from in time as lost; return the newly lost node ids."""
+        lost = []
+        for record in self._nodes.values():
+            if not record.lost and now - record.last_seen > self.lost_after_s:
+                record.lost = True
+                lost.append(record.node_id)
+        return lost
+
+    def forget(self, node_id: str) -> None:
+        """Remove a node entirely."""
+        self._nodes.pop(node_id, None)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        return self._nodes.get(node_id)
+
+    def nodes(self) -> list[NodeRecord]:
+        return sorted(self._nodes.values(), key=lambda r: r.node_id)
+
+    def live_nodes(self) -> list[NodeRecord]:
+        return [r for r in self.nodes() if not r.lost]
+
+    def engines(self) -> list[EngineView]:
+        """Every engine reported by a known node, lost nodes included (marked unroutable)."""
+        out = []
+        for record in self.nodes():
+            for status in record.engines.values():
+                out.append(self._view(record, status))
+        return sorted(out, key=lambda e: e.id)
+
+    def routable(self, model: str | None = None) -> list[EngineView]:
+        """Engines that may take traffic now, optionally for one model."""
+        return [e for e in self.engines() if e.routable and (model is None or e.model == model)]
+
+    def models(self) -> list[str]:
+        """Models with at least one routable engine."""
+        return sorted({e.model for e in self.routable()})
+
+    def engine(self, engine_id: str) -> EngineView | None:
+        for view in self.engines():
+            if view.id == engine_id:
+                return view
+        return None
+
+    def engine_ids(self) -> Iterable[str]:
+        for record in self._nodes.values():
+            yield from record.engines
+
+    @staticmethod
+    def _view(record: NodeRecord, status: EngineStatus) -> EngineView:
+        return EngineView(
+            id=status.engine_id,
+            node=record.node_id,
+            model=status.model,
+            url=status.url,
+            pid=status.pid,
+            state="lost" if record.lost else status.state,
+            role=status.role,
+            kind=status.kind,
+            restarts=status.restarts,
+            block_size=status.block_size,
+            gpus=status.gpus,
+            routable=not record.lost and status.state == "ready",
+        )
+
+
+__all__ = ["EngineView", "FleetRegistry", "NodeRecord"]

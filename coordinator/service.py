@@ -1,0 +1,177 @@
+"""The coordinator service: HTTP front door, agent link, registry upkeep and placement.
+
+:class:`Coordinator` owns, in one nursery: the agent link (ZMQ ROUTER), the HTTP server
+(hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), and the httpx
+client used to reach engines. ``run()`` reports ``started()`` once the link is bound and the
+HTTP port listens, with the bound addresses. It stops on cancellation: hypercorn gets
+``grace_s`` to finish in-flight requests, then everything closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from fleet.protocol.errors import ConfigError
+
+from .api import create_app
+from .kvindex import KVIndex
+from .link import AgentLink
+from .metrics import CoordinatorMetrics
+from .placement import Deployment, Placer
+from .proxy import Gateway
+from .registry import FleetRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator needs, validated once.
+
+    Raises:
+        ConfigError: a key with a bad value.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    agent_endpoint: str = "tcp://127.0.0.1:5555"
+    deployments: tuple[Deployment, ...] = ()
+    heartbeat_interval_s: float = 1.0
+    lost_after_missed: int = 3
+    assign_timeout_s: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 60.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 600.0
+    grace_s: float = 5.0
+    coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", self.port, "must be 0..65535")
+        for key in (
+            "heartbeat_interval_s",
+            "assign_timeout_s",
+            "body_timeout_s",
+            "upstream_connect_timeout_s",
+            "upstream_read_timeout_s",
+        ):
+            if not getattr(self, key) > 0:
+                raise ConfigError(key, getattr(self, key), "must be > 0")
+        if self.grace_s < 0:
+            raise ConfigError("grace_s", self.grace_s, "must be >= 0")
+        if self.lost_after_missed < 1:
+            raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes", self.max_body_bytes, "must be >= 1024")
+        if not self.agent_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError("agent_endpoint", self.agent_endpoint, "must be a ZMQ endpoint")
+
+
+@dataclass(frozen=True)
+class CoordinatorAddresses:
+    """Where a running coordinator listens."""
+
+    http_url: str
+    agent_endpoint: str
+
+
+class Coordinator:
+    """The central service. See the module docstring for what it owns and how it stops."""
+
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.metrics = CoordinatorMetrics()
+        self.registry = FleetRegistry(lost_after_s=cfg.heartbeat_interval_s * cfg.lost_after_missed)
+        self.placer = Placer(cfg.deployments, assign_timeout_s=cfg.assign_timeout_s)
+        self.kvindex = KVIndex()
+        self.link = AgentLink(
+            endpoint=cfg.agent_endpoint,
+            coordinator_id=cfg.coordinator_id,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            registry=self.registry,
+            placer=self.placer,
+            kvindex=self.kvindex,
+            metrics=self.metrics,
+        )
+        self._client: httpx.AsyncClient | None = None
+        self._gateway: Gateway | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise RuntimeError("coordinator is not running")
+        return self._gateway
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[CoordinatorAddresses] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled."""
+        timeout = httpx.Timeout(
+            connect=self.cfg.upstream_connect_timeout_s,
+            read=self.cfg.upstream_read_timeout_s,
+            write=self.cfg.upstream_read_timeout_s,
+            pool=self.cfg.upstream_connect_timeout_s,
+        )
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            self._client = client
+            self._gateway = Gateway(client, self.registry, self.metrics)
+            async with trio.open_nursery() as nursery:
+                endpoint = await nursery.start(self.link.run)
+                nursery.start_soon(self._upkeep)
+                binds = await nursery.start(
+                    functools.partial(serve, create_app(self), self._hypercorn_config())
+                )
+                url = binds[0].replace("0.0.0.0", "127.0.0.1")
+                log.info("coordinator %s serving at %s", self.cfg.coordinator_id, url)
+                task_status.started(CoordinatorAddresses(http_url=url, agent_endpoint=endpoint))
+
+    def _hypercorn_config(self) -> HypercornConfig:
+        config = HypercornConfig()
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        config.bind = [f"{host}:{self.cfg.port}"]
+        config.graceful_timeout = self.cfg.grace_s
+        config.accesslog = None
+        config.errorlog = logging.getLogger("fleet.coordinator.http")
+        config.keep_alive_timeout = 75
+        return config
+
+    async def _upkeep(self) -> None:
+        """Expire silent nodes and keep placement reconciled."""
+        while True:
+            await trio.sleep(self.cfg.heartbeat_interval_s / 2)
+            for node_id in self.registry.expire(trio.current_time()):
+                self.metrics.nodes_lost.inc()
+                node = self.registry.node(node_id)
+                engines = sorted(node.engines) if node else []
+                log.warning(
+                    "node %s lost (no heartbeat); engines leave routing: %s", node_id, engines
+                )
+                for engine_id in engines:
+                    self.kvindex.drop_engine(engine_id)
+            self.link.reconcile()
+
+    def refresh_gauges(self) -> None:
+        """Update the gauges that mirror registry state (called before /metrics renders)."""
+        self.metrics.nodes.clear()
+        for node in self.registry.nodes():
+            state = "lost" if node.lost else "live"
+            self.metrics.nodes.labels(state=state).inc()
+        self.metrics.engines.clear()
+        for engine in self.registry.engines():
+            self.metrics.engines.labels(state=engine.state).inc()
+        self.metrics.kv_blocks.set(self.kvindex.block_count())
+
+
+__all__ = ["Coordinator", "CoordinatorAddresses", "CoordinatorConfig"]

@@ -1,0 +1,353 @@
+"""The ``fleet`` command: entry point of every process and the CLI to inspect a running fleet.
+
+::
+
+    fleet up            coordinator + one local agent in one process tree (single machine)
+    fleet coordinator   the coordinator alone
+    fleet agent         a node agent alone
+    fleet engines       list engines (-o json|table)
+    fleet nodes         list nodes (-o json|table)
+    fleet gpus          this machine's GPUs as NVML sees them
+    fleet demo-model    build the tiny offline demo model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fleet.protocol.errors import FleetError
+
+DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
+DEFAULT_MODEL = ".fleet/models/demo"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the ``fleet`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except FleetError as exc:
+        print(f"fleet: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"fleet {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a coordinator and a local agent (single machine)")
+    _deployment_args(up)
+    up.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default %(default)s)")
+    up.add_argument("--port", type=int, default=8080, help="HTTP port (default %(default)s)")
+    up.add_argument(
+        "--agent-port",
+        type=int,
+        default=0,
+        help="the local agent's HTTP port (default: any free port)",
+    )
+    up.add_argument(
+        "--build-demo-model",
+        action="store_true",
+        help="build the demo model at --model first if it is not there",
+    )
+    up.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path(".fleet/logs"),
+        help="where fleet and engine logs go (default %(default)s)",
+    )
+    up.set_defaults(func=_cmd_up)
+
+    coord = sub.add_parser("coordinator", help="run the coordinator")
+    _deployment_args(coord)
+    coord.add_argument("--host", default="127.0.0.1")
+    coord.add_argument("--port", type=int, default=8080)
+    coord.add_argument(
+        "--agent-endpoint",
+        default="tcp://127.0.0.1:5555",
+        help="ZMQ endpoint agents connect to (default %(default)s)",
+    )
+    coord.add_argument("--log-dir", type=Path, default=None)
+    coord.set_defaults(func=_cmd_coordinator)
+
+    agent = sub.add_parser("agent", help="run a node agent")
+    agent.add_argument(
+        "--coordinator",
+        default="tcp://127.0.0.1:5555",
+        help="the coordinator's agent endpoint (default %(default)s)",
+    )
+    agent.add_argument("--node-id", default=None, help="default: the host name")
+    agent.add_argument("--http-host", default="127.0.0.1")
+    agent.add_argument("--http-port", type=int, default=8081)
+    agent.add_argument(
+        "--engine-host",
+        default="127.0.0.1",
+        help="address engines listen on; the coordinator must reach it",
+    )
+    agent.add_argument("--log-dir", type=Path, default=Path(".fleet/logs"))
+    agent.set_defaults(func=_cmd_agent)
+
+    for name, what in (("engines", "engines"), ("nodes", "nodes")):
+        p = sub.add_parser(name, help=f"list the fleet's {what}")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.add_argument(
+            "--coordinator",
+            default=os.environ.get("FLEET_COORDINATOR", DEFAULT_COORDINATOR),
+            help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
+        )
+        p.set_defaults(func=_cmd_list, what=what)
+
+    gpus = sub.add_parser("gpus", help="this machine's GPUs through NVML")
+    gpus.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    gpus.set_defaults(func=_cmd_gpus)
+
+    demo = sub.add_parser("demo-model", help="build the tiny random-weight demo model offline")
+    demo.add_argument("path", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo_model)
+    return parser
+
+
+def _deployment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model folder the engines serve (default %(default)s)",
+    )
+    p.add_argument(
+        "--model-name", default=None, help="the name clients use (default: the folder's name)"
+    )
+    p.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpus-per-engine", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body accepted; larger ones get 413 (default %(default)s)",
+    )
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every engine (repeatable)",
+    )
+
+
+def _version() -> str:
+    from fleet import __version__
+
+    return __version__
+
+
+def _setup_logging(log_dir: Path | None, *, verbose_stderr: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.INFO if verbose_stderr else logging.WARNING)
+    stderr.setFormatter(fmt)
+    root.addHandler(stderr)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_dir / "fleet.log")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    for noisy in ("httpx", "httpcore", "hypercorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _deployment(args: argparse.Namespace) -> Any:
+    from fleet.coordinator.placement import Deployment
+
+    model_path = str(Path(args.model).resolve())
+    name = args.model_name or Path(args.model).resolve().name
+    return Deployment(
+        model=name,
+        model_path=model_path,
+        replicas=args.replicas,
+        kind=args.engine,
+        gpus_per_engine=args.gpus_per_engine,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        extra_args=tuple(args.engine_arg),
+    )
+
+
+def _check_engine_kind(args: argparse.Namespace) -> None:
+    if args.engine == "sim":
+        raise FleetError(
+            "--engine sim: the simulator engine is not built yet (issue 4); use --engine vllm"
+        )
+
+
+# -- fleet up -------------------------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import trio
+
+    from fleet.up import run_up
+
+    _check_engine_kind(args)
+    _setup_logging(args.log_dir, verbose_stderr=False)
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        if not args.build_demo_model:
+            raise FleetError(
+                f"no model at {model} (build one with `fleet demo-model {model}`, "
+                "or pass --build-demo-model)"
+            )
+        from fleet.demomodel import build_demo_model
+
+        print(f"• building the demo model at {model} (offline, about 10 s)", flush=True)
+        build_demo_model(model)
+    return trio.run(run_up, args, _deployment(args))
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    import trio
+
+    from fleet.coordinator.service import Coordinator, CoordinatorConfig
+
+    _check_engine_kind(args)
+    _setup_logging(args.log_dir, verbose_stderr=True)
+    cfg = CoordinatorConfig(
+        host=args.host,
+        port=args.port,
+        agent_endpoint=args.agent_endpoint,
+        deployments=(_deployment(args),),
+        max_body_bytes=args.max_body_bytes,
+    )
+    return trio.run(_serve_until_signal, Coordinator(cfg).run)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import trio
+
+    from fleet.agent.launcher import LaunchConfig
+    from fleet.agent.service import Agent, AgentConfig
+
+    _setup_logging(args.log_dir, verbose_stderr=True)
+    kwargs: dict[str, Any] = {}
+    if args.node_id:
+        kwargs["node_id"] = args.node_id
+    cfg = AgentConfig(
+        coordinator_endpoint=args.coordinator,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        log_dir=args.log_dir,
+        launch=LaunchConfig(host=args.engine_host),
+        **kwargs,
+    )
+    return trio.run(_serve_until_signal, Agent(cfg).run)
+
+
+async def _serve_until_signal(service_run: Any) -> int:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service_run)
+            async for signum in signals:
+                logging.getLogger("fleet").warning("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+# -- inspection -----------------------------------------------------------------------------
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = args.coordinator.rstrip("/") + f"/api/v1/{args.what}"
+    try:
+        response = httpx.get(url, timeout=10)
+    except httpx.HTTPError as exc:
+        raise FleetError(f"cannot reach the coordinator at {args.coordinator}: {exc}") from exc
+    if response.status_code != 200:
+        raise FleetError(f"{url} answered {response.status_code}: {response.text[:200]}")
+    data = response.json()
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = data[args.what]
+    if args.what == "engines":
+        columns = ["id", "node", "model", "state", "role", "pid", "restarts", "url"]
+    else:
+        columns = ["id", "agent_url", "healthy", "lost", "engines"]
+    _table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    return 0
+
+
+def _cmd_gpus(args: argparse.Namespace) -> int:
+    from fleet.agent.gpus import discover
+
+    gpus = discover()
+    if args.output == "json":
+        print(json.dumps({"gpus": [g.__dict__ | {"xids": list(g.xids)} for g in gpus]}, indent=2))
+        return 0
+    columns = [
+        "index",
+        "name",
+        "uuid",
+        "memory_used_bytes",
+        "memory_total_bytes",
+        "utilization_pct",
+        "temperature_c",
+        "power_w",
+        "healthy",
+    ]
+    _table(columns, [[_cell(getattr(g, c)) for c in columns] for g in gpus])
+    if not gpus:
+        print("no GPUs found through NVML: this node runs CPU engines only")
+    return 0
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from fleet.demomodel import build_demo_model
+
+    path = build_demo_model(args.path, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return "-" if value is None or value == "" else str(value)
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column.upper())
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+__all__ = ["main"]

@@ -1,0 +1,118 @@
+"""``fleet up``: a coordinator and one local agent in one process, for a single machine.
+
+Both services run in one trio nursery; the agent's engines are child processes it owns. SIGINT
+or SIGTERM cancels the nursery: engines get SIGTERM and their grace period, then SIGKILL, and
+the process exits once they are gone. While engines load, a status line says what is happening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from typing import Any
+
+import trio
+
+from fleet.agent.launcher import LaunchConfig
+from fleet.agent.service import Agent, AgentConfig
+from fleet.coordinator.placement import Deployment
+from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
+
+STATUS_EVERY_S = 5.0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def run_up(args: argparse.Namespace, deployment: Deployment) -> int:
+    """Run coordinator + agent until SIGINT/SIGTERM; return the exit code."""
+    coord = Coordinator(
+        CoordinatorConfig(
+            host=args.host,
+            port=args.port,
+            agent_endpoint="tcp://127.0.0.1:*",
+            deployments=(deployment,),
+            max_body_bytes=args.max_body_bytes,
+        )
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+            addrs: CoordinatorAddresses = await nursery.start(coord.run)
+            _say(f"• coordinator listening on {addrs.http_url}")
+            agent = Agent(
+                AgentConfig(
+                    node_id="local",
+                    coordinator_endpoint=addrs.agent_endpoint,
+                    http_port=args.agent_port,
+                    log_dir=args.log_dir,
+                    launch=LaunchConfig(),
+                )
+            )
+            agent_url = await nursery.start(agent.run)
+            _say(f"• agent 'local' up ({agent_url}); engine logs in {args.log_dir}/")
+            nursery.start_soon(_report_progress, coord, deployment, addrs, args)
+    _say("• stopped: every engine process has exited")
+    return 0
+
+
+async def _stop_on_signal(signals: Any, scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        _say(f"\n• {signal.Signals(signum).name}: stopping engines (SIGTERM, then SIGKILL)")
+        scope.cancel()
+        return
+
+
+async def _report_progress(
+    coord: Coordinator, deployment: Deployment, addrs: CoordinatorAddresses, args: Any
+) -> None:
+    """Print engine state changes and a waiting line until the model is served, then the URL."""
+    seen: dict[str, tuple[str, int]] = {}
+    started = time.monotonic()
+    last_line = 0.0
+    announced = False
+    while True:
+        for engine in coord.registry.engines():
+            key = (engine.state, engine.pid)
+            if seen.get(engine.id) != key:
+                seen[engine.id] = key
+                elapsed = time.monotonic() - started
+                detail = f"pid {engine.pid}" if engine.pid else ""
+                if engine.state == "starting":
+                    detail += ", loading the model, waiting for /health (about 40 s on CPU)"
+                _say(
+                    f"• [{elapsed:5.1f} s] engine {engine.id}: {engine.state}"
+                    + (f" ({detail.strip(', ')})" if detail else "")
+                )
+        ready = [e for e in coord.registry.routable(deployment.model)]
+        if ready and not announced:
+            announced = True
+            _say(_banner(addrs.http_url, deployment.model))
+        if not ready:
+            announced = False
+            now = time.monotonic()
+            if now - last_line >= STATUS_EVERY_S:
+                last_line = now
+                states = ", ".join(f"{k}={v[0]}" for k, v in sorted(seen.items())) or "placing"
+                _say(f"• [{now - started:5.1f} s] waiting for engines: {states}")
+        await trio.sleep(0.5)
+
+
+def _banner(url: str, model: str) -> str:
+    return f"""
+✔ Fleet is serving `{model}` at {url}/v1   (Ctrl-C to stop)
+
+  curl {url}/v1/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "prompt": "Hello, fleet", "max_tokens": 16}}'
+
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); \\
+print(c.chat.completions.create(model="{model}", max_tokens=16, \\
+messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)'
+
+  fleet engines            # what runs where
+"""
+
+
+__all__ = ["run_up"]

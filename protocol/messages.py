@@ -1,0 +1,201 @@
+"""Messages between agent and coordinator (msgpack over ZMQ).
+
+Every message is a frozen dataclass with a ``TYPE`` tag. The codec (:mod:`fleet.protocol.codec`)
+puts the protocol version in a header frame and the message, as a msgpack map with a ``type``
+key, in the payload frame.
+
+Direction::
+
+    agent → coordinator   Register, Heartbeat, KVEventBatch, ErrorReport
+    coordinator → agent   Welcome, AssignEngine, UnassignEngine, ErrorReport
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .kvevents import KVEvent
+
+PROTOCOL_VERSION = 1
+
+EngineState = Literal["starting", "ready", "unhealthy", "backoff", "stopping", "stopped", "failed"]
+EngineRole = Literal["both", "prefill", "decode"]
+EngineKind = Literal["vllm", "sim"]
+
+ENGINE_STATES: tuple[str, ...] = (
+    "starting",
+    "ready",
+    "unhealthy",
+    "backoff",
+    "stopping",
+    "stopped",
+    "failed",
+)
+ENGINE_ROLES: tuple[str, ...] = ("both", "prefill", "decode")
+ENGINE_KINDS: tuple[str, ...] = ("vllm", "sim")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as the agent last read it through NVML."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_pct: float
+    temperature_c: float
+    power_w: float
+    ecc_uncorrected: int
+    healthy: bool
+    xids: tuple[int, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the coordinator asks an agent to run."""
+
+    engine_id: str
+    model: str  # the served model name clients use
+    model_path: str
+    kind: str = "vllm"
+    role: str = "both"
+    gpus: tuple[int, ...] = ()  # GPU indices on the node; empty = CPU engine
+    block_size: int = 32
+    max_model_len: int = 1024
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """An engine as its agent sees it."""
+
+    engine_id: str
+    model: str
+    url: str  # the engine's own HTTP base URL
+    state: str
+    role: str = "both"
+    kind: str = "vllm"
+    pid: int = 0
+    restarts: int = 0
+    gpus: tuple[int, ...] = ()
+    block_size: int = 32
+    kv_events: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Register:
+    """First message of an agent on a (new) link: who it is and what it runs."""
+
+    TYPE: ClassVar[str] = "register"
+    node_id: str
+    agent_url: str
+    agent_version: str
+    gpus: tuple[GpuInfo, ...] = ()
+    engines: tuple[EngineStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The coordinator's answer to Register."""
+
+    TYPE: ClassVar[str] = "welcome"
+    coordinator_id: str
+    heartbeat_interval_s: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Periodic node, GPU and engine state."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    node_id: str
+    seq: int
+    healthy: bool
+    gpus: tuple[GpuInfo, ...] = ()
+    engines: tuple[EngineStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class AssignEngine:
+    """Coordinator → agent: run this engine (idempotent by engine_id)."""
+
+    TYPE: ClassVar[str] = "assign"
+    spec: EngineSpec
+
+
+@dataclass(frozen=True)
+class UnassignEngine:
+    """Coordinator → agent: stop and forget this engine."""
+
+    TYPE: ClassVar[str] = "unassign"
+    engine_id: str
+
+
+@dataclass(frozen=True)
+class KVEventBatch:
+    """One of an engine's KV-event batches, relayed with the engine's own sequence number."""
+
+    TYPE: ClassVar[str] = "kv"
+    node_id: str
+    engine_id: str
+    seq: int
+    ts: float
+    events: tuple[KVEvent, ...] = ()
+    dp_rank: int = 0
+    model: str = ""  # the engine's served model, so the receiver can key blocks before it
+    # has seen a heartbeat naming the engine
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """Either side tells the other that something it sent was rejected."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    node_id: str = ""
+
+
+Message = (
+    Register | Welcome | Heartbeat | AssignEngine | UnassignEngine | KVEventBatch | ErrorReport
+)
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Register,
+        Welcome,
+        Heartbeat,
+        AssignEngine,
+        UnassignEngine,
+        KVEventBatch,
+        ErrorReport,
+    )
+}
+
+__all__ = [
+    "ENGINE_KINDS",
+    "ENGINE_ROLES",
+    "ENGINE_STATES",
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "AssignEngine",
+    "EngineKind",
+    "EngineRole",
+    "EngineSpec",
+    "EngineState",
+    "EngineStatus",
+    "ErrorReport",
+    "GpuInfo",
+    "Heartbeat",
+    "KVEventBatch",
+    "Message",
+    "Register",
+    "UnassignEngine",
+    "Welcome",
+]
