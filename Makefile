@@ -31,9 +31,13 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+# mypy cannot follow setuptools' package-dir mapping, so it reads a symlinked `fleet` tree.
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy protocol agent coordinator fleet
+	@rm -rf build/mypy && mkdir -p build/mypy/fleet
+	@for f in fleet/*.py; do ln -s "$(CURDIR)/$$f" build/mypy/fleet/; done
+	@for p in agent coordinator protocol; do ln -s "$(CURDIR)/$$p" build/mypy/fleet/$$p; done
+	MYPYPATH=build/mypy $(BIN)/mypy -p fleet
 
 clean:
 	rm -rf $(VENV) .fleet build *.egg-info

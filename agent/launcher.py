@@ -43,6 +43,7 @@ class LaunchConfig:
     env: tuple[tuple[str, str], ...] = ()
     cpu_args: tuple[str, ...] = ("--dtype", "float32", "--enforce-eager")
     kv_topic: str = "kv"
+    module: str = VLLM_MODULE  # the server module run with ``python -m``
 
     def __post_init__(self) -> None:
         if not self.python:
@@ -70,7 +71,7 @@ def engine_command(
         "topic": cfg.kv_topic,
     }
     argv = [
-        cfg.python, "-m", VLLM_MODULE,
+        cfg.python, "-m", cfg.module,
         "--model", spec.model_path,
         "--served-model-name", spec.model,
         "--host", cfg.host,

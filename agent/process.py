@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 import trio
@@ -56,6 +57,29 @@ class ChildProcess:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def group_alive(self) -> list[int]:
+        """Live (non-zombie) members of the process group, read from /proc."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields: state, ppid, pgrp, ...
+            if int(fields[2]) == self.pid and fields[0] not in ("Z", "X"):
+                out.append(int(entry))
+        return out
+
+    async def wait_group_gone(self, timeout_s: float) -> list[int]:
+        """Wait until no member of the group runs; return those still running at the timeout."""
+        with trio.move_on_after(timeout_s):
+            # Nothing signals the end of a process group: read /proc again.
+            while self.group_alive():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        return self.group_alive()
 
     def close(self) -> None:
         """Release the pidfd (call after the process was reaped)."""

@@ -114,6 +114,7 @@ class EngineSupervisor:
         self.last_error = ""
         self.kv_events = 0
         self.ready_since: float | None = None
+        self._changed = trio.Event()
 
     def status(self) -> EngineStatus:
         """The engine as reported to the coordinator."""
@@ -138,8 +139,14 @@ class EngineSupervisor:
         if state != self.state:
             log.info("engine %s: %s%s", self.spec.engine_id, state, f" ({error})" if error else "")
         self.state = state
+        self._changed.set()
+        self._changed = trio.Event()
         if self.on_change is not None:
             self.on_change(self)
+
+    async def changed(self) -> None:
+        """Wait for the next state change."""
+        await self._changed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the engine running until cancelled; ``started()`` once the first launch began."""
@@ -161,7 +168,7 @@ class EngineSupervisor:
                 await trio.sleep(delay)
         finally:
             self.pid = 0
-            self.state = "stopped"
+            self._set("stopped")
 
     async def _run_once(self, task_status: trio.TaskStatus[None] | None) -> str:
         """Run the engine once; return why it crashed (cancellation stops it instead)."""
@@ -249,6 +256,9 @@ class EngineSupervisor:
             # The group may outlive its leader (vLLM's engine core is a child): kill what is left.
             proc.killpg(signal.SIGKILL)
             await proc.wait()
+            left = await proc.wait_group_gone(timeout_s=5.0)
+            if left:
+                log.error("engine %s: processes %s survived SIGKILL", self.spec.engine_id, left)
         finally:
             proc.close()
             self.pid = 0

@@ -50,6 +50,9 @@ class EngineEntry:
     model: str
     next_seq: int = 0
     blocks: dict[BlockHash, int] = field(default_factory=dict)  # engine hash -> Fleet key
+    # Fleet key -> how many engine hashes map to it (same tokens, other extra keys such as a
+    # cache salt): the engine holds the key until the last of them is removed.
+    refs: Counter[int] = field(default_factory=Counter)
     events: int = 0
     batches: int = 0
 
@@ -114,14 +117,23 @@ class KVIndex:
         for i, engine_hash in enumerate(event.block_hashes):
             parent = chain_key(parent, event.token_ids[i * size : (i + 1) * size])
             old = entry.blocks.get(engine_hash)
-            if old is not None and old != parent:
-                self._unhold(engine_id, old)
+            if old == parent:
+                continue
+            if old is not None:
+                self._release(engine_id, entry, old)
             entry.blocks[engine_hash] = parent
+            entry.refs[parent] += 1
             self._holders.setdefault(parent, set()).add(engine_id)
 
     def _remove(self, engine_id: str, entry: EngineEntry, engine_hash: BlockHash) -> None:
         key = entry.blocks.pop(engine_hash, None)
         if key is not None:
+            self._release(engine_id, entry, key)
+
+    def _release(self, engine_id: str, entry: EngineEntry, key: int) -> None:
+        entry.refs[key] -= 1
+        if entry.refs[key] <= 0:
+            del entry.refs[key]
             self._unhold(engine_id, key)
 
     def _unhold(self, engine_id: str, key: int) -> None:
@@ -132,9 +144,10 @@ class KVIndex:
                 del self._holders[key]
 
     def _clear(self, engine_id: str, entry: EngineEntry) -> None:
-        for key in entry.blocks.values():
+        for key in entry.refs:
             self._unhold(engine_id, key)
         entry.blocks.clear()
+        entry.refs.clear()
 
     # -- queries -----------------------------------------------------------------------------
 

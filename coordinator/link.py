@@ -57,6 +57,7 @@ class AgentLink:
         kvindex: KVIndex,
         metrics: CoordinatorMetrics,
         clock: Callable[[], float] = trio.current_time,
+        on_update: Callable[[], None] = lambda: None,
     ) -> None:
         self.endpoint = endpoint
         self.coordinator_id = coordinator_id
@@ -66,6 +67,7 @@ class AgentLink:
         self.kvindex = kvindex
         self.metrics = metrics
         self.clock = clock
+        self.on_update = on_update
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
 
@@ -83,6 +85,7 @@ class AgentLink:
                 while True:
                     for frames in await recv_batch(sock):
                         self._handle(frames)
+                    self.on_update()
             finally:
                 self._sock = None
 

@@ -141,7 +141,10 @@ class Placer:
         running: dict[str, str],
     ) -> tuple[str, EngineSpec] | None:
         load = {node_id: 0 for node_id in live}
-        for node_id in running.values():
+        # Assignments sent earlier and not yet reported count too, or a node whose engines are
+        # still pending looks empty and takes every re-placed engine.
+        where = {e: n for e, (n, _, _) in self._pending.items()} | running
+        for node_id in where.values():
             if node_id in load:
                 load[node_id] += 1
         for node_id in sorted(live, key=lambda n: (load[n], n)):

@@ -103,9 +103,19 @@ class Coordinator:
             placer=self.placer,
             kvindex=self.kvindex,
             metrics=self.metrics,
+            on_update=self._bump,
         )
+        self._changed = trio.Event()
         self._client: httpx.AsyncClient | None = None
         self._gateway: Gateway | None = None
+
+    async def changed(self) -> None:
+        """Wait until the registry or the KV index may have changed."""
+        await self._changed.wait()
+
+    def _bump(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     @property
     def gateway(self) -> Gateway:
@@ -160,6 +170,7 @@ class Coordinator:
                 )
                 for engine_id in engines:
                     self.kvindex.drop_engine(engine_id)
+                self._bump()
             self.link.reconcile()
 
     def refresh_gauges(self) -> None:

@@ -97,7 +97,8 @@ async def _report_progress(
                 last_line = now
                 states = ", ".join(f"{k}={v[0]}" for k, v in sorted(seen.items())) or "placing"
                 _say(f"• [{now - started:5.1f} s] waiting for engines: {states}")
-        await trio.sleep(0.5)
+        with trio.move_on_after(STATUS_EVERY_S):  # a waiting line at least this often
+            await coord.changed()
 
 
 def _banner(url: str, model: str) -> str:

@@ -31,7 +31,7 @@ async def recv_batch(sock: zmq.Socket[bytes], *, max_messages: int = 4096) -> li
             pass
         if batch:
             return batch
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator]
+        if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             continue
         with trio.move_on_after(FD_RECHECK_S):
             await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]

@@ -1,0 +1,216 @@
+"""Agent and coordinator in one trio run, over real ZMQ and HTTP on loopback.
+
+Engines are the stand-in process of tests/unit/fake_engine.py, so these run in seconds; KV
+events are published in vLLM's exact wire format by a real ZMQ PUB socket the test owns.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import trio
+import zmq
+
+from fleet.agent.launcher import LaunchConfig
+from fleet.agent.service import Agent, AgentConfig
+from fleet.agent.supervisor import SupervisorConfig
+from fleet.coordinator.kvindex import block_keys
+from fleet.coordinator.placement import Deployment
+from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
+from fleet.protocol import codec
+from fleet.protocol.kvevents import BlockRemoved, BlockStored
+from fleet.protocol.messages import EngineStatus, Register
+from fleet.protocol.vllm_events import encode_vllm_message
+
+ROOT = Path(__file__).resolve().parents[2]
+HEARTBEAT_S = 0.1
+
+
+def _coordinator(endpoint: str = "tcp://127.0.0.1:*", replicas: int = 1) -> Coordinator:
+    deployment = Deployment(model="m", model_path="/nowhere", replicas=replicas)
+    return Coordinator(
+        CoordinatorConfig(port=0, agent_endpoint=endpoint, deployments=(deployment,),
+                          heartbeat_interval_s=HEARTBEAT_S, lost_after_missed=3, grace_s=0.5)
+    )  # fmt: skip
+
+
+def _agent(endpoint: str, tmp_path: Path, node_id: str = "n1") -> Agent:
+    launch = LaunchConfig(
+        python=sys.executable,
+        module="tests.unit.fake_engine",
+        env=(("PYTHONPATH", str(ROOT)), ("FAKE_ENGINE_MODE", "ok")),
+    )
+    sup = SupervisorConfig(health_interval_s=0.1, startup_poll_s=0.05, grace_s=1.0)
+    return Agent(
+        AgentConfig(node_id=node_id, coordinator_endpoint=endpoint, http_port=0,
+                    heartbeat_interval_s=HEARTBEAT_S, log_dir=tmp_path, launch=launch,
+                    supervisor=sup),
+        nvml_module=None,
+    )  # fmt: skip
+
+
+async def _until(
+    coord: Coordinator, predicate: Callable[[], object], timeout_s: float = 20
+) -> None:
+    """Wait, change by change, until the coordinator's state satisfies ``predicate``."""
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await coord.changed()
+
+
+@asynccontextmanager
+async def _running(
+    coord: Coordinator, agent_factory: object
+) -> AsyncIterator[tuple[CoordinatorAddresses, Agent, trio.Nursery]]:
+    async with trio.open_nursery() as nursery:
+        addrs: CoordinatorAddresses = await nursery.start(coord.run)
+        agent = agent_factory(addrs.agent_endpoint)  # type: ignore[operator]
+        await nursery.start(agent.run)
+        yield addrs, agent, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_agent_registers_runs_its_engine_and_relays_kv_events(tmp_path: Path) -> None:
+    coord = _coordinator()
+    async with _running(coord, lambda ep: _agent(ep, tmp_path)) as (addrs, agent, _):
+        await _until(coord, lambda: coord.registry.routable("m"))
+        (engine,) = coord.registry.routable("m")
+        assert engine.id == "m-0" and engine.node == "n1" and engine.pid > 0
+        handle = agent.engines["m-0"]
+
+        ctx = zmq.Context.instance()
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(handle.relay.endpoint)
+        tokens = list(range(100, 164))
+        stored = BlockStored(block_hashes=(11, 22), parent_block_hash=None,
+                             token_ids=tuple(tokens), block_size=32)  # fmt: skip
+        try:
+            assert handle.relay.endpoint  # bound before the engine started
+            # PUB → SUB joins are asynchronous: publish until the first batch is seen.
+            seq = 0
+            with trio.fail_after(10):
+                while coord.kvindex.engine("m-0") is None:
+                    pub.send_multipart(encode_vllm_message("kv", seq, 1.0, [stored]))
+                    seq += 1
+                    await trio.sleep(0.05)
+            keys = set(block_keys("m", tokens, 32))
+            await _until(coord, lambda: coord.kvindex.engine_keys("m-0") == keys)
+            pub.send_multipart(encode_vllm_message("kv", seq, 2.0, [BlockRemoved((22,))]))
+            await _until(coord, lambda: len(coord.kvindex.engine_keys("m-0")) == 1)
+            # A bad frame is counted and skipped; the next good batch still arrives after it.
+            pub.send_multipart([b"kv", b"\x00" * 3, b"garbage"])
+            pub.send_multipart(encode_vllm_message("kv", seq + 1, 3.0, [BlockRemoved((11,))]))
+            await _until(coord, lambda: not coord.kvindex.engine_keys("m-0"))
+            assert _metric(agent.metrics.render(), "fleet_agent_kv_rejected_total") == 1
+        finally:
+            pub.close()
+
+        async with httpx.AsyncClient(base_url=addrs.http_url) as http:
+            engines = (await http.get("/api/v1/engines")).json()["engines"]
+            assert engines[0]["id"] == "m-0" and engines[0]["state"] == "ready"
+            agent_health = (await http.get(agent.http_url + "/healthz")).json()
+            assert agent_health["node"] == "n1"
+
+
+async def test_silent_node_is_lost_and_leaves_routing_and_the_index() -> None:
+    coord = _coordinator()
+    async with trio.open_nursery() as nursery:
+        addrs: CoordinatorAddresses = await nursery.start(coord.run)
+        # A node that registers one ready engine and then falls silent (no Goodbye, no
+        # heartbeats): spoken with the real codec over a real DEALER socket.
+        ctx = zmq.Context.instance()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, b"n9")
+        dealer.connect(addrs.agent_endpoint)
+        engine = EngineStatus(engine_id="m-0", model="m", url="http://127.0.0.1:9", state="ready")
+        try:
+            registered = trio.current_time()
+            dealer.send_multipart(codec.encode(Register("n9", "http://n9", "0", (), (engine,))))
+            await _until(coord, lambda: coord.registry.routable("m"))
+            coord.kvindex.apply("m-0", "m", 0, [BlockStored((1,), None, tuple(range(32)), 32)])
+            assert coord.kvindex.block_count() == 1
+            await _until(coord, lambda: not coord.registry.routable("m"), timeout_s=5)
+            took = trio.current_time() - registered
+        finally:
+            dealer.close()
+        (node,) = coord.registry.nodes()
+        assert node.lost and coord.registry.engine("m-0").state == "lost"  # type: ignore[union-attr]
+        assert coord.kvindex.block_count() == 0
+        # lost after 3 missed heartbeats (0.3 s), noticed by an upkeep pass every 0.05 s
+        assert 0.3 <= took < 2
+        assert _metric(coord.metrics.render(), "fleet_nodes_lost_total") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_garbage_on_the_agent_link_is_counted_not_fatal(tmp_path: Path) -> None:
+    coord = _coordinator()
+    async with _running(coord, lambda ep: _agent(ep, tmp_path)) as (addrs, _agent_, _):
+        ctx = zmq.Context.instance()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(addrs.agent_endpoint)
+        try:
+            rogue.send_multipart([b"fleet/1", b"\xc1\xc1 not msgpack"])
+            rogue.send_multipart([b"fleet/99", b"\x80"])
+            rogue.send_multipart([b"just one frame"])
+            rogue.send_multipart([b"fleet/1", b"\x81\xa4type\xa9heartbeat"])  # missing fields
+            await _until(
+                coord, lambda: _metric(coord.metrics.render(), "fleet_link_rejected_total") >= 4
+            )
+        finally:
+            rogue.close()
+        await _until(coord, lambda: coord.registry.routable("m"))  # the real agent still works
+
+
+async def test_restarted_coordinator_gets_the_running_engines_back(tmp_path: Path) -> None:
+    port = _free_tcp_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    async with trio.open_nursery() as nursery:
+        first = _coordinator(endpoint)
+        first_scope = trio.CancelScope()
+        first_stopped = trio.Event()
+        nursery.start_soon(_run_in, first, first_scope, first_stopped)
+        agent = _agent(endpoint, tmp_path)
+        await nursery.start(agent.run)
+        await _until(first, lambda: first.registry.routable("m"))
+        pid = first.registry.routable("m")[0].pid
+        first_scope.cancel()
+        await first_stopped.wait()
+        second = _coordinator(endpoint)
+        await nursery.start(second.run)
+        await _until(second, lambda: second.registry.routable("m"))
+        (engine,) = second.registry.routable("m")
+        assert engine.pid == pid  # the engine was not restarted
+        assert agent.engines["m-0"].supervisor.restarts == 0
+        nursery.cancel_scope.cancel()
+
+
+async def _run_in(
+    service: Coordinator | Agent, scope: trio.CancelScope, done: trio.Event | None = None
+) -> None:
+    with scope:
+        await service.run()
+    if done is not None:
+        done.set()
+
+
+def _free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metric(text: bytes, name: str) -> float:
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
