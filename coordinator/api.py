@@ -51,7 +51,11 @@ def create_app(coord: Coordinator) -> QuartTrio:
     async def _http_error(err: HTTPException) -> Response:
         status = err.code or 500
         if status == 413:
-            return await _api_error(PayloadTooLarge(coord.cfg.max_body_bytes))
+            # The rest of the body is still in flight and will not be read: close the
+            # connection, or the next request on it would be parsed out of that body.
+            response = await _api_error(PayloadTooLarge(coord.cfg.max_body_bytes))
+            response.headers["connection"] = "close"
+            return response
         kind = "invalid_request_error" if status < 500 else "server_error"
         coord.metrics.request_errors.labels(reason=str(status)).inc()
         return Response(
@@ -74,10 +78,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
         kind = ENDPOINTS[path]
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
-        parsed = validate(kind, raw)
-        deployment = coord.placer.deployment(parsed.model)
-        if deployment is not None and parsed.max_tokens is not None:
-            validate(kind, raw, max_model_len=deployment.max_model_len)
+        parsed = validate(kind, raw, context_len_of=coord.placer.context_len)
         headers = {k.lower(): v for k, v in request.headers.items()}
         fwd = await coord.gateway.forward(path, parsed, raw, headers)
         label = {"endpoint": path, "model": parsed.model, "status": str(fwd.status)}

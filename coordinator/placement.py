@@ -102,6 +102,11 @@ class Placer:
                 return d
         return None
 
+    def context_len(self, model: str) -> int | None:
+        """The context length engines of ``model`` run with, if Fleet deploys it."""
+        deployment = self.deployment(model)
+        return deployment.max_model_len if deployment is not None else None
+
     def reconcile(self, registry: FleetRegistry, now: float) -> list[Placement]:
         """Return the assignments to send now."""
         live = {n.node_id: n for n in registry.live_nodes()}

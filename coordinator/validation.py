@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,12 +72,20 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def validate(kind: RequestKind, raw: bytes, *, max_model_len: int | None = None) -> ParsedRequest:
+def validate(
+    kind: RequestKind,
+    raw: bytes,
+    *,
+    max_model_len: int | None = None,
+    context_len_of: Callable[[str], int | None] | None = None,
+) -> ParsedRequest:
     """Validate a completion or chat request body.
 
     Args:
         kind: which endpoint received it.
         raw: the body bytes.
+        context_len_of: looks up a model's context length by name (used when
+            ``max_model_len`` is not given).
         max_model_len: the served model's context length, if known: a ``max_tokens`` above it
             can never be honoured.
 
@@ -103,6 +112,8 @@ def validate(kind: RequestKind, raw: bytes, *, max_model_len: int | None = None)
         if not isinstance(options, dict):
             raise InvalidRequest("`stream_options` must be an object.", param="stream_options")
         include_usage = _opt_bool(options, "include_usage", default=False, prefix="stream_options.")
+    if max_model_len is None and context_len_of is not None:
+        max_model_len = context_len_of(model)
     max_tokens = _check_max_tokens(body, max_model_len)
     _check_sampling(body)
     return ParsedRequest(

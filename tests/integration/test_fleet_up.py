@@ -234,6 +234,16 @@ def test_oversized_body_gets_413(fleet: Fleet) -> None:
     response = fleet.http.post("/v1/completions", content=body)
     assert response.status_code == 413
     assert "limit" in response.json()["error"]["message"]
+    # The same client's next request must not be parsed out of the unread body.
+    assert fleet.http.get("/healthz", timeout=10).status_code == 200
+
+    def chunks() -> Iterator[bytes]:  # no content-length: the limit applies while reading
+        for _ in range(40):
+            yield b"x" * 65536
+
+    chunked = fleet.http.post("/v1/completions", content=chunks())
+    assert chunked.status_code == 413
+    assert fleet.http.get("/healthz", timeout=10).status_code == 200
 
 
 def test_openai_client_raises_typed_errors(fleet: Fleet) -> None:
