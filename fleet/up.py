@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from typing import Any
 
@@ -76,6 +77,8 @@ async def _report_progress(
     while True:
         for engine in coord.registry.engines():
             key = (engine.state, engine.pid)
+            if engine.state == "starting" and not engine.pid:
+                continue  # assigned, process not spawned yet: the next line says more
             if seen.get(engine.id) != key:
                 seen[engine.id] = key
                 elapsed = time.monotonic() - started
@@ -108,11 +111,12 @@ def _banner(url: str, model: str) -> str:
   curl {url}/v1/completions -H 'content-type: application/json' \\
     -d '{{"model": "{model}", "prompt": "Hello, fleet", "max_tokens": 16}}'
 
-  python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); \\
+  {sys.executable} -c 'from openai import OpenAI; \\
+c = OpenAI(base_url="{url}/v1", api_key="none"); \\
 print(c.chat.completions.create(model="{model}", max_tokens=16, \\
 messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)'
 
-  fleet engines            # what runs where
+  {sys.executable} -m fleet engines     # what runs where
 """
 
 
