@@ -19,6 +19,8 @@ from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineSpec
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+SIM_MODULE = "fleet.agent.sim"
+"""The simulated engine (:mod:`fleet.agent.sim`): same flags as vLLM, run for kind ``sim``."""
 
 # What a CPU engine needs on these machines (shared/VLLM-CPU.md).
 CPU_ENGINE_ENV: dict[str, str] = {
@@ -61,9 +63,20 @@ def engine_command(
     spec: EngineSpec, cfg: LaunchConfig, *, port: int, kv_endpoint: str
 ) -> list[str]:
     """Return the argv that starts ``spec`` serving on ``port`` and publishing KV events to
-    ``kv_endpoint`` (an endpoint the agent has bound, so the engine connects to it)."""
-    if spec.kind != "vllm":
-        raise ConfigError("engine", spec.kind, "only the vllm engine kind can be launched here")
+    ``kv_endpoint`` (an endpoint the agent has bound, so the engine connects to it).
+
+    Kind ``vllm`` runs ``cfg.module``; kind ``sim`` runs the simulator (:data:`SIM_MODULE`)
+    with exactly the same flags.
+
+    Raises:
+        ConfigError: an engine kind other than ``vllm`` or ``sim``.
+    """
+    if spec.kind == "vllm":
+        module = cfg.module
+    elif spec.kind == "sim":
+        module = SIM_MODULE
+    else:
+        raise ConfigError("engine", spec.kind, "only the vllm and sim engine kinds can be launched")
     kv_config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
@@ -71,7 +84,7 @@ def engine_command(
         "topic": cfg.kv_topic,
     }
     argv = [
-        cfg.python, "-m", cfg.module,
+        cfg.python, "-m", module,
         "--model", spec.model_path,
         "--served-model-name", spec.model,
         "--host", cfg.host,
@@ -123,6 +136,7 @@ def engine_env(
 
 __all__ = [
     "CPU_ENGINE_ENV",
+    "SIM_MODULE",
     "VLLM_MODULE",
     "LaunchConfig",
     "engine_command",

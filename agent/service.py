@@ -29,6 +29,7 @@ import fleet
 from fleet.protocol import codec
 from fleet.protocol.errors import ConfigError, ProtocolError
 from fleet.protocol.messages import (
+    ENGINE_KINDS,
     AssignEngine,
     EngineSpec,
     ErrorReport,
@@ -150,7 +151,7 @@ class Agent:
         """Start an engine unless one with this id already runs (assignments are idempotent)."""
         if spec.engine_id in self.engines or self._engine_nursery is None:
             return
-        if spec.kind != "vllm":
+        if spec.kind not in ENGINE_KINDS:
             self._send(
                 ErrorReport(
                     "unsupported_engine",

@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     gpus.add_argument("-o", "--output", choices=("table", "json"), default="table")
     gpus.set_defaults(func=_cmd_gpus)
 
+    bench = sub.add_parser("bench", help="run a benchmark (see bench/README.md)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_cmd_bench)
+
     demo = sub.add_parser("demo-model", help="build the tiny random-weight demo model offline")
     demo.add_argument("path", type=Path)
     demo.add_argument("--seed", type=int, default=0)
@@ -192,13 +196,6 @@ def _deployment(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_engine_kind(args: argparse.Namespace) -> None:
-    if args.engine == "sim":
-        raise FleetError(
-            "--engine sim: the simulator engine is not built yet (issue 4); use --engine vllm"
-        )
-
-
 # -- fleet up -------------------------------------------------------------------------------
 
 
@@ -207,7 +204,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     from fleet.up import run_up
 
-    _check_engine_kind(args)
     _setup_logging(args.log_dir, verbose_stderr=False)
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -228,7 +224,6 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
     from fleet.coordinator.service import Coordinator, CoordinatorConfig
 
-    _check_engine_kind(args)
     _setup_logging(args.log_dir, verbose_stderr=True)
     cfg = CoordinatorConfig(
         host=args.host,
@@ -321,6 +316,13 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
     _table(columns, [[_cell(getattr(g, c)) for c in columns] for g in gpus])
     if not gpus:
         print("no GPUs found through NVML: this node runs CPU engines only")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fleet.bench.cli import main as bench_main
+
+    bench_main(args.bench_args)
     return 0
 
 

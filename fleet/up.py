@@ -84,7 +84,7 @@ async def _report_progress(
                 elapsed = time.monotonic() - started
                 detail = f"pid {engine.pid}" if engine.pid else ""
                 if engine.state == "starting":
-                    detail += ", loading the model, waiting for /health (about 40 s on CPU)"
+                    detail += ", loading the model, waiting for /health"
                 _say(
                     f"• [{elapsed:5.1f} s] engine {engine.id}: {engine.state}"
                     + (f" ({detail.strip(', ')})" if detail else "")

@@ -1,0 +1,241 @@
+"""Proxy overhead: the same workload direct to engines, through Fleet, and through vllm-router.
+
+All in one run, on the same simulated engines (fast latency settings, so the proxies and not the
+engines are what differs): ``fleet up --engine sim`` starts the engines and the coordinator;
+vllm-router (Rust, PyPI) is pointed at those same engines; "direct" sends to the engines
+themselves, spread round-robin by the client.
+
+1. Latency under load: an open-loop Poisson schedule at ``--rate`` requests/s, identical for
+   every target (non-streaming completions, and streaming for time to first token). Reported:
+   p50/p99, and what each proxy adds over direct.
+2. Max sustained throughput: ``wrk`` (C, closed loop, ``--connections``) for ``--wrk-seconds``
+   per target, where wrk is installed (``apt-get install wrk``); one coordinator process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import report, targets
+from .loadgen import Request, Sample, open_loop, poisson_schedule
+from .stats import summary_ms
+
+FAST_SIM = ("--sim-prefill-ms-per-token=0", "--sim-decode-ms-per-token=0.05")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", type=int, default=2)
+    p.add_argument("--rate", type=float, default=100.0, help="open-loop requests/s")
+    p.add_argument("--requests", type=int, default=2000, help="requests per target and mode")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--connections", type=int, default=64, help="wrk connections")
+    p.add_argument("--wrk-seconds", type=int, default=10)
+    p.add_argument(
+        "--sim-arg",
+        action="append",
+        default=None,
+        help=f"simulator flag (repeatable; default {' '.join(FAST_SIM)})",
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
+    """Run the benchmark and write its results."""
+    sim_args = tuple(args.sim_arg) if args.sim_arg else FAST_SIM
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "run"}}
+    with targets.fleet_up(args.engines, log_dir, sim_args) as (fleet_url, engine_urls):
+        with targets.vllm_router(engine_urls, log_dir, "round_robin") as router_url:
+            urls = {"direct": engine_urls, "fleet": [fleet_url], "vllm-router": [router_url]}
+            result["latency"] = _latency(args, urls)
+            result["throughput"] = _throughput(args, urls)
+    result["logs"] = str(log_dir)
+    samples_by = result["latency"].pop("_samples")
+    md = _markdown(result)
+    folder = report.write("proxy_overhead", result, md, out=out)
+    series = {
+        f"{name} ({mode})": [s.latency_s * 1000 for s in samples]
+        for (name, mode), samples in samples_by.items()
+    }
+    report.cdf_png(
+        folder / "latency_cdf.png",
+        series,
+        xlabel="latency (ms)",
+        title="Proxy overhead: latency CDF at the same offered load",
+    )
+    print(md)
+    print(f"\nwritten to {folder}")
+    return result
+
+
+def _workload(args: argparse.Namespace, stream: bool) -> list[Request]:
+    body: dict[str, Any] = {
+        "model": targets.MODEL_NAME,
+        "prompt": "Hello from the benchmark",
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return [Request("/v1/completions", body)] * args.requests
+
+
+def _latency(args: argparse.Namespace, urls: dict[str, list[str]]) -> dict[str, Any]:
+    schedule = poisson_schedule(args.requests, args.rate, args.seed)
+    out: dict[str, Any] = {}
+    samples_by: dict[tuple[str, str], list[Sample]] = {}
+    for stream in (False, True):
+        mode = "stream" if stream else "plain"
+        requests = _workload(args, stream)
+        for name, bases in urls.items():
+            samples = trio.run(_spread, bases, requests, schedule)
+            samples_by[(name, mode)] = samples
+            ok = [s for s in samples if s.ok]
+            out[f"{name}/{mode}"] = {
+                "sent": len(samples),
+                "ok": len(ok),
+                "errors": len(samples) - len(ok),
+                "latency": summary_ms([s.latency_s for s in ok]),
+                "ttft": summary_ms([s.ttft_s for s in ok if s.ttft_s is not None]),
+            }
+    out["_samples"] = samples_by
+    return out
+
+
+async def _spread(bases: list[str], requests: list[Request], schedule: list[float]) -> list[Sample]:
+    """Send to several base URLs round-robin (the 'direct' target), each with its own client."""
+    if len(bases) == 1:
+        return await open_loop(bases[0], requests, schedule)
+    results: list[Sample] = []
+    cycle = itertools.cycle(range(len(bases)))
+    parts: list[tuple[list[Request], list[float]]] = [([], []) for _ in bases]
+    for req, at in zip(requests, schedule, strict=True):
+        i = next(cycle)
+        parts[i][0].append(req)
+        parts[i][1].append(at)
+
+    async def one(base: str, reqs: list[Request], sched: list[float]) -> None:
+        results.extend(await open_loop(base, reqs, sched))
+
+    async with trio.open_nursery() as nursery:
+        for base, (reqs, sched) in zip(bases, parts, strict=True):
+            nursery.start_soon(one, base, reqs, sched)
+    return results
+
+
+def _throughput(args: argparse.Namespace, urls: dict[str, list[str]]) -> dict[str, Any]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return {"skipped": "wrk is not installed (apt-get install wrk)"}
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = \'{{"model": "{targets.MODEL_NAME}", "prompt": "Hello", '
+        f'"max_tokens": {args.max_tokens}, "temperature": 0}}\'\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out: dict[str, Any] = {}
+    for name, bases in urls.items():
+        # "direct" is one engine: the proxies spread over all engines, so theirs is the
+        # number to compare with direct × engines.
+        base = bases[0]
+        proc = subprocess.run(
+            [
+                wrk,
+                "-t2",
+                f"-c{args.connections}",
+                f"-d{args.wrk_seconds}s",
+                "--latency",
+                "-s",
+                str(script),
+                base + "/v1/completions",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        out[name] = _parse_wrk(proc.stdout) | {
+            "engines_behind": 1 if name == "direct" else len(urls["direct"])
+        }
+    return out
+
+
+def _parse_wrk(text: str) -> dict[str, Any]:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(r"Socket errors: (.*)", text)
+    lat = {
+        q: m.group(1)
+        for q in ("50%", "99%")
+        if (m := re.search(rf"^\s+{re.escape(q)}\s+(\S+)", text, re.M))
+    }
+    return {
+        "requests_per_s": float(rps.group(1)) if rps else 0.0,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+        "latency_p50": lat.get("50%", ""),
+        "latency_p99": lat.get("99%", ""),
+    }
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lat = result["latency"]
+    rows = []
+    for key, r in lat.items():
+        if key.startswith("_"):
+            continue
+        name, mode = key.split("/")
+        direct = lat[f"direct/{mode}"]["latency"]
+        added50 = r["latency"].get("p50_ms", 0) - direct.get("p50_ms", 0)
+        added99 = r["latency"].get("p99_ms", 0) - direct.get("p99_ms", 0)
+        rows.append(
+            [
+                name,
+                mode,
+                f"{r['ok']}/{r['sent']}",
+                r["latency"].get("p50_ms"),
+                r["latency"].get("p99_ms"),
+                r["ttft"].get("p50_ms", "-"),
+                "-" if name == "direct" else round(added50, 2),
+                "-" if name == "direct" else round(added99, 2),
+            ]
+        )
+    cfg = result["config"]
+    md = (
+        f"### Proxy overhead ({cfg['engines']} simulated engines, open loop at {cfg['rate']} "
+        f"req/s, {cfg['requests']} requests per target and mode)\n\n"
+    )
+    md += report.table(
+        ["target", "mode", "ok", "p50 ms", "p99 ms", "TTFT p50 ms", "added p50 ms", "added p99 ms"],
+        rows,
+    )
+    thr = result["throughput"]
+    if "skipped" in thr:
+        md += f"\n\nMax throughput: {thr['skipped']}"
+    else:
+        rows = [
+            [
+                n,
+                r["engines_behind"],
+                r["requests_per_s"],
+                r["latency_p50"],
+                r["latency_p99"],
+                r["non_2xx"],
+            ]
+            for n, r in thr.items()
+        ]
+        md += f"\n\nMax sustained throughput (wrk, {cfg['connections']} connections):\n\n"
+        md += report.table(["target", "engines", "req/s", "p50", "p99", "non-2xx"], rows)
+    return md
+
+
+__all__ = ["add_args", "run"]

@@ -1,0 +1,255 @@
+"""Routing quality: prefix-cache hit rate at the engines, TTFT and load balance, per router.
+
+Workload: multi-turn chat conversations in groups that share a system prompt (as agents and
+assistants built on one prompt do). Conversations start on a Poisson schedule; each next turn
+waits for the previous answer, appends it, adds a user message, and is sent after a short think
+time. Every target gets the same conversations (same seeds) on fresh simulated engines.
+
+Targets, in one run: Fleet (``fleet up --engine sim``), vllm-router ``round_robin``,
+``cache_aware`` and ``kv_aware`` (fed the same engines' KV events), and the single-engine ceiling
+(the same workload with all traffic on one engine: the most prefix reuse any router can get).
+
+Measured at the engines, from their own ``/metrics`` (vLLM's names): prefix-cache hit rate =
+Δ``vllm:prefix_cache_hits_total`` / Δ``vllm:prefix_cache_queries_total`` over all engines, load
+= Δ``vllm:request_success_total`` per engine (max/mean); TTFT p50/p99 at the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from . import report, targets
+from .stats import summary_ms
+
+WORDS = (
+    "cluster engine prefix cache token route schedule latency throughput replica shard gpu node "
+    "request stream batch queue model prompt block memory index score filter picker session"
+).split()
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", type=int, default=8)
+    p.add_argument("--groups", type=int, default=8, help="distinct system prompts")
+    p.add_argument("--conversations", type=int, default=64)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-words", type=int, default=300)
+    p.add_argument("--rate", type=float, default=4.0, help="conversation starts per second")
+    p.add_argument("--think-s", type=float, default=0.2)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--sim-arg", action="append", default=None, help="simulator flag")
+    p.add_argument(
+        "--targets",
+        default="fleet,round_robin,cache_aware,kv_aware,single",
+        help="comma-separated subset",
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
+    """Run the benchmark and write its results."""
+    sim_args = tuple(args.sim_arg or ())
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    wanted = args.targets.split(",")
+    results: dict[str, Any] = {}
+    for name in wanted:
+        results[name] = _run_target(name, args, sim_args, log_dir / name)
+        print(f"{name}: {results[name]['summary']}")
+    ceiling = results.get("single", {}).get("hit_rate")
+    for r in results.values():
+        r["hit_rate_vs_ceiling"] = round(r["hit_rate"] / ceiling, 3) if ceiling else None
+    cfg = {k: v for k, v in vars(args).items() if k != "run"}
+    result = {"config": cfg, "targets": results, "logs": str(log_dir)}
+    md = _markdown(result)
+    folder = report.write("routing_quality", result, md, out=out)
+    print(md)
+    print(f"\nwritten to {folder}")
+    return result
+
+
+def _run_target(
+    name: str, args: argparse.Namespace, sim_args: tuple[str, ...], log: Path
+) -> dict[str, Any]:
+    if name == "fleet":
+        with targets.fleet_up(args.engines, log, sim_args) as (url, engine_urls):
+            return _drive(url, engine_urls, args)
+    n = 1 if name == "single" else args.engines
+    with targets.sims(n, log, sim_args, kv=(name == "kv_aware")) as engines:
+        engine_urls = [u for u, _ in engines]
+        if name == "single":
+            return _drive(engine_urls[0], engine_urls, args)
+        extra: list[str] = []
+        if name == "kv_aware":
+            for url, endpoint in engines:
+                extra += ["--kv-event-source", f"{url}={endpoint}"]
+            extra += ["--kv-event-block-size", "32", "--kv-event-model", targets.MODEL_NAME]
+        with targets.vllm_router(engine_urls, log, name, extra) as url:
+            return _drive(url, engine_urls, args)
+
+
+def _conversations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    rng = random.Random(args.seed)
+    systems = [
+        f"You are assistant {g}. " + " ".join(rng.choice(WORDS) for _ in range(args.system_words))
+        for g in range(args.groups)
+    ]
+    convs = []
+    for c in range(args.conversations):
+        system = systems[c % args.groups]
+        users = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24)))
+            for _ in range(args.turns)
+        ]
+        convs.append((system, users))
+    return convs
+
+
+def _drive(url: str, engine_urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    before = {u: _engine_metrics(u) for u in engine_urls}
+    ttfts: list[float] = []
+    errors: list[str] = []
+    trio.run(_run_conversations, url, _conversations(args), args, ttfts, errors.append)
+    after = {u: _engine_metrics(u) for u in engine_urls}
+    queries = sum(after[u]["queries"] - before[u]["queries"] for u in engine_urls)
+    hits = sum(after[u]["hits"] - before[u]["hits"] for u in engine_urls)
+    load = [after[u]["requests"] - before[u]["requests"] for u in engine_urls]
+    mean = sum(load) / len(load) if load else 0
+    hit_rate = hits / queries if queries else 0.0
+    ttft = summary_ms(ttfts)
+    result: dict[str, Any] = {
+        "requests": len(ttfts) + len(errors),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "hit_rate": round(hit_rate, 4),
+        "ttft": ttft,
+        "load_per_engine": load,
+        "load_max_over_mean": round(max(load) / mean, 3) if mean else None,
+    }
+    result["summary"] = (
+        f"hit rate {hit_rate:.3f}, TTFT p50 {ttft.get('p50_ms')} ms, "
+        f"max/mean {result['load_max_over_mean']}, errors {len(errors)}"
+    )
+    return result
+
+
+async def _run_conversations(
+    url: str,
+    convs: list[tuple[str, list[str]]],
+    args: argparse.Namespace,
+    ttfts: list[float],
+    on_error: Callable[[str], None],
+) -> None:
+    rng = random.Random(args.seed + 1)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async with trio.open_nursery() as nursery:
+            for conv in convs:
+                nursery.start_soon(_conversation, client, conv, args, ttfts, on_error)
+                await trio.sleep(rng.expovariate(args.rate))
+
+
+async def _conversation(
+    client: httpx.AsyncClient,
+    conv: tuple[str, list[str]],
+    args: argparse.Namespace,
+    ttfts: list[float],
+    on_error: Callable[[str], None],
+) -> None:
+    system, users = conv
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+    for user in users:
+        messages.append({"role": "user", "content": user})
+        body = {
+            "model": targets.MODEL_NAME,
+            "messages": messages,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        start = trio.current_time()
+        first: float | None = None
+        text: list[str] = []
+        try:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    on_error(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                    return
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    piece = re.search(r'"content":"((?:[^"\\]|\\.)*)"', line)
+                    if piece and piece.group(1):
+                        if first is None:
+                            first = trio.current_time() - start
+                        text.append(piece.group(1))
+        except httpx.HTTPError as exc:
+            on_error(f"{type(exc).__name__}: {exc}")
+            return
+        if first is not None:
+            ttfts.append(first)
+        messages.append({"role": "assistant", "content": "".join(text)})
+        await trio.sleep(args.think_s)
+
+
+def _engine_metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+
+    def total(name: str) -> float:
+        pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)"
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+    return {
+        "queries": total("vllm:prefix_cache_queries_total"),
+        "hits": total("vllm:prefix_cache_hits_total"),
+        "requests": total("vllm:request_success_total"),
+    }
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    rows = []
+    for name, r in result["targets"].items():
+        label = (
+            "single engine (ceiling)"
+            if name == "single"
+            else ("Fleet" if name == "fleet" else f"vllm-router {name}")
+        )
+        rows.append(
+            [
+                label,
+                r["hit_rate"],
+                r["hit_rate_vs_ceiling"] or "-",
+                r["ttft"].get("p50_ms", "-"),
+                r["ttft"].get("p99_ms", "-"),
+                r["load_max_over_mean"] or "-",
+                f"{r['errors']}/{r['requests']}",
+            ]
+        )
+    md = (
+        f"### Routing quality ({cfg['engines']} simulated engines, {cfg['conversations']} "
+        f"conversations × {cfg['turns']} turns, {cfg['groups']} shared system prompts)\n\n"
+    )
+    return md + report.table(
+        [
+            "router",
+            "hit rate",
+            "× ceiling",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "load max/mean",
+            "errors",
+        ],
+        rows,
+    )
+
+
+__all__ = ["add_args", "run"]

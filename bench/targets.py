@@ -1,0 +1,231 @@
+"""Start the things a benchmark measures: simulated engines, ``fleet up``, peer routers.
+
+Every target is a real process tree on loopback, started here and stopped (whole process group)
+when its context manager exits. Peers live in a virtualenv of the benchmarks' own
+(``bench/.peers-venv``), never in Fleet's dependencies; :func:`ensure_peer` creates it on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+PEERS_VENV = HERE / ".peers-venv"
+PEERS = {"vllm-router": "vllm-router==0.1.17", "sglang-router": "sglang-router==0.3.2"}
+MODEL_NAME = "demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_model() -> Path:
+    """The demo model the benchmarks serve (built once, offline)."""
+    from fleet.demomodel import build_demo_model
+
+    return build_demo_model(HERE / "results" / "models" / "demo")
+
+
+@dataclass
+class Proc:
+    """A started process group and its log."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def start(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    with open(log, "wb") as f:
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    return Proc(name, popen, log)
+
+
+def wait_http(url: str, proc: Proc, timeout_s: float = 120, path: str = "/health") -> None:
+    """Wait until ``url + path`` answers 200 (the process is a black box: ask it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited: {proc.log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{proc.name} not healthy at {url}{path} in {timeout_s} s")
+
+
+def sim_argv(port: int, kv_endpoint: str | None, sim_args: Sequence[str]) -> list[str]:
+    """The same argv the agent gives an engine, for a simulated one."""
+    argv = [
+        sys.executable,
+        "-m",
+        "fleet.agent.sim",
+        "--model",
+        str(demo_model()),
+        "--served-model-name",
+        MODEL_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--block-size",
+        "32",
+        "--enable-prefix-caching",
+    ]
+    if kv_endpoint:
+        argv += [
+            "--kv-events-config",
+            f'{{"enable_kv_cache_events": true, "publisher": "zmq", '
+            f'"endpoint": "{kv_endpoint}", "topic": "kv"}}',
+        ]
+    return argv + list(sim_args)
+
+
+@contextlib.contextmanager
+def sims(
+    n: int, log_dir: Path, sim_args: Sequence[str] = (), *, kv: bool = False
+) -> Iterator[list[tuple[str, str]]]:
+    """``n`` simulated engines started directly; yields (url, kv endpoint) pairs."""
+    procs: list[Proc] = []
+    out: list[tuple[str, str]] = []
+    try:
+        for i in range(n):
+            port = free_port()
+            kv_endpoint = f"tcp://127.0.0.1:{free_port()}" if kv else ""
+            argv = sim_argv(port, kv_endpoint.replace("127.0.0.1", "*") if kv else None, sim_args)
+            procs.append(start(f"sim-{i}", argv, log_dir))
+            out.append((f"http://127.0.0.1:{port}", kv_endpoint))
+        for proc, (url, _) in zip(procs, out, strict=True):
+            wait_http(url, proc)
+        yield out
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+@contextlib.contextmanager
+def fleet_up(
+    replicas: int, log_dir: Path, sim_args: Sequence[str] = (), extra: Sequence[str] = ()
+) -> Iterator[tuple[str, list[str]]]:
+    """``fleet up --engine sim``; yields the coordinator URL and the engines' own URLs."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "fleet",
+        "up",
+        "--engine",
+        "sim",
+        "--replicas",
+        str(replicas),
+        "--port",
+        str(port),
+        "--model",
+        str(demo_model()),
+        "--model-name",
+        MODEL_NAME,
+        "--log-dir",
+        str(log_dir / "fleet"),
+    ]
+    for arg in sim_args:
+        argv += ["--engine-arg", arg]
+    proc = start("fleet-up", [*argv, *extra], log_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, proc, timeout_s=300, path="/readyz")
+        deadline = time.monotonic() + 300
+        while True:
+            engines = httpx.get(url + "/api/v1/engines").json()["engines"]
+            ready = [e["url"] for e in engines if e["state"] == "ready"]
+            if len(ready) == replicas:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(ready)}/{replicas} engines ready")
+            time.sleep(0.2)
+        yield url, ready
+    finally:
+        proc.stop()
+
+
+def ensure_peer(name: str) -> Path:
+    """The peer's virtualenv ``bin/`` folder, installing the pinned peer on first use."""
+    if not (PEERS_VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    pip = PEERS_VENV / "bin" / "pip"
+    have = subprocess.run([str(pip), "show", name], capture_output=True, text=True).stdout
+    version = PEERS[name].split("==")[1]
+    if not re.search(rf"^Version: {re.escape(version)}$", have, re.M):
+        subprocess.run([str(pip), "install", "-q", PEERS[name]], check=True)
+    return PEERS_VENV / "bin"
+
+
+@contextlib.contextmanager
+def vllm_router(
+    worker_urls: Sequence[str], log_dir: Path, policy: str, extra: Sequence[str] = ()
+) -> Iterator[str]:
+    """vllm-router (Rust, from PyPI) in front of ``worker_urls``; yields its URL."""
+    bin_dir = ensure_peer("vllm-router")
+    port = free_port()
+    argv = [
+        str(bin_dir / "vllm-router"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *worker_urls,
+        "--policy",
+        policy,
+        "--log-level",
+        "warning",
+        "--prometheus-port",
+        str(free_port()),
+        *extra,
+    ]
+    proc = start(f"vllm-router-{policy}", argv, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, proc, path="/health")
+        yield url
+    finally:
+        proc.stop()
+
+
+__all__ = ["demo_model", "ensure_peer", "fleet_up", "free_port", "sims", "vllm_router"]

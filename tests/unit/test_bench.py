@@ -1,0 +1,47 @@
+"""The benchmark harness's own arithmetic: percentiles, schedules, tables, result files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fleet.bench import report
+from fleet.bench.loadgen import poisson_schedule
+from fleet.bench.stats import percentile, summary_ms
+
+
+def test_percentile_interpolates_like_numpy_linear() -> None:
+    values = [10.0, 20.0, 30.0, 40.0]
+    assert percentile(values, 0) == 10
+    assert percentile(values, 100) == 40
+    assert percentile(values, 50) == 25
+    assert percentile(values, 90) == pytest.approx(37)
+    assert percentile([5.0], 99) == 5
+    assert math.isnan(percentile([], 50))
+
+
+def test_summary_reports_milliseconds() -> None:
+    s = summary_ms([0.001, 0.002, 0.003])
+    assert s["n"] == 3 and s["p50_ms"] == 2 and s["max_ms"] == 3
+    assert summary_ms([]) == {"n": 0}
+
+
+def test_poisson_schedule_is_seeded_and_has_the_asked_rate() -> None:
+    a = poisson_schedule(20000, 100.0, seed=1)
+    assert a == poisson_schedule(20000, 100.0, seed=1)
+    assert a != poisson_schedule(20000, 100.0, seed=2)
+    assert all(x < y for x, y in zip(a, a[1:], strict=False))
+    assert len(a) / a[-1] == pytest.approx(100.0, rel=0.03)
+
+
+def test_results_are_written_as_json_and_markdown(tmp_path: Path) -> None:
+    md = report.table(["a", "b"], [[1, 2.5], ["x", 12345.6]])
+    assert md.splitlines()[0] == "| a | b |"
+    assert "| x | 12,346 |" in md
+    folder = report.write("demo", {"value": 3}, md, out=tmp_path)
+    data = json.loads((folder / "result.json").read_text())
+    assert data["benchmark"] == "demo" and data["value"] == 3 and data["machine"]["cpus"]
+    assert (folder / "result.md").read_text().startswith("| a | b |")
