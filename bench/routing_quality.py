@@ -41,7 +41,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", type=int, default=8, help="distinct system prompts")
     p.add_argument("--conversations", type=int, default=64)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--system-words", type=int, default=300)
+    p.add_argument("--system-words", type=int, default=120)
     p.add_argument("--rate", type=float, default=4.0, help="conversation starts per second")
     p.add_argument("--think-s", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=24)
@@ -105,7 +105,7 @@ def _conversations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     for c in range(args.conversations):
         system = systems[c % args.groups]
         users = [
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24)))
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
             for _ in range(args.turns)
         ]
         convs.append((system, users))

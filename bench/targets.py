@@ -165,7 +165,7 @@ def fleet_up(
         str(log_dir / "fleet"),
     ]
     for arg in sim_args:
-        argv += ["--engine-arg", arg]
+        argv.append(f"--engine-arg={arg}")  # "=": the value itself starts with "--"
     proc = start("fleet-up", [*argv, *extra], log_dir)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -19,6 +19,7 @@ import httpx
 from .errors import ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter, pick_least_loaded
+from .pools import EnginePools
 from .registry import EngineView, FleetRegistry
 from .validation import ParsedRequest
 
@@ -58,7 +59,7 @@ class Gateway:
     """Routes requests to engines and proxies the answers.
 
     Args:
-        client: the httpx client (owned by the coordinator service).
+        pools: one httpx client per engine (owned by the coordinator service).
         registry: where routable engines come from.
         metrics: where counts go.
         max_attempts: engines tried for one request when connecting fails.
@@ -66,7 +67,7 @@ class Gateway:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        pools: EnginePools,
         registry: FleetRegistry,
         metrics: CoordinatorMetrics,
         *,
@@ -74,7 +75,7 @@ class Gateway:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.client = client
+        self.pools = pools
         self.registry = registry
         self.metrics = metrics
         self.inflight = InflightCounter()
@@ -146,10 +147,9 @@ class Gateway:
                 self.metrics.inflight.labels(engine=engine.id).dec()
 
         try:
-            upstream = self.client.build_request(
-                "POST", engine.url + path, content=raw, headers=headers
-            )
-            response = await self.client.send(upstream, stream=True)
+            client = self.pools.get(engine.url)
+            upstream = client.build_request("POST", engine.url + path, content=raw, headers=headers)
+            response = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             release()
             raise UpstreamError(engine.id, f"{type(exc).__name__}: {exc}") from exc

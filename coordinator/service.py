@@ -27,6 +27,7 @@ from .kvindex import KVIndex
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
 from .placement import Deployment, Placer
+from .pools import EnginePools
 from .proxy import Gateway
 from .registry import FleetRegistry
 
@@ -106,7 +107,7 @@ class Coordinator:
             on_update=self._bump,
         )
         self._changed = trio.Event()
-        self._client: httpx.AsyncClient | None = None
+        self._pools: EnginePools | None = None
         self._gateway: Gateway | None = None
 
     async def changed(self) -> None:
@@ -133,10 +134,9 @@ class Coordinator:
             write=self.cfg.upstream_read_timeout_s,
             pool=self.cfg.upstream_connect_timeout_s,
         )
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-            self._client = client
-            self._gateway = Gateway(client, self.registry, self.metrics)
+        self._pools = EnginePools(timeout=timeout, max_connections=1024, max_keepalive=128)
+        self._gateway = Gateway(self._pools, self.registry, self.metrics)
+        try:
             async with trio.open_nursery() as nursery:
                 endpoint = await nursery.start(self.link.run)
                 nursery.start_soon(self._upkeep)
@@ -146,6 +146,9 @@ class Coordinator:
                 url = binds[0].replace("0.0.0.0", "127.0.0.1")
                 log.info("coordinator %s serving at %s", self.cfg.coordinator_id, url)
                 task_status.started(CoordinatorAddresses(http_url=url, agent_endpoint=endpoint))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.grace_s):
+                await self._pools.aclose()
 
     def _hypercorn_config(self) -> HypercornConfig:
         config = HypercornConfig()
@@ -172,6 +175,8 @@ class Coordinator:
                     self.kvindex.drop_engine(engine_id)
                 self._bump()
             self.link.reconcile()
+            if self._pools is not None and len(self._pools) > len(self.registry.engines()):
+                await self._pools.prune(e.url for e in self.registry.engines())
 
     def refresh_gauges(self) -> None:
         """Update the gauges that mirror registry state (called before /metrics renders)."""

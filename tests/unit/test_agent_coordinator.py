@@ -6,6 +6,7 @@ events are published in vLLM's exact wire format by a real ZMQ PUB socket the te
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -182,8 +183,18 @@ async def test_restarted_coordinator_gets_the_running_engines_back(tmp_path: Pat
         pid = first.registry.routable("m")[0].pid
         first_scope.cancel()
         await first_stopped.wait()
-        second = _coordinator(endpoint)
-        await nursery.start(second.run)
+        # ZMQ closes the old listener asynchronously, in its I/O thread: retry the bind.
+        with trio.fail_after(10):
+            while True:
+                second = _coordinator(endpoint)
+                try:
+                    await nursery.start(second.run)
+                except (zmq.ZMQError, BaseExceptionGroup) as exc:
+                    if not _addr_in_use(exc):
+                        raise
+                    await trio.sleep(0.05)
+                    continue
+                break
         await _until(second, lambda: second.registry.routable("m"))
         (engine,) = second.registry.routable("m")
         assert engine.pid == pid  # the engine was not restarted
@@ -198,6 +209,12 @@ async def _run_in(
         await service.run()
     if done is not None:
         done.set()
+
+
+def _addr_in_use(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_addr_in_use(e) for e in exc.exceptions)
+    return isinstance(exc, zmq.ZMQError) and exc.errno == errno.EADDRINUSE
 
 
 def _free_tcp_port() -> int:
