@@ -10,6 +10,7 @@ gets SIGTERM, its grace period, then SIGKILL (see :mod:`fleet.agent.supervisor`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -32,6 +33,7 @@ from fleet.protocol.messages import (
     ENGINE_KINDS,
     AssignEngine,
     EngineSpec,
+    EngineStatus,
     ErrorReport,
     Heartbeat,
     KVEventBatch,
@@ -49,6 +51,8 @@ from .metrics import AgentMetrics
 from .supervisor import EngineSupervisor, SupervisorConfig
 
 log = logging.getLogger(__name__)
+
+_GAUGED_STATES = ("starting", "ready", "unhealthy", "backoff", "stopping")
 
 
 @dataclass(frozen=True)
@@ -197,12 +201,14 @@ class Agent:
                     await nursery.start(supervisor.run)
             finally:
                 self.engines.pop(spec.engine_id, None)
-                self.metrics.engine_state.remove(spec.engine_id, "stopped") if False else None
+                for state in _GAUGED_STATES:  # an unassigned engine leaves the metrics
+                    with contextlib.suppress(KeyError):
+                        self.metrics.engine_state.remove(spec.engine_id, state)
                 self._heartbeat()
 
     def _engine_changed(self, sup: EngineSupervisor) -> None:
         engine = sup.spec.engine_id
-        for state in ("starting", "ready", "unhealthy", "backoff", "stopping"):
+        for state in _GAUGED_STATES:
             self.metrics.engine_state.labels(engine=engine, state=state).set(
                 1 if sup.state == state else 0
             )
@@ -223,7 +229,7 @@ class Agent:
         if self._sock is None or not send_nowait(self._sock, codec.encode(batch)):
             self.metrics.kv_dropped.labels(engine=batch.engine_id).inc()
 
-    def _statuses(self) -> tuple:  # type: ignore[type-arg]
+    def _statuses(self) -> tuple[EngineStatus, ...]:
         out = []
         for handle in self.engines.values():
             handle.supervisor.kv_events = handle.relay.events
