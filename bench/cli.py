@@ -17,12 +17,12 @@ BENCHMARKS = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse arguments and run the chosen benchmark."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (bench/results)")
     sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
     for name, module_name in BENCHMARKS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_args(p)
+        p.add_argument("--out", type=Path, default=None, help="results folder (bench/results)")
         p.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     args.run(args, out=args.out)

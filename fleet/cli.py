@@ -31,6 +31,12 @@ DEFAULT_MODEL = ".fleet/models/demo"
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the ``fleet`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmarks parse their own options, --help included
+        from fleet.bench.cli import main as bench_main
+
+        bench_main(argv[1:])
+        return
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -45,3 +45,13 @@ def test_results_are_written_as_json_and_markdown(tmp_path: Path) -> None:
     data = json.loads((folder / "result.json").read_text())
     assert data["benchmark"] == "demo" and data["value"] == 3 and data["machine"]["cpus"]
     assert (folder / "result.md").read_text().startswith("| a | b |")
+
+
+def test_fleet_bench_passes_everything_to_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kv-ingest", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--blocks-per-engine" in out and "--out" in out
