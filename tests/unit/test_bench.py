@@ -47,7 +47,9 @@ def test_results_are_written_as_json_and_markdown(tmp_path: Path) -> None:
     assert (folder / "result.md").read_text().startswith("| a | b |")
 
 
-def test_fleet_bench_passes_everything_to_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+def test_fleet_bench_passes_everything_to_the_benchmarks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from fleet.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
