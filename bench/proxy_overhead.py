@@ -52,7 +52,9 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     """Run the benchmark and write its results."""
     sim_args = tuple(args.sim_arg) if args.sim_arg else FAST_SIM
     log_dir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "run"}}
+    result: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("run", "out")}
+    }
     with targets.fleet_up(args.engines, log_dir, sim_args) as (fleet_url, engine_urls):
         with targets.vllm_router(engine_urls, log_dir, "round_robin") as router_url:
             urls = {"direct": engine_urls, "fleet": [fleet_url], "vllm-router": [router_url]}

@@ -66,10 +66,17 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     ceiling = results.get("single", {}).get("hit_rate")
     for r in results.values():
         r["hit_rate_vs_ceiling"] = round(r["hit_rate"] / ceiling, 3) if ceiling else None
-    cfg = {k: v for k, v in vars(args).items() if k != "run"}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
     result = {"config": cfg, "targets": results, "logs": str(log_dir)}
+    samples = {name: r.pop("_ttfts_ms") for name, r in results.items()}
     md = _markdown(result)
     folder = report.write("routing_quality", result, md, out=out)
+    report.cdf_png(
+        folder / "ttft_cdf.png",
+        samples,
+        xlabel="time to first token (ms)",
+        title="Routing quality: TTFT CDF per router, same conversations",
+    )
     print(md)
     print(f"\nwritten to {folder}")
     return result
@@ -130,6 +137,7 @@ def _drive(url: str, engine_urls: list[str], args: argparse.Namespace) -> dict[s
         "first_errors": errors[:3],
         "hit_rate": round(hit_rate, 4),
         "ttft": ttft,
+        "_ttfts_ms": [t * 1000 for t in ttfts],
         "load_per_engine": load,
         "load_max_over_mean": round(max(load) / mean, 3) if mean else None,
     }
