@@ -10,6 +10,16 @@ clock starts, so the sender is not the bottleneck; the coordinator's own counter
 Reported: block events absorbed per second (the coordinator is one trio thread: per core),
 batches per second, the coordinator's resident memory before and after, and bytes per indexed
 (block, engine) entry.
+
+``--source sims`` measures the whole real path instead: a ``fleet coordinator`` and a
+``fleet agent`` process, the agent running ``--engines`` simulated engines (each its own process,
+publishing vLLM's KV events on ZMQ to the agent's relay, which forwards them over the agent link).
+Requests with random prompts go straight to the engines for ``--duration-s`` (so the proxy's CPU
+is not in the figure), engines small enough (``--sim-num-blocks``) to evict, so BlockRemoved flows
+too. On 2 cores the simulators, not the coordinator, are the limit; what this mode reports is the
+rate that flowed end to end, the coordinator's and the agent's CPU seconds per 1,000 block events
+(from /proc), and whether every event arrived (the engines' stored-block counts against the
+coordinator's counter).
 """
 
 from __future__ import annotations
@@ -18,7 +28,6 @@ import argparse
 import random
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +39,23 @@ from fleet.protocol import codec
 from fleet.protocol.kvevents import BlockStored
 from fleet.protocol.messages import EngineStatus, KVEventBatch, Register
 
-from . import report
+from . import report, targets
 
 BLOCK = 32
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        choices=["synthetic", "sims"],
+        default="synthetic",
+        help="synthetic agent links (saturates the coordinator), or real simulators and agent",
+    )
     p.add_argument("--engines", type=int, default=64)
+    p.add_argument("--duration-s", type=float, default=30.0, help="sims: how long to send")
+    p.add_argument("--prompt-blocks", type=int, default=8, help="sims: blocks per prompt")
+    p.add_argument("--concurrency", type=int, default=32, help="sims: requests in flight")
+    p.add_argument("--sim-num-blocks", type=int, default=256, help="sims: KV blocks per engine")
     p.add_argument("--blocks-per-engine", type=int, default=16384)  # 64 × 16384 ≈ 1M entries
     p.add_argument("--blocks-per-event", type=int, default=16)
     p.add_argument(
@@ -50,6 +69,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     """Run the benchmark and write its results."""
+    if args.source == "sims":
+        from . import kv_ingest_sims
+
+        return kv_ingest_sims.run(args, out)
     coordinator, http_url, link = _start_coordinator()
     try:
         result = _measure(args, http_url, link, coordinator.pid)
@@ -68,22 +91,7 @@ def _start_coordinator() -> tuple[subprocess.Popen[str], str, str]:
     link = f"tcp://127.0.0.1:{_free_port()}"
     model = Path(__file__).resolve().parent / "results" / "no-model"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleet",
-            "coordinator",
-            "--port",
-            str(port),
-            "--agent-endpoint",
-            link,
-            "--model",
-            str(model),
-            "--model-name",
-            "demo",
-            "--replicas",
-            "0",
-        ],
+        targets.coordinator_argv(port, link, model, replicas=0),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

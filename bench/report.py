@@ -10,7 +10,7 @@ import json
 import platform
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,8 @@ def write(name: str, result: dict[str, Any], markdown: str, *, out: Path | None 
     return folder
 
 
-def cdf_png(path: Path, series: Mapping[str, Sequence[float]], *, xlabel: str, title: str) -> bool:
-    """Plot latency CDFs; returns False (and writes nothing) without matplotlib."""
+def _plot(path: Path, draw: Callable[[Any], None], *, xlabel: str, ylabel: str, title: str) -> bool:
+    """One PNG figure; ``draw(ax)`` adds the lines. False (nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -70,14 +70,9 @@ def cdf_png(path: Path, series: Mapping[str, Sequence[float]], *, xlabel: str, t
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, values in series.items():
-        ordered = sorted(values)
-        if not ordered:
-            continue
-        ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
-        ax.plot(ordered, ys, label=label)
+    draw(ax)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction of requests")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -87,4 +82,35 @@ def cdf_png(path: Path, series: Mapping[str, Sequence[float]], *, xlabel: str, t
     return True
 
 
-__all__ = ["RESULTS", "cdf_png", "machine", "table", "write"]
+def cdf_png(path: Path, series: Mapping[str, Sequence[float]], *, xlabel: str, title: str) -> bool:
+    """Plot latency CDFs; returns False (and writes nothing) without matplotlib."""
+
+    def draw(ax: Any) -> None:
+        for label, values in series.items():
+            ordered = sorted(values)
+            if ordered:
+                ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+                ax.plot(ordered, ys, label=label)
+
+    return _plot(path, draw, xlabel=xlabel, ylabel="fraction of requests", title=title)
+
+
+def lines_png(
+    path: Path,
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> bool:
+    """Plot (x, y) series as lines; returns False (and writes nothing) without matplotlib."""
+
+    def draw(ax: Any) -> None:
+        for label, points in series.items():
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], label=label)
+
+    return _plot(path, draw, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+__all__ = ["RESULTS", "cdf_png", "lines_png", "machine", "table", "write"]

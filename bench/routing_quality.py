@@ -11,7 +11,12 @@ Targets, in one run: Fleet (``fleet up --engine sim``), vllm-router ``round_robi
 
 Measured at the engines, from their own ``/metrics`` (vLLM's names): prefix-cache hit rate =
 Δ``vllm:prefix_cache_hits_total`` / Δ``vllm:prefix_cache_queries_total`` over all engines, load
-= Δ``vllm:request_success_total`` per engine (max/mean); TTFT p50/p99 at the client.
+= Δ``vllm:request_success_total`` per engine (max/mean); TTFT p50/p99 at the client. The engines'
+counters are also sampled every ``--sample-s`` seconds during the run: ``hit_rate_over_time.png``
+plots each router's hit rate per sampling window (the cache warms up, then routing decides).
+
+Engines run with ``--enable-scale-out`` so that vllm-router's ``cache_aware`` and ``kv_aware``
+get token ids from ``/v1/chat/completions/render`` (without it they route prefix-blind).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated subset",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-s", type=float, default=1.0, help="hit-rate sampling period")
 
 
 def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
         r["hit_rate_vs_ceiling"] = round(r["hit_rate"] / ceiling, 3) if ceiling else None
     cfg = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
     result = {"config": cfg, "targets": results, "logs": str(log_dir)}
-    samples = {name: r.pop("_ttfts_ms") for name, r in results.items()}
+    samples = {_label(name): r.pop("_ttfts_ms") for name, r in results.items()}
     md = _markdown(result)
     folder = report.write("routing_quality", result, md, out=out)
     report.cdf_png(
@@ -76,6 +82,13 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
         samples,
         xlabel="time to first token (ms)",
         title="Routing quality: TTFT CDF per router, same conversations",
+    )
+    report.lines_png(
+        folder / "hit_rate_over_time.png",
+        {_label(name): [tuple(p) for p in r["hit_rate_over_time"]] for name, r in results.items()},
+        xlabel="seconds since the first conversation started",
+        ylabel=f"prefix-cache hit rate per {args.sample_s:g} s window",
+        title="Routing quality: hit rate at the engines over time",
     )
     print(md)
     print(f"\nwritten to {folder}")
@@ -123,7 +136,17 @@ def _drive(url: str, engine_urls: list[str], args: argparse.Namespace) -> dict[s
     before = {u: _engine_metrics(u) for u in engine_urls}
     ttfts: list[float] = []
     errors: list[str] = []
-    trio.run(_run_conversations, url, _conversations(args), args, ttfts, errors.append)
+    over_time: list[tuple[float, float]] = []
+    trio.run(
+        _run_and_sample,
+        url,
+        engine_urls,
+        _conversations(args),
+        args,
+        ttfts,
+        errors.append,
+        over_time,
+    )
     after = {u: _engine_metrics(u) for u in engine_urls}
     queries = sum(after[u]["queries"] - before[u]["queries"] for u in engine_urls)
     hits = sum(after[u]["hits"] - before[u]["hits"] for u in engine_urls)
@@ -140,12 +163,53 @@ def _drive(url: str, engine_urls: list[str], args: argparse.Namespace) -> dict[s
         "_ttfts_ms": [t * 1000 for t in ttfts],
         "load_per_engine": load,
         "load_max_over_mean": round(max(load) / mean, 3) if mean else None,
+        "hit_rate_over_time": over_time,
     }
     result["summary"] = (
         f"hit rate {hit_rate:.3f}, TTFT p50 {ttft.get('p50_ms')} ms, "
         f"max/mean {result['load_max_over_mean']}, errors {len(errors)}"
     )
     return result
+
+
+async def _run_and_sample(
+    url: str,
+    engine_urls: list[str],
+    convs: list[tuple[str, list[str]]],
+    args: argparse.Namespace,
+    ttfts: list[float],
+    on_error: Callable[[str], None],
+    over_time: list[tuple[float, float]],
+) -> None:
+    """Run the conversations while sampling the engines' hit rate every ``sample_s``."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sample_hit_rate, engine_urls, args.sample_s, over_time)
+        await _run_conversations(url, convs, args, ttfts, on_error)
+        nursery.cancel_scope.cancel()
+
+
+async def _sample_hit_rate(
+    engine_urls: list[str], period_s: float, out: list[tuple[float, float]]
+) -> None:
+    """Append (seconds, hit rate in the window just ended) for every window with queries."""
+    start = trio.current_time()
+    async with httpx.AsyncClient(timeout=30) as client:
+        last = await _totals(client, engine_urls)
+        while True:
+            await trio.sleep(period_s)
+            now = await _totals(client, engine_urls)
+            queries, hits = now[0] - last[0], now[1] - last[1]
+            if queries > 0:
+                out.append((round(trio.current_time() - start, 2), round(hits / queries, 4)))
+            last = now
+
+
+async def _totals(client: httpx.AsyncClient, engine_urls: list[str]) -> tuple[float, float]:
+    queries = hits = 0.0
+    for url in engine_urls:
+        m = _parse_metrics((await client.get(url + "/metrics")).text)
+        queries, hits = queries + m["queries"], hits + m["hits"]
+    return queries, hits
 
 
 async def _run_conversations(
@@ -209,8 +273,10 @@ async def _conversation(
 
 
 def _engine_metrics(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
+    return _parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
 
+
+def _parse_metrics(text: str) -> dict[str, float]:
     def total(name: str) -> float:
         pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)"
         return sum(float(v) for v in re.findall(pattern, text, re.M))
@@ -222,18 +288,19 @@ def _engine_metrics(url: str) -> dict[str, float]:
     }
 
 
+def _label(name: str) -> str:
+    if name == "single":
+        return "single engine (ceiling)"
+    return "Fleet" if name == "fleet" else f"vllm-router {name}"
+
+
 def _markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = []
     for name, r in result["targets"].items():
-        label = (
-            "single engine (ceiling)"
-            if name == "single"
-            else ("Fleet" if name == "fleet" else f"vllm-router {name}")
-        )
         rows.append(
             [
-                label,
+                _label(name),
                 r["hit_rate"],
                 r["hit_rate_vs_ceiling"] or "-",
                 r["ttft"].get("p50_ms", "-"),

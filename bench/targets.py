@@ -89,6 +89,17 @@ def wait_http(url: str, proc: Proc, timeout_s: float = 120, path: str = "/health
     raise RuntimeError(f"{proc.name} not healthy at {url}{path} in {timeout_s} s")
 
 
+def coordinator_argv(
+    port: int, link: str, model: Path, *, replicas: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """``fleet coordinator`` on loopback serving ``model`` as ``demo``, agents on ``link``."""
+    return [
+        *(sys.executable, "-m", "fleet", "coordinator", "--port", str(port)),
+        *("--agent-endpoint", link, "--model", str(model), "--model-name", MODEL_NAME),
+        *("--replicas", str(replicas), *extra),
+    ]
+
+
 def sim_argv(port: int, kv_endpoint: str | None, sim_args: Sequence[str]) -> list[str]:
     """The same argv the agent gives an engine, for a simulated one."""
     argv = [
@@ -108,12 +119,14 @@ def sim_argv(port: int, kv_endpoint: str | None, sim_args: Sequence[str]) -> lis
         "--block-size",
         "32",
         "--enable-prefix-caching",
+        # the /render routes: vllm-router's cache_aware and kv_aware tokenize through them
+        "--enable-scale-out",
     ]
     if kv_endpoint:
         argv += [
             "--kv-events-config",
             f'{{"enable_kv_cache_events": true, "publisher": "zmq", '
-            f'"endpoint": "{kv_endpoint}", "topic": "kv"}}',
+            f'"endpoint": "{kv_endpoint}", "topic": ""}}',
         ]
     return argv + list(sim_args)
 
@@ -228,4 +241,12 @@ def vllm_router(
         proc.stop()
 
 
-__all__ = ["demo_model", "ensure_peer", "fleet_up", "free_port", "sims", "vllm_router"]
+__all__ = [
+    "coordinator_argv",
+    "demo_model",
+    "ensure_peer",
+    "fleet_up",
+    "free_port",
+    "sims",
+    "vllm_router",
+]

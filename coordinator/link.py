@@ -16,6 +16,7 @@ import zmq
 
 from fleet.protocol import codec
 from fleet.protocol.errors import ProtocolError
+from fleet.protocol.kvevents import BlockRemoved, BlockStored
 from fleet.protocol.messages import (
     ErrorReport,
     Heartbeat,
@@ -178,6 +179,17 @@ class AgentLink:
         self.kvindex.apply(msg.engine_id, model, msg.seq, msg.events)
         self.metrics.kv_batches.labels(engine=msg.engine_id).inc()
         self.metrics.kv_events.labels(engine=msg.engine_id).inc(len(msg.events))
+        stored = removed = cleared = 0
+        for event in msg.events:
+            if isinstance(event, BlockStored):
+                stored += len(event.block_hashes)
+            elif isinstance(event, BlockRemoved):
+                removed += len(event.block_hashes)
+            else:
+                cleared += 1
+        for kind, count in (("stored", stored), ("removed", removed), ("cleared", cleared)):
+            if count:
+                self.metrics.kv_block_events.labels(type=kind).inc(count)
 
 
 __all__ = ["AgentLink"]

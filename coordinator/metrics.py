@@ -47,6 +47,12 @@ class CoordinatorMetrics:
             ["engine"],
             registry=r,
         )
+        self.kv_block_events = Counter(
+            "fleet_kv_block_events_total",
+            "Blocks named by KV events received: stored, removed; cleared counts events.",
+            ["type"],
+            registry=r,
+        )
         self.kv_blocks = Gauge("fleet_kv_index_blocks", "Distinct blocks indexed.", registry=r)
         self.link_messages = Counter(
             "fleet_link_messages_total", "Agent messages received, by type.", ["type"], registry=r

@@ -7,6 +7,8 @@ GET  /health                    200, empty body (also while the ``hang`` fault i
 GET  /v1/models                 the served names
 POST /v1/completions            plain JSON or SSE (``stream``, ``stream_options``)
 POST /v1/chat/completions       idem; the prompt is the model's chat template, rendered
+POST /v1/completions/render     vLLM's GenerateRequest list (403 without --enable-scale-out)
+POST /v1/chat/completions/render  one GenerateRequest (idem)
 POST /tokenize, /detokenize     vLLM's shapes
 GET  /metrics                   vLLM's ``vllm:*`` families (:mod:`.metrics`)
 GET  /version, /load            ``{"version": "0.32.0"}``, ``{"server_load": n}``
@@ -40,6 +42,7 @@ from .config import VLLM_VERSION, SimConfig
 from .engine import RequestStream, SimEngine
 from .errors import SimApiError, bad_request, internal_error
 from .metrics import CONTENT_TYPE, SimMetrics
+from .render import generate_request, scale_out_disabled
 from .requests import GenerateParams, RequestKind, RequestParser, decode_body
 from .responses import (
     SSE_DONE,
@@ -205,6 +208,25 @@ def create_app(deps: ApiDeps) -> QuartTrio:
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         return await generate("chat")
+
+    async def render(kind: RequestKind) -> list[dict[str, Any]]:
+        if not cfg.enable_scale_out:
+            raise scale_out_disabled()
+        raw = await body()
+        rendered = parser.render(kind, raw)
+        base = new_request_id(kind, request.headers.get("X-Request-Id"))
+        return [
+            generate_request(raw, params, base if len(rendered) == 1 else f"{base}-{i}")
+            for i, params in enumerate(rendered)
+        ]
+
+    @app.post("/v1/completions/render")
+    async def completions_render() -> Response:
+        return _json(await render("completion"))
+
+    @app.post("/v1/chat/completions/render")
+    async def chat_completions_render() -> Response:
+        return _json((await render("chat"))[0])
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -116,6 +116,7 @@ class SimConfig:
         hash_seed: the seed of ``NONE_HASH``, the parent hash of every first block.
         seed: seeds generated tokens and fault draws.
         faults: faults in force at start.
+        enable_scale_out: serve the ``/render`` routes (vLLM's ``--enable-scale-out``).
         ignored_args: vLLM flags accepted but without effect here.
     """
 
@@ -135,6 +136,7 @@ class SimConfig:
     hash_seed: str = DEFAULT_NONE_HASH_SEED
     seed: int = 0
     faults: FaultState = field(default_factory=FaultState)
+    enable_scale_out: bool = False
     ignored_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -192,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="auto", help="accepted, no effect")
     v.add_argument("--enforce-eager", action="store_true", help="accepted, no effect")
     v.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    v.add_argument(
+        "--enable-scale-out",
+        action="store_true",
+        help="serve /v1/completions/render and /v1/chat/completions/render (403 otherwise)",
+    )
 
     s = p.add_argument_group("simulator flags")
     s.add_argument(
@@ -309,6 +316,7 @@ def parse_args(argv: Sequence[str], *, environ: dict[str, str] | None = None) ->
         hash_seed=hash_seed,
         seed=args.sim_seed,
         faults=FaultState.from_specs(args.sim_fault),
+        enable_scale_out=args.enable_scale_out,
         ignored_args=tuple(unknown),
     )
 

@@ -25,6 +25,8 @@ from .tokenizer import ChatTemplateError, SimTokenizer
 
 RequestKind = Literal["completion", "chat"]
 
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature is greedy sampling
+
 
 @dataclass(frozen=True)
 class GenerateParams:
@@ -89,8 +91,14 @@ class RequestParser:
             raise not_found(model, self.served)
         return self.served[0]
 
-    def generate(self, kind: RequestKind, body: Any) -> GenerateParams:
+    def generate(self, kind: RequestKind, body: Any, *, render: bool = False) -> GenerateParams:
         """Check a ``/v1/completions`` or ``/v1/chat/completions`` body.
+
+        Args:
+            kind: which route.
+            body: the decoded JSON body.
+            render: checking for a ``/render`` route, which only tokenizes: the simulator's
+                own limits on what it generates (``n``, logprobs, ``echo``) do not apply.
 
         Raises:
             SimApiError: 400 or 404 with vLLM's body.
@@ -148,13 +156,16 @@ class RequestParser:
         reported = self.check_model(model)
         if n is not None and n < 1:
             raise bad_request(f"n must be at least 1, got {n}.")
-        if n not in (None, 1):
+        if render:
+            if temperature is not None and temperature < GREEDY_EPS and n not in (None, 1):
+                raise bad_request(f"n must be 1 when using greedy sampling, got {n}.")
+        elif n not in (None, 1):
             raise bad_request("the Fleet simulator serves n=1 only", param="n", value=n)
         if best_of not in (None, 1):
             raise bad_request("the Fleet simulator serves best_of=1 only", param="best_of")
-        if logprobs_on or top_logprobs:
+        if (logprobs_on or top_logprobs) and not render:
             raise bad_request("the Fleet simulator does not return logprobs", param="logprobs")
-        if s.body.get("prompt_logprobs") is not None:
+        if s.body.get("prompt_logprobs") is not None and not render:
             raise bad_request(
                 "the Fleet simulator does not return logprobs", param="prompt_logprobs"
             )
@@ -185,7 +196,7 @@ class RequestParser:
             tokens = self.tokenizer.encode(text, add_special_tokens=add_special)
             tokens = self._check_length(tokens, truncated=True)
         else:
-            if echo:
+            if echo and not render:
                 raise bad_request("the Fleet simulator does not echo prompts", param="echo")
             tokens = self._prompt_tokens(prompt, add_special)
 
@@ -224,6 +235,19 @@ class RequestParser:
             seed=seed,
             greedy=temperature == 0,
         )
+
+    def render(self, kind: RequestKind, body: Any) -> list[GenerateParams]:
+        """Check a ``/v1/completions/render`` or ``/v1/chat/completions/render`` body.
+
+        A completion body with several prompts gives one entry per prompt, as vLLM's does.
+
+        Raises:
+            SimApiError: 400 or 404 with vLLM's body.
+        """
+        prompt = body.get("prompt") if kind == "completion" and isinstance(body, dict) else None
+        if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+            return [self.generate(kind, {**body, "prompt": [p]}, render=True) for p in prompt]
+        return [self.generate(kind, body, render=True)]
 
     def tokenize(self, body: Any) -> TokenizeParams:
         """Check a ``/tokenize`` body (``prompt`` or ``messages``) and tokenize it.

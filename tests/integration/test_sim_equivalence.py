@@ -10,6 +10,8 @@ both the same sequence of requests, one at a time, and compares:
   finishing and usage chunks; with and without ``include_usage`` and ``continuous_usage_stats``);
   the SSE framing (``data: `` lines, ``data: [DONE]`` last) and content types;
 * token ids from ``/tokenize`` (plain and chat template) and ``/detokenize`` text: identical;
+* ``/v1/completions/render`` and ``/v1/chat/completions/render`` (both engines run with
+  ``--enable-scale-out``): answers byte for byte, sampling parameters and errors included;
 * error bodies for bad requests (and unknown routes, wrong methods): status and body, byte for
   byte;
 * ``/metrics``: for vLLM's core families the sample names and label sets, the TTFT buckets,
@@ -228,6 +230,7 @@ def _argv(kind: str, demo_model: Path, sub_port: int) -> tuple[list[str], dict[s
     argv[i + 1] = json.dumps(kv)
     if kind == "sim":  # hash like this vLLM does, to compare the algorithm (default: random)
         argv += ["--sim-hash-seed", "vllm"]
+    argv += ["--enable-scale-out"]  # the /render routes routers tokenize through
     return argv, engine_env(spec, launch, gpu_uuids={}), port
 
 
@@ -276,6 +279,10 @@ def _exchange(engine: Engine) -> None:
         engine.stream(name, path, body)
     for name, path, raw in BAD_REQUESTS:
         engine.post(name, path, raw=raw)
+    for name, path, body in RENDER_REQUESTS:
+        # the same X-Request-Id makes the answers' request_id equal too
+        engine.answers[name] = http.post(path, json=body, headers={"x-request-id": name})
+    engine.answers["render_get"] = http.get(R)
     engine.answers["not_found"] = http.get("/no/such/route")
     engine.answers["wrong_method"] = http.get("/v1/completions")
     engine.post("marker", "/v1/completions", {"model": MODEL, "prompt": MARKER, "max_tokens": 1})
@@ -308,6 +315,56 @@ BAD_REQUESTS: list[tuple[str, str, bytes]] = [
     ("bad_messages_missing", CH, b'{"model": "demo"}'),
     ("bad_messages_empty", CH, b'{"model": "demo", "messages": []}'),
     ("bad_tokenize", "/tokenize", b'{"model": "demo"}'),
+]
+
+
+R, RCH = "/v1/completions/render", "/v1/chat/completions/render"
+RENDER_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("r_cmpl", R, {"model": MODEL, "prompt": "hello there", "max_tokens": 5}),
+    ("r_cmpl_default", R, {"model": MODEL, "prompt": LONG}),
+    ("r_cmpl_batch", R, {"model": MODEL, "prompt": ["a b", "c d"]}),
+    ("r_cmpl_ids", R, {"model": MODEL, "prompt": [3, 4, 5]}),
+    (
+        "r_cmpl_greedy",
+        R,
+        {
+            **{"model": MODEL, "prompt": "hello", "max_tokens": 5, "temperature": 0, "seed": 3},
+            **{"stop": ["x"], "top_k": 5, "stream": True},
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    (
+        "r_cmpl_sampling",
+        R,
+        {
+            **{"model": MODEL, "prompt": "hello", "n": 2, "temperature": 0.7, "top_p": 0.9},
+            **{"top_k": 4, "min_p": 0.1, "logprobs": 2, "ignore_eos": True, "min_tokens": 2},
+            **{"presence_penalty": 0.5, "stop": "y", "max_tokens": 16},
+        },
+    ),
+    ("r_chat", RCH, {"model": MODEL, "messages": MESSAGES}),
+    (
+        "r_chat_max",
+        RCH,
+        {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "add_generation_prompt": False},
+    ),
+    (
+        "r_chat_stream",
+        RCH,
+        {"messages": MESSAGES, "temperature": 0, "stream": True, "max_completion_tokens": 7},
+    ),
+    (
+        "r_chat_logprobs",
+        RCH,
+        {
+            **{"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 2},
+            **{"stream": True, "stream_options": {"continuous_usage_stats": True}},
+        },
+    ),
+    ("r_bad_model", R, {"model": "nope", "prompt": "a"}),
+    ("r_bad_chat_empty", RCH, {"model": MODEL, "messages": []}),
+    ("r_bad_max_tokens", R, {"model": MODEL, "prompt": "x", "max_tokens": 5000}),
+    ("r_bad_greedy_n", R, {"model": MODEL, "prompt": "x", "n": 2, "temperature": 0}),
 ]
 
 
@@ -442,6 +499,17 @@ def test_health_and_version(pair: Pair) -> None:
 def test_errors_are_vllms_byte_for_byte(pair: Pair, name: str) -> None:
     real, sim = pair.real.answers[name], pair.sim.answers[name]
     assert sim.status_code == real.status_code
+    assert sim.content == real.content
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RENDER_REQUESTS] + ["render_get"])
+def test_render_answers_are_vllms_byte_for_byte(pair: Pair, name: str) -> None:
+    """``/render`` (``--enable-scale-out``): token ids, sampling params, errors, all of it."""
+    real, sim = pair.real.answers[name], pair.sim.answers[name]
+    assert (sim.status_code, sim.headers["content-type"]) == (
+        real.status_code,
+        real.headers["content-type"],
+    )
     assert sim.content == real.content
 
 

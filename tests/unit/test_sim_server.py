@@ -266,6 +266,40 @@ BAD = [
 ]
 
 
+async def test_render_routes_answer_403_without_enable_scale_out(sim: Sim) -> None:
+    for path in ("/v1/completions/render", "/v1/chat/completions/render"):
+        r = await sim.http.post(path, json={"model": MODEL, "prompt": "x"})
+        assert r.status_code == 403
+        assert r.json()["error"]["type"] == "PermissionDeniedError"
+        assert "--enable-scale-out" in r.json()["error"]["message"]
+
+
+async def test_render_routes_give_the_tokens_generation_would_use(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    argv = _argv(demo_model, "tcp://127.0.0.1:9", "--enable-scale-out")
+    url = await nursery.start(SimServer(parse_args(argv), grace_s=0.5).run)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    async with httpx.AsyncClient(base_url=url) as http:
+        chat = await http.post("/v1/chat/completions/render", json={"messages": messages})
+        expected = await http.post("/tokenize", json={"messages": messages})
+        assert chat.status_code == 200
+        assert chat.json()["token_ids"] == expected.json()["tokens"]
+        assert chat.json()["sampling_params"]["max_tokens"] == 1024 - expected.json()["count"]
+        batch = await http.post(
+            "/v1/completions/render",
+            json={"model": MODEL, "prompt": ["one", "two"]},
+            headers={"x-request-id": "abc"},
+        )
+        assert [g["request_id"] for g in batch.json()] == ["cmpl-abc-0", "cmpl-abc-1"]
+        for item, prompt in zip(batch.json(), ["one", "two"], strict=True):
+            tokens = await http.post("/tokenize", json={"prompt": prompt})
+            assert item["token_ids"] == tokens.json()["tokens"]
+        bad = await http.post("/v1/completions/render", json={"model": "nope", "prompt": "x"})
+        assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+    nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(("path", "raw", "status", "kind", "param"), BAD)
 async def test_bad_requests_get_vllms_error_body(
     sim: Sim, path: str, raw: bytes, status: int, kind: str, param: str | None
