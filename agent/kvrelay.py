@@ -1,42 +1,77 @@
-"""Relay one engine's KV events to the coordinator.
+"""Relay one engine's KV events to the coordinator, each batch exactly once and in order.
 
 The relay binds a ZMQ SUB socket before its engine starts and gives the engine that endpoint, so
 vLLM's publisher connects to it (REFERENCE.md: a non-wildcard endpoint makes the publisher
 connect) and no event is lost to a slow subscriber join. Frames are drained in batches, decoded
 with vLLM's format, and forwarded with the engine id and the engine's own sequence number. A frame
-that cannot be decoded is logged and counted, never fatal. The socket outlives engine restarts:
-a restarted engine starts its sequence at 0 again, which is how the coordinator knows to drop
-that engine's old blocks.
+that cannot be decoded is logged and counted, never fatal.
+
+Sequence numbers are checked against ``next_seq``, the one expected next:
+
+- ``seq == next_seq``: forwarded.
+- ``seq > next_seq`` (a gap: PUB dropped batches): the relay asks the engine's replay socket
+  (vLLM's ``replay_endpoint``, a ROUTER) for every batch from ``next_seq`` through a fresh DEALER,
+  waits at most ``replay_timeout_s``, forwards the replayed batches ``next_seq .. seq - 1`` in
+  order, then the live one. When the replay cannot cover the gap (no replay endpoint, no answer
+  in time, a bad reply, or a first replayed batch newer than ``next_seq`` because the gap is older
+  than the engine's buffer), only the live batch is forwarded, with ``resync=True``: the
+  coordinator drops what it knows of the engine and starts again from that batch.
+- ``seq < next_seq``: ``seq == 0`` means the engine restarted (the coordinator treats seq 0 after
+  others as a restart) and is forwarded; anything else is a duplicate, dropped and counted.
+
+The relay is one task: while a replay runs, live frames wait in the SUB socket, so the order
+holds. The SUB socket outlives engine restarts; :meth:`KVRelay.engine_started` tells the relay a
+new engine process is starting, so that it expects seq 0 again and can replay it should the
+new engine's first batch be lost.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import trio
 import zmq
 
-from fleet.protocol.errors import ProtocolError
+from fleet.protocol.errors import ConfigError, ProtocolError
 from fleet.protocol.messages import KVEventBatch
-from fleet.protocol.vllm_events import decode_vllm_message
-from fleet.protocol.zmqio import open_socket, recv_batch
+from fleet.protocol.vllm_events import (
+    VllmEventBatch,
+    decode_replay_reply,
+    decode_vllm_message,
+    encode_replay_request,
+)
+from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
 from .metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
+DEFAULT_REPLAY_TIMEOUT_S = 2.0
+"""How long a replay may take, request to last needed batch, before the relay gives up."""
+
 
 class KVRelay:
-    """Receives one engine's KV events and hands each batch to ``forward``.
+    """Receives one engine's KV events and hands each batch to ``forward``, repairing gaps.
 
     Args:
         node_id: this node.
         engine_id: the engine.
         model: the engine's served model name.
-        forward: called with each decoded batch; must not block.
+        forward: called with each batch, in sequence order; must not block.
         metrics: the agent's metrics.
         host: the address to bind (the engine runs on this node).
+        replay_endpoint: the engine's KV replay socket, or None when unknown (gaps then resync).
+            An attribute, so it may be set after construction, once the engine's is chosen.
+        replay_timeout_s: the longest a replay may take before the gap is given up (> 0).
+
+    Raises:
+        ConfigError: ``replay_timeout_s`` is not a finite number > 0.
+
+    Resource handling: :meth:`run` owns the SUB socket; each replay opens a DEALER and closes it
+    (linger 0) before returning, also when cancelled, so late replies of a timed-out replay are
+    discarded with it.
     """
 
     def __init__(
@@ -48,16 +83,24 @@ class KVRelay:
         forward: Callable[[KVEventBatch], None],
         metrics: AgentMetrics,
         host: str = "127.0.0.1",
+        replay_endpoint: str | None = None,
+        replay_timeout_s: float = DEFAULT_REPLAY_TIMEOUT_S,
     ) -> None:
+        if not (replay_timeout_s > 0 and math.isfinite(replay_timeout_s)):
+            raise ConfigError("replay_timeout_s", replay_timeout_s, "must be a finite number > 0")
         self.node_id = node_id
         self.engine_id = engine_id
         self.model = model
         self.forward = forward
         self.metrics = metrics
         self.host = host
+        self.replay_endpoint = replay_endpoint
+        self.replay_timeout_s = float(replay_timeout_s)
         self.endpoint = ""
         self.next_seq = 0
         self.events = 0
+        self._labels = {"engine": engine_id}
+        self._generation = 0  # engine processes started; a replay may outlive one
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the endpoint for the engine through ``started()``, relay until cancelled."""
@@ -69,22 +112,115 @@ class KVRelay:
             task_status.started(self.endpoint)
             while True:
                 for frames in await recv_batch(sock):
-                    self._relay(frames)
+                    await self._relay(frames)
 
-    def _relay(self, frames: list[bytes]) -> None:
-        labels = {"engine": self.engine_id}
+    def engine_started(self) -> None:
+        """A new engine process is starting: its first batch will be seq 0 again."""
+        self._generation += 1
+        self.next_seq = 0
+
+    async def _relay(self, frames: list[bytes]) -> None:
         try:
             batch = decode_vllm_message(frames)
         except ProtocolError as exc:
-            self.metrics.kv_rejected.labels(**labels).inc()
+            self.metrics.kv_rejected.labels(**self._labels).inc()
             log.warning("engine %s sent an undecodable KV frame: %s", self.engine_id, exc)
             return
+        if batch.seq < self.next_seq and batch.seq != 0:
+            self.metrics.kv_duplicates.labels(**self._labels).inc()
+            log.debug("engine %s: duplicate KV batch %d dropped", self.engine_id, batch.seq)
+            return
         if batch.seq > self.next_seq:
-            self.metrics.kv_gaps.labels(**labels).inc()
+            self.metrics.kv_gaps.labels(**self._labels).inc()
+            generation = self._generation
+            replayed = await self._replay(self.next_seq, batch.seq)
+            if self._generation != generation:
+                # The engine restarted during the replay: this batch and the replayed ones are
+                # the old process's; its successor starts at 0.
+                self._forward(batch, resync=True)
+                self.metrics.kv_resyncs.labels(**self._labels).inc()
+                self.next_seq = 0
+                return
+            if replayed is None:
+                self.metrics.kv_resyncs.labels(**self._labels).inc()
+                log.warning(
+                    "engine %s: KV batches %d..%d lost and not replayable; resync",
+                    self.engine_id,
+                    self.next_seq,
+                    batch.seq - 1,
+                )
+                self._forward(batch, resync=True)
+                return
+            for old in replayed:
+                self._forward(old)
+            self.metrics.kv_replayed_batches.labels(**self._labels).inc(len(replayed))
+        self._forward(batch)
+
+    async def _replay(self, start: int, stop: int) -> list[VllmEventBatch] | None:
+        """Fetch batches ``start .. stop - 1`` from the engine's replay socket.
+
+        Returns:
+            Exactly those batches in order, or None when the replay cannot give all of them.
+        """
+        if self.replay_endpoint is None:
+            return None
+        self.metrics.kv_replays.labels(**self._labels).inc()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        with open_socket(ctx, zmq.DEALER) as sock:
+            try:
+                sock.connect(self.replay_endpoint)
+            except zmq.ZMQError as exc:
+                log.warning("engine %s: bad replay endpoint: %s", self.engine_id, exc)
+                return None
+            if not send_nowait(sock, encode_replay_request(start)):
+                log.warning("engine %s: replay request for %d not sent", self.engine_id, start)
+                return None
+            with trio.move_on_after(self.replay_timeout_s):
+                return await self._collect(sock, start, stop)
+        log.warning(
+            "engine %s: no complete replay from %d within %.1f s",
+            self.engine_id,
+            start,
+            self.replay_timeout_s,
+        )
+        return None
+
+    async def _collect(
+        self, sock: zmq.Socket[bytes], start: int, stop: int
+    ) -> list[VllmEventBatch] | None:
+        got: list[VllmEventBatch] = []
+        while True:
+            for frames in await recv_batch(sock):
+                try:
+                    batch = decode_replay_reply(frames)
+                except ProtocolError as exc:
+                    self.metrics.kv_rejected.labels(**self._labels).inc()
+                    log.warning("engine %s sent a bad replay reply: %s", self.engine_id, exc)
+                    return None
+                want = start + len(got)
+                if batch is None:  # the end marker, before the last batch needed
+                    log.warning(
+                        "engine %s: replay from %d ended before %d", self.engine_id, start, want
+                    )
+                    return None
+                if batch.seq != want:  # older than the buffer (first seq > start), or a hole
+                    log.warning(
+                        "engine %s: replay from %d gave batch %d where %d was needed",
+                        self.engine_id,
+                        start,
+                        batch.seq,
+                        want,
+                    )
+                    return None
+                got.append(batch)
+                if batch.seq == stop - 1:
+                    return got
+
+    def _forward(self, batch: VllmEventBatch, *, resync: bool = False) -> None:
         self.next_seq = batch.seq + 1
         self.events += len(batch.events)
-        self.metrics.kv_batches.labels(**labels).inc()
-        self.metrics.kv_events.labels(**labels).inc(len(batch.events))
+        self.metrics.kv_batches.labels(**self._labels).inc()
+        self.metrics.kv_events.labels(**self._labels).inc(len(batch.events))
         self.forward(
             KVEventBatch(
                 node_id=self.node_id,
@@ -94,8 +230,9 @@ class KVRelay:
                 events=batch.events,
                 dp_rank=batch.dp_rank,
                 model=self.model,
+                resync=resync,
             )
         )
 
 
-__all__ = ["KVRelay"]
+__all__ = ["DEFAULT_REPLAY_TIMEOUT_S", "KVRelay"]

@@ -60,13 +60,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def engine_command(
-    spec: EngineSpec, cfg: LaunchConfig, *, port: int, kv_endpoint: str
+    spec: EngineSpec,
+    cfg: LaunchConfig,
+    *,
+    port: int,
+    kv_endpoint: str,
+    replay_endpoint: str | None = None,
 ) -> list[str]:
     """Return the argv that starts ``spec`` serving on ``port`` and publishing KV events to
     ``kv_endpoint`` (an endpoint the agent has bound, so the engine connects to it).
 
     Kind ``vllm`` runs ``cfg.module``; kind ``sim`` runs the simulator (:data:`SIM_MODULE`)
     with exactly the same flags.
+
+    Args:
+        spec: the engine.
+        cfg: how this node starts engines.
+        port: the engine's HTTP port.
+        kv_endpoint: where the engine's KV-event PUB socket connects.
+        replay_endpoint: where the engine binds its KV replay ROUTER socket (vLLM's
+            ``replay_endpoint``; the relay asks it for lost batches), or None for no replay.
 
     Raises:
         ConfigError: an engine kind other than ``vllm`` or ``sim``.
@@ -83,6 +96,8 @@ def engine_command(
         "endpoint": kv_endpoint,
         "topic": cfg.kv_topic,
     }
+    if replay_endpoint is not None:
+        kv_config["replay_endpoint"] = replay_endpoint
     argv = [
         cfg.python, "-m", module,
         "--model", spec.model_path,

@@ -41,6 +41,30 @@ class AgentMetrics:
             ["engine"],
             registry=r,
         )
+        self.kv_replays = Counter(
+            "fleet_agent_kv_replays_total",
+            "Replay requests sent to an engine's KV replay socket to repair a gap.",
+            ["engine"],
+            registry=r,
+        )
+        self.kv_replayed_batches = Counter(
+            "fleet_agent_kv_replayed_batches_total",
+            "KV batches recovered by replay and forwarded.",
+            ["engine"],
+            registry=r,
+        )
+        self.kv_resyncs = Counter(
+            "fleet_agent_kv_resyncs_total",
+            "Gaps replay could not repair, forwarded as a resync.",
+            ["engine"],
+            registry=r,
+        )
+        self.kv_duplicates = Counter(
+            "fleet_agent_kv_duplicates_total",
+            "KV batches dropped because their sequence number was already forwarded.",
+            ["engine"],
+            registry=r,
+        )
         self.kv_dropped = Counter(
             "fleet_agent_kv_dropped_total",
             "KV batches not forwarded (link full).",

@@ -197,6 +197,7 @@ class Agent:
                         log_dir=self.cfg.log_dir,
                         on_change=self._engine_changed,
                     )
+                    relay.replay_endpoint = supervisor.replay_endpoint
                     self.engines[spec.engine_id] = _EngineHandle(supervisor, relay, scope)
                     await nursery.start(supervisor.run)
             finally:
@@ -216,6 +217,8 @@ class Agent:
             self.metrics.engine_restarts.labels(engine=engine).inc()
         handle = self.engines.get(engine)
         if handle is not None:
+            if sup.state == "starting":  # a new process: its KV sequence starts at 0 again
+                handle.relay.engine_started()
             sup.kv_events = handle.relay.events
         self._heartbeat()
 

@@ -79,6 +79,7 @@ class EngineSupervisor:
         launch: how engines are started on this node.
         cfg: supervision timings.
         kv_endpoint: where the engine publishes KV events (bound by the agent's relay).
+        replay_host: the loopback address the engine binds its KV replay socket on.
         client: an httpx client for health probes.
         gpu_uuids: NVML index → UUID of this node's GPUs.
         log_dir: where the engine's stdout/stderr go (one file per engine), or None to discard.
@@ -96,6 +97,7 @@ class EngineSupervisor:
         gpu_uuids: Mapping[int, str] | None = None,
         log_dir: Path | None = None,
         on_change: Callable[[EngineSupervisor], None] | None = None,
+        replay_host: str = "127.0.0.1",
     ) -> None:
         self.spec = spec
         self.launch = launch
@@ -108,6 +110,10 @@ class EngineSupervisor:
         self.port = free_port(launch.host)
         host = f"[{launch.host}]" if ":" in launch.host else launch.host
         self.url = f"http://{host}:{self.port}"
+        # The engine binds its replay ROUTER here; picked once so that the relay's endpoint
+        # stays valid across restarts of this engine.
+        replay = f"[{replay_host}]" if ":" in replay_host else replay_host
+        self.replay_endpoint = f"tcp://{replay}:{free_port(replay_host)}"
         self.state = "starting"
         self.pid = 0
         self.restarts = 0
@@ -172,7 +178,13 @@ class EngineSupervisor:
 
     async def _run_once(self, task_status: trio.TaskStatus[None] | None) -> str:
         """Run the engine once; return why it crashed (cancellation stops it instead)."""
-        argv = engine_command(self.spec, self.launch, port=self.port, kv_endpoint=self.kv_endpoint)
+        argv = engine_command(
+            self.spec,
+            self.launch,
+            port=self.port,
+            kv_endpoint=self.kv_endpoint,
+            replay_endpoint=self.replay_endpoint,
+        )
         env = engine_env(self.spec, self.launch, gpu_uuids=self.gpu_uuids)
         self._set("starting")
         logfile = self._open_log()

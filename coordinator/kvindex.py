@@ -5,9 +5,20 @@ key over token ids (``key = H(parent_key, block tokens)``, rooted per model), so
 right whatever hash algorithm or seed an engine uses. Each engine keeps a map from its own block
 hash to Fleet's key, which is how ``BlockRemoved`` is applied.
 
-Sequence numbers are checked per engine: a duplicate or older batch is skipped, a batch numbered
-0 after others means the engine restarted (its entries are dropped first), and a gap is counted
-(repairing gaps from the engine's replay socket comes with the routing work).
+Sequence numbers are checked per engine, and batches are applied once and in order:
+
+- a duplicate (a number already applied or already waiting) is skipped;
+- a batch numbered 0 after others means the engine restarted: its entries are dropped first;
+- a batch past a gap waits (the agent repairs gaps from the engine's replay socket, so the missing
+  ones normally follow); when ``reorder_window`` batches wait, or the oldest gap is older than
+  ``gap_timeout_s`` (:meth:`KVIndex.expire`), the engine is *resynced*: its entries are dropped
+  and rebuilt from the waiting batches on;
+- a batch flagged ``resync`` (the agent lost events its engine's replay buffer no longer held)
+  resyncs the engine too.
+
+So the index never reports a block an engine no longer has for longer than one resync. Memory is
+bounded: past ``max_entries`` (block, engine) entries new blocks are not indexed (counted as
+``capped``) until others leave: the index under-reports, never over-reports.
 """
 
 from __future__ import annotations
@@ -55,32 +66,119 @@ class EngineEntry:
     refs: Counter[int] = field(default_factory=Counter)
     events: int = 0
     batches: int = 0
+    started: bool = False  # a batch was applied (next_seq is meaningful)
+    pending: dict[int, tuple[KVEvent, ...]] = field(default_factory=dict)  # seq -> events
+    gap_since: float | None = None
+
+
+DEFAULT_MAX_ENTRIES = 5_000_000
+DEFAULT_REORDER_WINDOW = 256
+DEFAULT_GAP_TIMEOUT_S = 2.0
 
 
 class KVIndex:
-    """Which engine holds which block, by content."""
+    """Which engine holds which block, by content.
 
-    def __init__(self) -> None:
+    Args:
+        max_entries: the most (block, engine) entries held.
+        reorder_window: batches one engine may have waiting behind a gap.
+        gap_timeout_s: how long a gap may stay open before the engine is resynced.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        reorder_window: int = DEFAULT_REORDER_WINDOW,
+        gap_timeout_s: float = DEFAULT_GAP_TIMEOUT_S,
+    ) -> None:
+        self.max_entries = max_entries
+        self.reorder_window = reorder_window
+        self.gap_timeout_s = gap_timeout_s
         self._engines: dict[str, EngineEntry] = {}
         self._holders: dict[int, set[str]] = {}
+        self.entries = 0
         self.stats: Counter[str] = Counter()
 
-    def apply(self, engine_id: str, model: str, seq: int, events: Iterable[KVEvent]) -> bool:
-        """Apply one relayed batch. Returns False if it was skipped as a duplicate."""
+    def apply(
+        self,
+        engine_id: str,
+        model: str,
+        seq: int,
+        events: Iterable[KVEvent],
+        *,
+        resync: bool = False,
+        now: float = 0.0,
+    ) -> str:
+        """Apply one relayed batch (or hold it behind a gap).
+
+        Returns:
+            ``applied``, ``duplicate``, ``waiting`` (behind a gap), ``restart`` or ``resync``
+            (applied after dropping the engine's entries).
+        """
         entry = self._engines.get(engine_id)
         if entry is None or entry.model != model:
             if entry is not None:
                 self.drop_engine(engine_id)
             entry = self._engines[engine_id] = EngineEntry(model=model)
-        if seq < entry.next_seq:
-            if seq == 0:
-                self.stats["restarts"] += 1
-                self._clear(engine_id, entry)
-            else:
-                self.stats["duplicates"] += 1
-                return False
+        batch = tuple(events)
+        outcome = "applied"
+        if resync:
+            self.stats["resyncs"] += 1
+            self._resync(engine_id, entry, seq)
+            outcome = "resync"
+        elif seq == 0 and entry.started and entry.next_seq > 0:
+            self.stats["restarts"] += 1
+            self._resync(engine_id, entry, 0)
+            outcome = "restart"
+        elif not entry.started:
+            entry.next_seq = seq  # the first batch seen sets the sequence
+        elif seq < entry.next_seq or seq in entry.pending:
+            self.stats["duplicates"] += 1
+            return "duplicate"
         elif seq > entry.next_seq:
-            self.stats["gaps"] += 1
+            if not entry.pending:
+                self.stats["gaps"] += 1
+                entry.gap_since = now
+            entry.pending[seq] = batch
+            if len(entry.pending) > self.reorder_window:
+                self.stats["resyncs"] += 1
+                self._resync(engine_id, entry, min(entry.pending))
+                self._drain(engine_id, entry)
+            return "waiting"
+        self._apply(engine_id, entry, seq, batch)
+        self._drain(engine_id, entry)
+        return outcome
+
+    def expire(self, now: float) -> list[str]:
+        """Resync every engine whose oldest gap is older than ``gap_timeout_s``; return them."""
+        expired = []
+        for engine_id, entry in self._engines.items():
+            if entry.pending and entry.gap_since is not None:
+                if now - entry.gap_since >= self.gap_timeout_s:
+                    self.stats["resyncs"] += 1
+                    self._resync(engine_id, entry, min(entry.pending))
+                    self._drain(engine_id, entry)
+                    expired.append(engine_id)
+        return expired
+
+    def _resync(self, engine_id: str, entry: EngineEntry, seq: int) -> None:
+        """Drop the engine's entries; continue from ``seq`` (waiting batches from it on stay)."""
+        self._clear(engine_id, entry)
+        entry.pending = {s: b for s, b in entry.pending.items() if s >= seq}
+        entry.next_seq = seq
+        entry.gap_since = None
+
+    def _drain(self, engine_id: str, entry: EngineEntry) -> None:
+        while entry.next_seq in entry.pending:
+            seq = entry.next_seq
+            self._apply(engine_id, entry, seq, entry.pending.pop(seq))
+        entry.gap_since = None if not entry.pending else entry.gap_since
+
+    def _apply(
+        self, engine_id: str, entry: EngineEntry, seq: int, events: tuple[KVEvent, ...]
+    ) -> None:
+        entry.started = True
         entry.next_seq = seq + 1
         entry.batches += 1
         for event in events:
@@ -93,7 +191,6 @@ class KVIndex:
                     self._remove(engine_id, entry, h)
             elif isinstance(event, AllBlocksCleared):
                 self._clear(engine_id, entry)
-        return True
 
     def drop_engine(self, engine_id: str) -> None:
         """Forget an engine (it left, or its state can no longer be trusted)."""
@@ -121,9 +218,17 @@ class KVIndex:
                 continue
             if old is not None:
                 self._release(engine_id, entry, old)
+            if entry.refs[parent] == 0 and self.entries >= self.max_entries:
+                self.stats["capped"] += 1
+                # Not indexed: its children would chain off a block the index lacks.
+                entry.refs.pop(parent, None)
+                return
             entry.blocks[engine_hash] = parent
             entry.refs[parent] += 1
-            self._holders.setdefault(parent, set()).add(engine_id)
+            holders = self._holders.setdefault(parent, set())
+            if engine_id not in holders:
+                holders.add(engine_id)
+                self.entries += 1
 
     def _remove(self, engine_id: str, entry: EngineEntry, engine_hash: BlockHash) -> None:
         key = entry.blocks.pop(engine_hash, None)
@@ -138,8 +243,9 @@ class KVIndex:
 
     def _unhold(self, engine_id: str, key: int) -> None:
         holders = self._holders.get(key)
-        if holders is not None:
+        if holders is not None and engine_id in holders:
             holders.discard(engine_id)
+            self.entries -= 1
             if not holders:
                 del self._holders[key]
 
@@ -159,19 +265,38 @@ class KVIndex:
         return set(entry.blocks.values()) if entry else set()
 
     def match(self, keys: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
-        """Return, per candidate engine, how many leading blocks of ``keys`` it holds."""
-        out = {}
-        for engine_id in candidates:
-            n = 0
-            for key in keys:
-                if engine_id not in self._holders.get(key, ()):
-                    break
-                n += 1
-            out[engine_id] = n
+        """Return, per candidate engine, how many leading blocks of ``keys`` it holds.
+
+        One walk along ``keys``, narrowing the set of engines still matching: the cost is the
+        longest match's length plus the number of candidates, not their product.
+        """
+        out = dict.fromkeys(candidates, 0)
+        alive = set(out)
+        holders_of = self._holders
+        for depth, key in enumerate(keys):
+            holders = holders_of.get(key)
+            if holders is None:
+                break
+            if not alive <= holders:
+                for engine_id in alive - holders:
+                    out[engine_id] = depth
+                alive &= holders
+                if not alive:
+                    return out
+        else:
+            depth = len(keys)
+            for engine_id in alive:
+                out[engine_id] = depth
+            return out
+        for engine_id in alive:
+            out[engine_id] = depth
         return out
 
     def block_count(self) -> int:
         return len(self._holders)
+
+    def engine_count(self) -> int:
+        return len(self._engines)
 
     def engine_ids(self) -> list[str]:
         return sorted(self._engines)

@@ -176,7 +176,9 @@ class AgentLink:
                 self._reject("unknown_engine", f"KV batch for unknown engine {msg.engine_id!r}")
                 return
             model = view.model
-        self.kvindex.apply(msg.engine_id, model, msg.seq, msg.events)
+        self.kvindex.apply(
+            msg.engine_id, model, msg.seq, msg.events, resync=msg.resync, now=trio.current_time()
+        )
         self.metrics.kv_batches.labels(engine=msg.engine_id).inc()
         self.metrics.kv_events.labels(engine=msg.engine_id).inc(len(msg.events))
         stored = removed = cleared = 0

@@ -54,6 +54,17 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.kv_blocks = Gauge("fleet_kv_index_blocks", "Distinct blocks indexed.", registry=r)
+        self.kv_entries = Gauge(
+            "fleet_kv_index_entries", "Indexed (block, engine) entries.", registry=r
+        )
+        self.kv_engines = Gauge("fleet_kv_index_engines", "Engines in the KV index.", registry=r)
+        self.kv_index_outcomes = Counter(
+            "fleet_kv_index_outcomes_total",
+            "KV index bookkeeping: events applied, gaps, duplicates, restarts, resyncs, capped "
+            "(not indexed: memory cap), orphans (parent unknown), malformed.",
+            ["outcome"],
+            registry=r,
+        )
         self.link_messages = Counter(
             "fleet_link_messages_total", "Agent messages received, by type.", ["type"], registry=r
         )

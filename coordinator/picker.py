@@ -1,15 +1,9 @@
-"""The first endpoint picker: least in-flight requests, ties broken at random.
+"""The coordinator's own count of in-flight requests per engine (``active-request-scorer``).
 
-Sans-I/O. The coordinator counts its own in-flight requests per engine (:class:`InflightCounter`);
-the KV-cache-aware pipeline of filters, scorers and pickers replaces :func:`pick_least_loaded`.
+Sans-I/O.
 """
 
 from __future__ import annotations
-
-import random
-from collections.abc import Sequence
-
-from .registry import EngineView
 
 
 class InflightCounter:
@@ -32,14 +26,4 @@ class InflightCounter:
             self._counts.pop(engine_id, None)
 
 
-def pick_least_loaded(
-    candidates: Sequence[EngineView], inflight: InflightCounter, rng: random.Random
-) -> EngineView | None:
-    """Return the candidate with the fewest in-flight requests (random among equals)."""
-    if not candidates:
-        return None
-    least = min(inflight.get(e.id) for e in candidates)
-    return rng.choice([e for e in candidates if inflight.get(e.id) == least])
-
-
-__all__ = ["InflightCounter", "pick_least_loaded"]
+__all__ = ["InflightCounter"]

@@ -1,8 +1,13 @@
 """Forward a validated request to an engine and pass its answer back, streaming unbuffered.
 
-The client's body bytes go to the engine unchanged. Engine failures before a response are
-translated to :class:`UpstreamError` (``from`` the httpx error) and the next candidate engine is
-tried; once a response has started, its bytes go to the client as they arrive.
+The engine is chosen by the scheduling pipeline (:mod:`.router`): the prompt is tokenized the
+way the engine will see it (only when the profile has a prefix scorer), then filtered, scored and
+picked. The client's body bytes go to the engine unchanged. Engine failures before a response are
+translated to :class:`UpstreamError` (``from`` the httpx error) and the pipeline picks again
+among the engines not yet tried; once a response has started, its bytes go to the client as they
+arrive. Every routed response carries ``x-request-id``, ``x-selected-pod`` (the engine id),
+``x-cache-prefix-length`` (prompt tokens the engine holds in its prefix cache, per the KV index)
+and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
+import trio
 
 from .errors import ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
-from .picker import InflightCounter, pick_least_loaded
+from .picker import InflightCounter
 from .pools import EnginePools
 from .registry import EngineView, FleetRegistry
+from .router.prompt import PromptTokenizer, RoutingRequest
+from .router.scheduler import Decision, Scheduler
 from .validation import ParsedRequest
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,8 @@ class Gateway:
         pools: one httpx client per engine (owned by the coordinator service).
         registry: where routable engines come from.
         metrics: where counts go.
+        scheduler: the scheduling pipeline.
+        tokenizer: tokenizes prompts for prefix matching.
         max_attempts: engines tried for one request when connecting fails.
     """
 
@@ -71,6 +81,8 @@ class Gateway:
         registry: FleetRegistry,
         metrics: CoordinatorMetrics,
         *,
+        scheduler: Scheduler,
+        tokenizer: PromptTokenizer,
         max_attempts: int = 2,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -78,6 +90,8 @@ class Gateway:
         self.pools = pools
         self.registry = registry
         self.metrics = metrics
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
         self.inflight = InflightCounter()
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
@@ -105,25 +119,54 @@ class Gateway:
         upstream_headers = {k: v for k, v in headers.items() if k in FORWARD_HEADERS}
         upstream_headers["x-request-id"] = request_id
         upstream_headers.setdefault("content-type", "application/json")
+        routing = await self.routing_request(request, headers)
         tried: list[str] = []
         last_error: UpstreamError | None = None
         for _ in range(self.max_attempts):
-            engine = pick_least_loaded(
-                [c for c in candidates if c.id not in tried], self.inflight, self.rng
+            left = [c for c in candidates if c.id not in tried]
+            if not left:
+                break
+            decision = self.scheduler.schedule(
+                routing, left, self.inflight.get, trio.current_time()
             )
+            engine = decision.engine
             if engine is None:
+                if not tried:
+                    raise NoCapacity(
+                        f"No engine for `{request.model}` passes the scheduling filters.",
+                        retry_after_s=5,
+                    )
                 break
             tried.append(engine.id)
             try:
-                return await self._open(engine, path, raw, upstream_headers, request, request_id)
+                forwarded = await self._open(
+                    engine, path, raw, upstream_headers, request, request_id
+                )
             except UpstreamError as exc:
                 last_error = exc
                 self.metrics.upstream_errors.labels(engine=engine.id).inc()
                 log.warning("%s", exc)
+                continue
+            self.scheduler.served(routing, engine.id, trio.current_time())
+            _decision_headers(forwarded.headers, decision)
+            return forwarded
         raise NoCapacity(
             f"No engine for `{request.model}` answered ({last_error}); retry shortly.",
             retry_after_s=1,
         )
+
+    async def routing_request(
+        self, request: ParsedRequest, headers: dict[str, str]
+    ) -> RoutingRequest:
+        """What the pipeline needs of a request: its prompt's tokens when a scorer uses them."""
+        routing = RoutingRequest(request.model, headers=headers)
+        if self.scheduler.profile.needs_tokens:
+            started = self.clock()
+            routing.token_ids = await self.tokenizer.tokens(
+                request.model, request.kind, request.body
+            )
+            routing.tokenize_ms = (self.clock() - started) * 1000
+        return routing
 
     async def _open(
         self,
@@ -174,6 +217,11 @@ class Gateway:
                 await response.aclose()
 
         return Forwarded(response.status_code, out_headers, body(), engine)
+
+
+def _decision_headers(headers: dict[str, str], decision: Decision) -> None:
+    headers["x-cache-prefix-length"] = str(decision.prefix_tokens)
+    headers["x-scheduling-time-ms"] = f"{decision.scheduling_ms:.3f}"
 
 
 __all__ = ["FORWARD_HEADERS", "Forwarded", "Gateway"]

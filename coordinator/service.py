@@ -30,6 +30,9 @@ from .placement import Deployment, Placer
 from .pools import EnginePools
 from .proxy import Gateway
 from .registry import FleetRegistry
+from .router.config import DEFAULT_CONFIG, load_config
+from .router.prompt import PromptTokenizer
+from .router.scheduler import Profile, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class CoordinatorConfig:
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     grace_s: float = 5.0
+    # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
+    scheduling: Profile | None = None
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
 
     def __post_init__(self) -> None:
@@ -96,6 +101,10 @@ class Coordinator:
         self.registry = FleetRegistry(lost_after_s=cfg.heartbeat_interval_s * cfg.lost_after_missed)
         self.placer = Placer(cfg.deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.kvindex = KVIndex()
+        profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
+        self.scheduler = Scheduler(profile, self.kvindex)
+        self.prompt_tokenizer = PromptTokenizer({d.model: d.model_path for d in cfg.deployments})
+        self._index_stats_seen: dict[str, int] = {}
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
             coordinator_id=cfg.coordinator_id,
@@ -135,11 +144,24 @@ class Coordinator:
             pool=self.cfg.upstream_connect_timeout_s,
         )
         self._pools = EnginePools(timeout=timeout, max_connections=1024, max_keepalive=128)
-        self._gateway = Gateway(self._pools, self.registry, self.metrics)
+        self._gateway = Gateway(
+            self._pools,
+            self.registry,
+            self.metrics,
+            scheduler=self.scheduler,
+            tokenizer=self.prompt_tokenizer,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 endpoint = await nursery.start(self.link.run)
                 nursery.start_soon(self._upkeep)
+                if self.scheduler.profile.uses_metrics:
+                    pools = self._pools
+                    nursery.start_soon(
+                        self.scheduler.stats.run,
+                        lambda: [(e.id, e.url) for e in self.registry.routable()],
+                        pools.get,
+                    )
                 binds = await nursery.start(
                     functools.partial(serve, create_app(self), self._hypercorn_config())
                 )
@@ -174,6 +196,10 @@ class Coordinator:
                 for engine_id in engines:
                     self.kvindex.drop_engine(engine_id)
                 self._bump()
+            for engine_id in self.kvindex.expire(trio.current_time()):
+                log.warning(
+                    "KV gap of engine %s not repaired in time: its entries resynced", engine_id
+                )
             self.link.reconcile()
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):
                 await self._pools.prune(e.url for e in self.registry.engines())
@@ -188,6 +214,13 @@ class Coordinator:
         for engine in self.registry.engines():
             self.metrics.engines.labels(state=engine.state).inc()
         self.metrics.kv_blocks.set(self.kvindex.block_count())
+        self.metrics.kv_entries.set(self.kvindex.entries)
+        self.metrics.kv_engines.set(self.kvindex.engine_count())
+        for outcome, total in self.kvindex.stats.items():
+            seen = self._index_stats_seen.get(outcome, 0)
+            if total > seen:
+                self.metrics.kv_index_outcomes.labels(outcome=outcome).inc(total - seen)
+                self._index_stats_seen[outcome] = total
 
 
 __all__ = ["Coordinator", "CoordinatorAddresses", "CoordinatorConfig"]

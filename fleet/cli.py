@@ -154,6 +154,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="largest request body accepted; larger ones get 413 (default %(default)s)",
     )
     p.add_argument(
+        "--scheduler-config",
+        default=None,
+        metavar="FILE",
+        help="an llm-d EndpointPickerConfig YAML file (default: Fleet's own, see docs/ROUTING.md)",
+    )
+    p.add_argument(
         "--engine-arg",
         action="append",
         default=[],
@@ -183,6 +189,19 @@ def _setup_logging(log_dir: Path | None, *, verbose_stderr: bool) -> None:
         root.addHandler(handler)
     for noisy in ("httpx", "httpcore", "hypercorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def scheduling(args: argparse.Namespace) -> Any:
+    """The scheduling profile ``--scheduler-config`` names, loaded (None: the default).
+
+    Raises:
+        ConfigError: the file is unreadable or invalid (the message names plugin and profile).
+    """
+    if not args.scheduler_config:
+        return None
+    from fleet.coordinator.router.config import load_config_file
+
+    return load_config_file(args.scheduler_config)
 
 
 def _deployment(args: argparse.Namespace) -> Any:
@@ -222,7 +241,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
         print(f"• building the demo model at {model} (offline, about 10 s)", flush=True)
         build_demo_model(model)
-    return trio.run(run_up, args, _deployment(args))
+    return trio.run(run_up, args, _deployment(args), scheduling(args))
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
@@ -237,6 +256,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         agent_endpoint=args.agent_endpoint,
         deployments=(_deployment(args),),
         max_body_bytes=args.max_body_bytes,
+        scheduling=scheduling(args),
     )
     return trio.run(_serve_until_signal, Coordinator(cfg).run)
 

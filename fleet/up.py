@@ -18,6 +18,7 @@ import trio
 from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.coordinator.placement import Deployment
+from fleet.coordinator.router.scheduler import Profile
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 
 STATUS_EVERY_S = 5.0
@@ -27,7 +28,9 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_up(args: argparse.Namespace, deployment: Deployment) -> int:
+async def run_up(
+    args: argparse.Namespace, deployment: Deployment, scheduling: Profile | None = None
+) -> int:
     """Run coordinator + agent until SIGINT/SIGTERM; return the exit code."""
     coord = Coordinator(
         CoordinatorConfig(
@@ -36,6 +39,7 @@ async def run_up(args: argparse.Namespace, deployment: Deployment) -> int:
             agent_endpoint="tcp://127.0.0.1:*",
             deployments=(deployment,),
             max_body_bytes=args.max_body_bytes,
+            scheduling=scheduling,
         )
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -149,6 +149,9 @@ class KVEventBatch:
     dp_rank: int = 0
     model: str = ""  # the engine's served model, so the receiver can key blocks before it
     # has seen a heartbeat naming the engine
+    # True when the sender lost events it could not recover (a gap older than the engine's
+    # replay buffer): the receiver drops what it knows of the engine, then applies this batch.
+    resync: bool = False
 
 
 @dataclass(frozen=True)

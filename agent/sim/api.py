@@ -37,6 +37,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from fleet.protocol.errors import ConfigError
+from fleet.protocol.vllm_tokenizer import VllmTokenizer
 
 from .config import VLLM_VERSION, SimConfig
 from .engine import RequestStream, SimEngine
@@ -57,7 +58,6 @@ from .responses import (
     sse,
     usage_chunk,
 )
-from .tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ApiDeps:
     cfg: SimConfig
     engine: SimEngine
     parser: RequestParser
-    tokenizer: SimTokenizer
+    tokenizer: VllmTokenizer
     metrics: SimMetrics
     fingerprint: str
     kv_sources: Callable[[], dict[str, Any]]

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fleet.protocol.vllm_tokenizer import ChatTemplateError, VllmTokenizer
+
 from .errors import bad_request, describe_input, not_found
 from .schema import Schema, check_messages, check_prompt, decode_body
-from .tokenizer import ChatTemplateError, SimTokenizer
 
 RequestKind = Literal["completion", "chat"]
 
@@ -75,7 +76,7 @@ class RequestParser:
     """
 
     def __init__(
-        self, tokenizer: SimTokenizer, served_model_names: Sequence[str], max_model_len: int
+        self, tokenizer: VllmTokenizer, served_model_names: Sequence[str], max_model_len: int
     ) -> None:
         self.tokenizer = tokenizer
         self.served = tuple(served_model_names)

@@ -26,6 +26,8 @@ import zmq
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from fleet.protocol.vllm_tokenizer import VllmTokenizer
+
 from .api import ApiDeps, create_app
 from .cache import PrefixCache
 from .config import VLLM_VERSION, SimConfig
@@ -34,7 +36,6 @@ from .metrics import SimMetrics
 from .publisher import KVEventPublisher
 from .requests import RequestParser
 from .scheduler import Scheduler
-from .tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,11 @@ class SimServer:
     """
 
     def __init__(
-        self, cfg: SimConfig, *, grace_s: float = 2.0, tokenizer: SimTokenizer | None = None
+        self, cfg: SimConfig, *, grace_s: float = 2.0, tokenizer: VllmTokenizer | None = None
     ) -> None:
         self.cfg = cfg
         self.grace_s = grace_s
-        self.tokenizer = tokenizer or SimTokenizer(cfg.model_path)
+        self.tokenizer = tokenizer or VllmTokenizer(cfg.model_path)
         cache = PrefixCache(
             block_size=cfg.block_size,
             num_blocks=cfg.num_blocks,

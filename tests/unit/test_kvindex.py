@@ -283,9 +283,9 @@ def test_duplicate_or_older_batch_is_skipped() -> None:
     for seq in range(3):
         parent = hashes[seq - 1] if seq else None
         event = stored(toks[seq * BS : (seq + 1) * BS], hashes[seq : seq + 1], parent)
-        assert index.apply("e1", "m", seq, [event])
-    assert index.apply("e1", "m", 2, [AllBlocksCleared()]) is False  # duplicate
-    assert index.apply("e1", "m", 1, [AllBlocksCleared()]) is False  # older
+        assert index.apply("e1", "m", seq, [event]) == "applied"
+    assert index.apply("e1", "m", 2, [AllBlocksCleared()]) == "duplicate"
+    assert index.apply("e1", "m", 1, [AllBlocksCleared()]) == "duplicate"
     assert index.stats["duplicates"] == 2
     assert index.stats["restarts"] == 0
     assert index.engine_keys("e1") == set(block_keys("m", toks, BS))
@@ -298,30 +298,100 @@ def test_seq_zero_after_others_is_a_restart_that_clears_the_engine() -> None:
     index = KVIndex()
     index.apply("e1", "m", 0, [stored(old, engine_hashes(old))])
     index.apply("e1", "m", 1, [])
-    assert index.apply("e1", "m", 0, [stored(new, engine_hashes(new))]) is True
+    assert index.apply("e1", "m", 0, [stored(new, engine_hashes(new))]) == "restart"
     assert index.stats["restarts"] == 1
     assert index.engine_keys("e1") == set(block_keys("m", new, BS))
     assert index.block_count() == 2
     assert entry(index, "e1").next_seq == 1
 
 
-def test_gaps_are_counted_and_the_batch_still_applies() -> None:
-    toks = tokens(BS)
+def _chain(n: int) -> tuple[list[int], list[BlockStored]]:
+    """n one-block BlockStored events of one sequence, chained."""
+    toks = tokens(n * BS)
+    hashes = engine_hashes(toks)
+    events = [
+        stored(toks[i * BS : (i + 1) * BS], hashes[i : i + 1], hashes[i - 1] if i else None)
+        for i in range(n)
+    ]
+    return toks, events
+
+
+def test_batches_behind_a_gap_wait_then_apply_once_in_order() -> None:
+    toks, events = _chain(4)
     index = KVIndex()
-    index.apply("e1", "m", 0, [])
-    assert index.apply("e1", "m", 5, [stored(toks, [1])])
-    assert index.stats["gaps"] == 1
-    assert index.engine_keys("e1") == set(block_keys("m", toks, BS))
-    assert index.apply("e1", "m", 6, [])
-    assert index.stats["gaps"] == 1
-    assert index.apply("e1", "m", 4, []) is False
+    assert index.apply("e1", "m", 0, [events[0]]) == "applied"
+    # 2 and 3 arrive before 1 (a replayed batch comes late); 3 arrives twice.
+    assert index.apply("e1", "m", 2, [events[2]], now=10.0) == "waiting"
+    assert index.apply("e1", "m", 3, [events[3]], now=10.1) == "waiting"
+    assert index.apply("e1", "m", 3, [events[3]], now=10.2) == "duplicate"
+    assert index.engine_keys("e1") == set(block_keys("m", toks[:BS], BS))  # nothing past the gap
+    assert index.apply("e1", "m", 1, [events[1]], now=10.3) == "applied"
+    assert index.engine_keys("e1") == set(block_keys("m", toks, BS))  # chained, all four
+    assert index.stats["gaps"] == 1 and index.stats["orphans"] == 0
+    assert entry(index, "e1").next_seq == 4 and entry(index, "e1").batches == 4
+    assert index.expire(now=100.0) == []  # no gap left open
+
+
+def test_a_gap_that_stays_open_resyncs_the_engine() -> None:
+    old, old_events = _chain(2)
+    index = KVIndex(gap_timeout_s=2.0)
+    index.apply("e1", "m", 0, old_events[:1])
+    index.apply("e1", "m", 1, old_events[1:])
+    new = tokens(BS, seed=9)
+    index.apply("e1", "m", 5, [stored(new, [77])], now=50.0)  # 2..4 lost for good
+    assert index.expire(now=51.9) == []
+    assert index.engine_keys("e1") == set(block_keys("m", old, BS))
+    assert index.expire(now=52.0) == ["e1"]
+    # What the engine held before the gap may have been evicted since: it is gone; the waiting
+    # batch is applied, and the sequence goes on from it.
+    assert index.engine_keys("e1") == set(block_keys("m", new, BS))
+    assert index.stats["resyncs"] == 1
+    assert index.apply("e1", "m", 6, []) == "applied"
+
+
+def test_too_many_waiting_batches_resync_at_once() -> None:
+    index = KVIndex(reorder_window=3)
+    index.apply("e1", "m", 0, [stored(tokens(BS), [1])])
+    for seq in (2, 3, 4):
+        assert index.apply("e1", "m", seq, []) == "waiting"
+    index.apply("e1", "m", 5, [])
+    assert index.stats["resyncs"] == 1
+    assert index.engine_keys("e1") == set()
+    assert entry(index, "e1").next_seq == 6 and not entry(index, "e1").pending
+
+
+def test_a_batch_flagged_resync_drops_the_engine_first() -> None:
+    old, new = tokens(BS, seed=1), tokens(BS, seed=2)
+    index = KVIndex()
+    index.apply("e1", "m", 0, [stored(old, [1])])
+    assert index.apply("e1", "m", 40, [stored(new, [2])], resync=True) == "resync"
+    assert index.engine_keys("e1") == set(block_keys("m", new, BS))
+    assert index.stats["resyncs"] == 1 and index.stats["gaps"] == 0
+    assert index.apply("e1", "m", 41, []) == "applied"
+
+
+def test_the_first_batch_seen_sets_the_sequence() -> None:
+    index = KVIndex()
+    assert index.apply("e1", "m", 17, [stored(tokens(BS), [1])]) == "applied"
+    assert index.stats["gaps"] == 0 and index.engine_keys("e1")
+
+
+def test_entries_are_capped_and_counted() -> None:
+    index = KVIndex(max_entries=3)
+    toks, events = _chain(5)
+    for seq, event in enumerate(events):
+        index.apply("e1", "m", seq, [event])
+    assert index.entries == 3 and len(index.engine_keys("e1")) == 3
+    assert index.stats["capped"] == 1  # the 4th; the 5th is an orphan of it
+    index.drop_engine("e1")
+    assert index.entries == 0 and index.block_count() == 0
 
 
 def test_sequences_are_per_engine() -> None:
     index = KVIndex()
-    assert index.apply("e1", "m", 0, [])
-    assert index.apply("e1", "m", 1, [])
-    assert index.apply("e2", "m", 0, [])
+    assert index.apply("e1", "m", 0, []) == "applied"
+    assert index.apply("e1", "m", 1, []) == "applied"
+    assert index.apply("e2", "m", 0, []) == "applied"
     assert index.stats["restarts"] == index.stats["duplicates"] == 0
 
 
@@ -408,3 +478,29 @@ def test_random_event_streams_keep_the_index_consistent(seed: int) -> None:
     for e in seqs:
         index.drop_engine(e)
     assert index.block_count() == 0
+
+
+def test_match_agrees_with_a_block_by_block_walk() -> None:
+    rng = random.Random(3)
+    index = KVIndex()
+    prompt = tokens(12 * BS, seed=5)
+    keys = block_keys("m", prompt, BS)
+    engines = [f"e{i}" for i in range(6)]
+    for i, engine_id in enumerate(engines):
+        n = rng.randrange(len(keys) + 1) if i else len(keys)
+        if n:
+            index.apply(
+                engine_id, "m", 0, [stored(prompt[: n * BS], engine_hashes(prompt[: n * BS]))]
+            )
+
+    def naive(engine_id: str) -> int:
+        held = index.engine_keys(engine_id)
+        depth = 0
+        while depth < len(keys) and keys[depth] in held:
+            depth += 1
+        return depth
+
+    got = index.match(keys, [*engines, "absent"])
+    assert got == {e: naive(e) for e in [*engines, "absent"]}
+    assert got["e0"] == len(keys) and got["absent"] == 0
+    assert index.match([], engines) == dict.fromkeys(engines, 0)

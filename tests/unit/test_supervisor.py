@@ -72,6 +72,7 @@ async def _wait_state(sup: EngineSupervisor, state: str, *, restarts: int = 0) -
 async def test_ready_then_cancel_kills_the_whole_group(tmp_path: Path) -> None:
     async with httpx.AsyncClient() as client:
         sup = _supervisor(client, "ok", tmp_path)
+        assert sup.replay_endpoint.startswith("tcp://127.0.0.1:")
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
             await _wait_state(sup, "ready")
@@ -89,8 +90,10 @@ async def test_exit_with_status_zero_counts_as_a_crash(tmp_path: Path) -> None:
         sup = _supervisor(client, "exit0", tmp_path)
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
+            replay_endpoint = sup.replay_endpoint
             await _wait_state(sup, "ready", restarts=1)
             assert "exited with status 0" in sup.last_error
+            assert sup.replay_endpoint == replay_endpoint  # the relay's stays valid
             nursery.cancel_scope.cancel()
         assert not any(_alive(c) for c in _children(tmp_path))
 
@@ -179,3 +182,16 @@ def test_vllm_command_line() -> None:
         kv_endpoint="tcp://h:1",
     )
     assert "--tensor-parallel-size" in gpu and "--dtype" not in gpu
+
+
+def test_engine_command_names_the_replay_endpoint() -> None:
+    spec = EngineSpec(engine_id="e", model="demo", model_path="/m")
+    plain = " ".join(
+        engine_command(spec, LaunchConfig(python="py"), port=9, kv_endpoint="tcp://h:1")
+    )
+    assert "replay_endpoint" not in plain
+    argv = engine_command(
+        spec, LaunchConfig(python="py"), port=9, kv_endpoint="tcp://h:1",
+        replay_endpoint="tcp://127.0.0.1:7",
+    )  # fmt: skip
+    assert '"replay_endpoint": "tcp://127.0.0.1:7"' in " ".join(argv)

@@ -47,7 +47,7 @@ class ChatTemplateError(ValueError):
     """Raised when a conversation cannot be rendered (no template, empty, template error)."""
 
 
-class SimTokenizer:
+class VllmTokenizer:
     """A model folder's tokenizer and chat template.
 
     Args:
@@ -216,4 +216,4 @@ def _find_chat_template(model_path: Path, config: Mapping[str, Any]) -> str | No
     return chat_json if isinstance(chat_json, str) else None
 
 
-__all__ = ["ChatTemplateError", "SimTokenizer"]
+__all__ = ["ChatTemplateError", "VllmTokenizer"]

@@ -1,0 +1,138 @@
+"""A request's prompt as the engine will tokenize it, cut into Fleet's block keys.
+
+Chat requests go through the model's chat template exactly as vLLM renders them
+(:class:`fleet.protocol.vllm_tokenizer.VllmTokenizer`); completions are tokenized with special
+tokens unless ``add_special_tokens`` is false; token-id prompts are taken as they are. A prompt
+that cannot be tokenized here (no tokenizer for the model, a template error, several prompts) is
+routed without prefix information: the engine still answers it with its own error if it is bad.
+
+Tokenizers are loaded once per model, in a worker thread, and cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.vllm_tokenizer import ChatTemplateError, VllmTokenizer
+
+from ..kvindex import block_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoutingRequest:
+    """What the pipeline knows of one request.
+
+    Attributes:
+        model: the model asked for.
+        token_ids: the prompt's token ids, or None when they could not be computed.
+        headers: the request's headers, lower-cased names.
+        tokenize_ms: time spent tokenizing (reported apart from scheduling).
+    """
+
+    model: str
+    token_ids: tuple[int, ...] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    tokenize_ms: float = 0.0
+    _keys: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def keys(self, block_size: int) -> list[int]:
+        """Fleet's keys of the prompt's full blocks of ``block_size`` tokens (cached)."""
+        if self.token_ids is None:
+            return []
+        keys = self._keys.get(block_size)
+        if keys is None:
+            keys = self._keys[block_size] = block_keys(self.model, self.token_ids, block_size)
+        return keys
+
+    @property
+    def session_id(self) -> str | None:
+        return self.headers.get("x-session-id") or self.headers.get("x-session-token") or None
+
+
+class PromptTokenizer:
+    """Tokenizes requests per model; tokenizers load lazily from the model folders.
+
+    Args:
+        model_paths: model name → model folder (``tokenizer.json``, chat template).
+    """
+
+    def __init__(self, model_paths: Mapping[str, str]) -> None:
+        self.model_paths = dict(model_paths)
+        self._loaded: dict[str, VllmTokenizer | None] = {}
+        self._loading: dict[str, trio.Event] = {}
+
+    async def tokenizer(self, model: str) -> VllmTokenizer | None:
+        """The model's tokenizer, loading it on first use; None if it cannot be loaded."""
+        if model in self._loaded:
+            return self._loaded[model]
+        pending = self._loading.get(model)
+        if pending is not None:
+            await pending.wait()
+            return self._loaded.get(model)
+        done = self._loading[model] = trio.Event()
+        try:
+            self._loaded[model] = await trio.to_thread.run_sync(self._load, model)
+        finally:
+            done.set()
+            del self._loading[model]
+        return self._loaded[model]
+
+    def _load(self, model: str) -> VllmTokenizer | None:
+        path = self.model_paths.get(model)
+        if path is None:
+            log.warning("no model folder known for %r: routing it without prefix matching", model)
+            return None
+        try:
+            return VllmTokenizer(Path(path))
+        except (ConfigError, OSError, ValueError) as exc:
+            log.warning("cannot load the tokenizer of %r (%s): no prefix matching", model, exc)
+            return None
+
+    async def tokens(
+        self, model: str, kind: str, body: Mapping[str, Any]
+    ) -> tuple[int, ...] | None:
+        """The prompt's token ids as the engine will see them, or None."""
+        tokenizer = await self.tokenizer(model)
+        if tokenizer is None:
+            return None
+        return prompt_tokens(tokenizer, kind, body)
+
+
+def prompt_tokens(
+    tokenizer: VllmTokenizer, kind: str, body: Mapping[str, Any]
+) -> tuple[int, ...] | None:
+    """Tokenize a completion or chat body like vLLM 0.32; None when it cannot be done here."""
+    try:
+        if kind == "chat":
+            text = tokenizer.render_chat(
+                body.get("messages") or [],
+                add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                continue_final_message=bool(body.get("continue_final_message", False)),
+                tools=body.get("tools"),
+                template_kwargs=body.get("chat_template_kwargs"),
+            )
+            add_special = bool(body.get("add_special_tokens", False))
+            return tuple(tokenizer.encode(text, add_special_tokens=add_special))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            add_special = bool(body.get("add_special_tokens", True))
+            return tuple(tokenizer.encode(prompt, add_special_tokens=add_special))
+        if isinstance(prompt, Sequence) and all(type(t) is int for t in prompt):
+            return tuple(prompt)
+    except (ChatTemplateError, TypeError, ValueError) as exc:
+        log.debug("prompt not tokenized for routing: %s", exc)
+    return None
+
+
+__all__ = ["PromptTokenizer", "RoutingRequest", "prompt_tokens"]
