@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import routeapi
 from .errors import ApiError, PayloadTooLarge, error_body, render
 from .validation import RequestKind, validate
 
@@ -159,7 +160,27 @@ def create_app(coord: Coordinator) -> QuartTrio:
                     "batches": entry.batches,
                 }
             )
-        return _json({"blocks": index.block_count(), "engines": pods, "stats": dict(index.stats)})
+        return _json(
+            {
+                "blocks": index.block_count(),
+                "entries": index.entries,
+                "max_entries": index.max_entries,
+                "engines": pods,
+                "stats": dict(index.stats),
+            }
+        )
+
+    @app.post("/api/v1/route/explain")
+    async def route_explain() -> Response:
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        return _json(await routeapi.explain(coord, raw))
+
+    @app.post("/api/v1/score")
+    async def kv_score() -> Response:
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        return _json(await routeapi.score(coord, raw))
 
     @app.get("/api/v1/cache/pod/<engine_id>")
     async def cache_pod(engine_id: str) -> Response:

@@ -118,6 +118,25 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=_cmd_list, what=what)
 
+    route = sub.add_parser("route", help="ask the coordinator's scheduling pipeline")
+    route_sub = route.add_subparsers(dest="route_cmd", required=True, metavar="COMMAND")
+    explain = route_sub.add_parser(
+        "explain", help="each engine's filter results and per-scorer scores for a prompt"
+    )
+    given = explain.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the prompt text (a completion request)")
+    given.add_argument("--chat", metavar="TEXT", help="a user message (a chat request)")
+    explain.add_argument("--system", default=None, help="a system message before --chat")
+    explain.add_argument("--model", default="demo", help="the model name (default %(default)s)")
+    explain.add_argument("--session", default=None, help="an x-session-id to route with")
+    explain.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    explain.add_argument(
+        "--coordinator",
+        default=os.environ.get("FLEET_COORDINATOR", DEFAULT_COORDINATOR),
+        help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
+    )
+    explain.set_defaults(func=_cmd_route_explain)
+
     gpus = sub.add_parser("gpus", help="this machine's GPUs through NVML")
     gpus.add_argument("-o", "--output", choices=("table", "json"), default="table")
     gpus.set_defaults(func=_cmd_gpus)
@@ -318,6 +337,60 @@ def _cmd_list(args: argparse.Namespace) -> int:
     else:
         columns = ["id", "agent_url", "healthy", "lost", "engines"]
     _table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    return 0
+
+
+def _cmd_route_explain(args: argparse.Namespace) -> int:
+    import httpx
+
+    body: dict[str, Any] = {"model": args.model}
+    if args.chat is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        body["messages"] = [*messages, {"role": "user", "content": args.chat}]
+    else:
+        body["prompt"] = args.prompt
+    if args.session:
+        body["headers"] = {"x-session-id": args.session}
+    url = args.coordinator.rstrip("/") + "/api/v1/route/explain"
+    try:
+        response = httpx.post(url, json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        raise FleetError(f"cannot reach the coordinator at {args.coordinator}: {exc}") from exc
+    if response.status_code != 200:
+        raise FleetError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    data = response.json()
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"profile {data['profile']}: {data['prompt_tokens']} prompt tokens "
+        f"(tokenized in {data['tokenize_ms']} ms), scheduled in {data['scheduling_ms']} ms"
+    )
+    scorers = [s["name"] for s in data["scorers"]]
+    columns = ["engine", *data["filters"], "prefix tokens", *scorers, "total", "picked"]
+    rows = []
+    for c in data["candidates"]:
+        filters = ["pass" if c["filters"].get(f) else "—" for f in data["filters"]]
+        scores = [
+            f"{c['scores'][s]['score']:.3f} ×{c['scores'][s]['weight']:g}"
+            if s in c.get("scores", {})
+            else "—"
+            for s in scorers
+        ]
+        prefix = c.get("prefix", {})
+        rows.append(
+            [
+                c["engine"],
+                *filters,
+                f"{prefix.get('tokens', 0)} ({prefix.get('blocks', 0)}/{prefix.get('of', 0)})"
+                if prefix
+                else "—",
+                *scores,
+                _cell(c.get("total", "—")),
+                "◀" if c.get("selected") else "",
+            ]
+        )
+    _table(columns, rows)
     return 0
 
 

@@ -6,6 +6,8 @@ proves it against a real engine), so this is the whole Fleet path at scale on on
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -103,6 +105,58 @@ def test_kv_events_flow_from_many_engines_into_the_index(sim_fleet: FleetProcess
                 del missing[engine_id]
         time.sleep(0.2)
     assert not missing, f"blocks never indexed for {sorted(missing)}"
+
+
+def test_route_explain_and_score_see_the_engine_holding_a_prompt(
+    sim_fleet: FleetProcess, tmp_path: Path
+) -> None:
+    """After a prompt was served, ``/api/v1/score`` and ``fleet route explain`` show its engine
+    holding the prompt's blocks; the next request with that prefix goes there."""
+    prompt = "Explain routing to me, please. " * 12 + str(time.monotonic_ns())
+    first = httpx.post(
+        sim_fleet.url + "/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 1},
+        timeout=60,
+    )
+    holder = first.headers["x-selected-pod"]
+    deadline = time.monotonic() + 20
+    while True:
+        scored = httpx.post(
+            sim_fleet.url + "/api/v1/score", json={"model": MODEL, "prompt": prompt}, timeout=30
+        ).json()
+        best = max(scored["engines"], key=lambda e: e["blocks_present"])
+        if best["blocks_present"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert best["engine_id"] == holder and best["blocks_present"] >= 3
+    assert best["blocks_present"] == best["blocks_total"] and best["score"] == 1.0
+    assert len(scored["engines"]) == REPLICAS
+
+    from fleet.cli import main
+
+    out = tmp_path / "explain.json"
+    with open(out, "w") as f, contextlib.redirect_stdout(f), pytest.raises(SystemExit) as done:
+        main(["route", "explain", "--prompt", prompt, "--coordinator", sim_fleet.url,
+              "-o", "json"])  # fmt: skip
+    assert done.value.code == 0
+    explained = json.loads(out.read_text())
+    assert explained["selected"] == holder and explained["prefix_tokens"] >= 3 * BLOCK
+    by_engine = {c["engine"]: c for c in explained["candidates"]}
+    assert by_engine[holder]["scores"]["precise-prefix-cache-scorer"]["score"] == 1.0
+    assert len(by_engine) == REPLICAS
+    second = httpx.post(
+        sim_fleet.url + "/v1/completions",
+        json={"model": MODEL, "prompt": prompt + " More.", "max_tokens": 1},
+        timeout=60,
+    )
+    assert second.headers["x-selected-pod"] == holder
+    assert int(second.headers["x-cache-prefix-length"]) >= 3 * BLOCK
+    bad = httpx.post(sim_fleet.url + "/api/v1/route/explain", json={"model": MODEL}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    missing = httpx.post(
+        sim_fleet.url + "/api/v1/score", json={"model": "nope", "prompt": "x"}, timeout=30
+    )
+    assert missing.status_code == 404
 
 
 def test_sigterm_stops_all_simulated_engines(sim_fleet: FleetProcess) -> None:
