@@ -209,6 +209,9 @@ class Agent:
 
     def _engine_changed(self, sup: EngineSupervisor) -> None:
         engine = sup.spec.engine_id
+        handle = self.engines.get(engine)
+        if handle is not None:  # a restart may have moved the engine's replay socket
+            handle.relay.replay_endpoint = sup.replay_endpoint
         for state in _GAUGED_STATES:
             self.metrics.engine_state.labels(engine=engine, state=state).set(
                 1 if sup.state == state else 0

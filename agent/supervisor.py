@@ -110,10 +110,11 @@ class EngineSupervisor:
         self.port = free_port(launch.host)
         host = f"[{launch.host}]" if ":" in launch.host else launch.host
         self.url = f"http://{host}:{self.port}"
-        # The engine binds its replay ROUTER here; picked once so that the relay's endpoint
-        # stays valid across restarts of this engine.
-        replay = f"[{replay_host}]" if ":" in replay_host else replay_host
-        self.replay_endpoint = f"tcp://{replay}:{free_port(replay_host)}"
+        # The engine binds its replay ROUTER here. A port picked free may be taken by the time
+        # the engine binds it (64 engines start at once): each restart picks a new one, and the
+        # agent hands the relay the current endpoint on every state change.
+        self._replay_host = replay_host
+        self.replay_endpoint = self._new_replay_endpoint()
         self.state = "starting"
         self.pid = 0
         self.restarts = 0
@@ -176,8 +177,14 @@ class EngineSupervisor:
             self.pid = 0
             self._set("stopped")
 
+    def _new_replay_endpoint(self) -> str:
+        host = self._replay_host
+        return f"tcp://{f'[{host}]' if ':' in host else host}:{free_port(host)}"
+
     async def _run_once(self, task_status: trio.TaskStatus[None] | None) -> str:
         """Run the engine once; return why it crashed (cancellation stops it instead)."""
+        if self.restarts:
+            self.replay_endpoint = self._new_replay_endpoint()
         argv = engine_command(
             self.spec,
             self.launch,
