@@ -11,6 +11,7 @@ BENCHMARKS = {
     "proxy-overhead": "proxy_overhead",
     "kv-ingest": "kv_ingest",
     "routing-quality": "routing_quality",
+    "pick-overhead": "pick_overhead",
 }
 
 

@@ -50,7 +50,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=4.0, help="conversation starts per second")
     p.add_argument("--think-s", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--sim-arg", action="append", default=None, help="simulator flag")
+    p.add_argument(
+        "--engine",
+        choices=["sim", "vllm"],
+        default="sim",
+        help="simulated engines, or real vLLM CPU engines (slow: use --engines 2)",
+    )
+    p.add_argument("--sim-arg", action="append", default=None, help="extra engine flag")
     p.add_argument(
         "--targets",
         default="fleet,round_robin,cache_aware,kv_aware,single",
@@ -99,10 +105,13 @@ def _run_target(
     name: str, args: argparse.Namespace, sim_args: tuple[str, ...], log: Path
 ) -> dict[str, Any]:
     if name == "fleet":
-        with targets.fleet_up(args.engines, log, sim_args) as (url, engine_urls):
+        with targets.fleet_up(args.engines, log, sim_args, kind=args.engine) as (
+            url,
+            engine_urls,
+        ):
             return _drive(url, engine_urls, args)
     n = 1 if name == "single" else args.engines
-    with targets.sims(n, log, sim_args, kv=(name == "kv_aware")) as engines:
+    with targets.sims(n, log, sim_args, kv=(name == "kv_aware"), kind=args.engine) as engines:
         engine_urls = [u for u, _ in engines]
         if name == "single":
             return _drive(engine_urls[0], engine_urls, args)
@@ -309,8 +318,9 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"{r['errors']}/{r['requests']}",
             ]
         )
+    engines = "real vLLM CPU engines" if cfg.get("engine") == "vllm" else "simulated engines"
     md = (
-        f"### Routing quality ({cfg['engines']} simulated engines, {cfg['conversations']} "
+        f"### Routing quality ({cfg['engines']} {engines}, {cfg['conversations']} "
         f"conversations × {cfg['turns']} turns, {cfg['groups']} shared system prompts)\n\n"
     )
     return md + report.table(

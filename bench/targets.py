@@ -100,12 +100,17 @@ def coordinator_argv(
     ]
 
 
-def sim_argv(port: int, kv_endpoint: str | None, sim_args: Sequence[str]) -> list[str]:
-    """The same argv the agent gives an engine, for a simulated one."""
+def sim_argv(
+    port: int, kv_endpoint: str | None, sim_args: Sequence[str], *, kind: str = "sim"
+) -> list[str]:
+    """The same argv the agent gives an engine: a simulated one, or (``kind="vllm"``) a real
+    vLLM CPU engine (``sim_args`` are then extra vLLM flags)."""
+    if kind == "vllm":
+        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    else:
+        head = [sys.executable, "-m", "fleet.agent.sim"]
     argv = [
-        sys.executable,
-        "-m",
-        "fleet.agent.sim",
+        *head,
         "--model",
         str(demo_model()),
         "--served-model-name",
@@ -122,6 +127,8 @@ def sim_argv(port: int, kv_endpoint: str | None, sim_args: Sequence[str]) -> lis
         # the /render routes: vllm-router's cache_aware and kv_aware tokenize through them
         "--enable-scale-out",
     ]
+    if kind == "vllm":
+        argv += ["--dtype", "float32", "--enforce-eager"]
     if kv_endpoint:
         argv += [
             "--kv-events-config",
@@ -131,22 +138,39 @@ def sim_argv(port: int, kv_endpoint: str | None, sim_args: Sequence[str]) -> lis
     return argv + list(sim_args)
 
 
+def engine_env(kind: str) -> dict[str, str]:
+    """Environment for an engine of ``kind`` (a real CPU engine needs vLLM's CPU settings)."""
+    if kind != "vllm":
+        return {}
+    from fleet.agent.launcher import CPU_ENGINE_ENV
+
+    return {**CPU_ENGINE_ENV, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 @contextlib.contextmanager
 def sims(
-    n: int, log_dir: Path, sim_args: Sequence[str] = (), *, kv: bool = False
+    n: int,
+    log_dir: Path,
+    sim_args: Sequence[str] = (),
+    *,
+    kv: bool = False,
+    kind: str = "sim",
 ) -> Iterator[list[tuple[str, str]]]:
-    """``n`` simulated engines started directly; yields (url, kv endpoint) pairs."""
+    """``n`` engines (simulated, or real vLLM with ``kind="vllm"``) started directly; yields
+    (url, kv endpoint) pairs."""
     procs: list[Proc] = []
     out: list[tuple[str, str]] = []
     try:
         for i in range(n):
             port = free_port()
             kv_endpoint = f"tcp://127.0.0.1:{free_port()}" if kv else ""
-            argv = sim_argv(port, kv_endpoint.replace("127.0.0.1", "*") if kv else None, sim_args)
-            procs.append(start(f"sim-{i}", argv, log_dir))
+            argv = sim_argv(
+                port, kv_endpoint.replace("127.0.0.1", "*") if kv else None, sim_args, kind=kind
+            )
+            procs.append(start(f"{kind}-{i}", argv, log_dir, env=engine_env(kind)))
             out.append((f"http://127.0.0.1:{port}", kv_endpoint))
         for proc, (url, _) in zip(procs, out, strict=True):
-            wait_http(url, proc)
+            wait_http(url, proc, timeout_s=600 if kind == "vllm" else 120)
         yield out
     finally:
         for proc in procs:
@@ -155,9 +179,14 @@ def sims(
 
 @contextlib.contextmanager
 def fleet_up(
-    replicas: int, log_dir: Path, sim_args: Sequence[str] = (), extra: Sequence[str] = ()
+    replicas: int,
+    log_dir: Path,
+    sim_args: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    *,
+    kind: str = "sim",
 ) -> Iterator[tuple[str, list[str]]]:
-    """``fleet up --engine sim``; yields the coordinator URL and the engines' own URLs."""
+    """``fleet up --engine KIND``; yields the coordinator URL and the engines' own URLs."""
     port = free_port()
     argv = [
         sys.executable,
@@ -165,7 +194,7 @@ def fleet_up(
         "fleet",
         "up",
         "--engine",
-        "sim",
+        kind,
         "--replicas",
         str(replicas),
         "--port",
@@ -182,8 +211,8 @@ def fleet_up(
     proc = start("fleet-up", [*argv, *extra], log_dir)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(url, proc, timeout_s=300, path="/readyz")
-        deadline = time.monotonic() + 300
+        wait_http(url, proc, timeout_s=600, path="/readyz")
+        deadline = time.monotonic() + 600
         while True:
             engines = httpx.get(url + "/api/v1/engines").json()["engines"]
             ready = [e["url"] for e in engines if e["state"] == "ready"]

@@ -63,17 +63,17 @@ ROLE_LABEL = "llm-d.ai/role"
 NEUTRAL = 0.5
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     """An engine the pipeline considers, with the signals scorers read."""
 
     engine: EngineView
     inflight: int = 0
     stats: EngineStats | None = None  # None: never scraped, or stale
+    id: str = field(init=False)
 
-    @property
-    def id(self) -> str:
-        return self.engine.id
+    def __post_init__(self) -> None:
+        self.id = self.engine.id
 
     @property
     def labels(self) -> dict[str, str]:
@@ -328,22 +328,22 @@ class LoadImbalanceFilter(Filter):
         self.counts = DecayingCounts(params.number("halfLifeSeconds", 60, low=0.001))
         self.max_over_mean = params.number("maxOverMean", 1.15, low=1)
         self.slack = params.number("slack", 4, low=0)
-        self._limit: tuple[int, float] | None = None  # (context id, limit) of the last call
+        # (context, limit, loads) of the request being filtered
+        self._seen: tuple[SchedulingContext, float, dict[str, float]] | None = None
 
     def served(self, engine_id: str, now: float) -> None:
         self.counts.add(engine_id, now)
 
     def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
-        return self.counts.get(c.id, ctx.now) <= self.limit(ctx)
-
-    def limit(self, ctx: SchedulingContext) -> float:
-        if self._limit is None or self._limit[0] != id(ctx):
-            loads = [self.counts.get(c.id, ctx.now) for c in ctx.candidates]
-            mean = sum(loads) / len(loads) if loads else 0.0
+        seen = self._seen
+        if seen is None or seen[0] is not ctx:
+            loads = {x.id: self.counts.get(x.id, ctx.now) for x in ctx.candidates}
+            mean = sum(loads.values()) / len(loads) if loads else 0.0
             # never drop every candidate: the least loaded always passes
-            limit = max(self.max_over_mean * mean + self.slack, min(loads, default=0.0))
-            self._limit = (id(ctx), limit)
-        return self._limit[1]
+            limit = max(self.max_over_mean * mean + self.slack, min(loads.values(), default=0.0))
+            seen = self._seen = (ctx, limit, loads)
+        load = seen[2].get(c.id)
+        return (self.counts.get(c.id, ctx.now) if load is None else load) <= seen[1]
 
 
 class HealthyFilter(Filter):
@@ -383,14 +383,18 @@ class PrefixCacheScorer(Scorer):
         self.max_tokens = params.integer("maxPrefixTokensToMatch", None, low=1)
 
     def score(self, ctx: SchedulingContext, candidates: Sequence[Candidate]) -> dict[str, float]:
-        out = {}
-        limit = self.max_blocks
+        by_size: dict[int, list[Candidate]] = {}
         for c in candidates:
-            cap = limit
+            by_size.setdefault(c.engine.block_size, []).append(c)
+        out = {}
+        for size, group in by_size.items():  # one walk of the index per block size
+            cap = self.max_blocks
             if self.max_tokens is not None:
-                cap = min(cap or self.max_tokens, self.max_tokens // c.engine.block_size)
-            matched, total, _ = ctx.prefix_match([c], cap)[c.id]
-            out[c.id] = matched / total if total else 0.0
+                cap = min(cap or self.max_tokens, self.max_tokens // size)
+            matches = ctx.prefix_match(group, cap)
+            for c in group:
+                matched, total, _ = matches[c.id]
+                out[c.id] = matched / total if total else 0.0
         return out
 
 

@@ -57,3 +57,16 @@ def test_fleet_bench_passes_everything_to_the_benchmarks(
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--blocks-per-engine" in out and "--out" in out
+
+
+def test_pick_overhead_runs_small(tmp_path: Path) -> None:
+    from fleet.bench.cli import main
+
+    main(
+        ["pick-overhead", "--engines", "4", "--blocks-per-engine", "64", "--prompt-tokens",
+         "256", "--iterations", "20", "--out", str(tmp_path)]
+    )  # fmt: skip
+    result = json.loads((tmp_path / "pick_overhead" / "result.json").read_text())
+    assert result["index_entries"] == 4 * 64
+    assert result["schedule"]["n"] == 20 and result["schedule"]["p99_ms"] > 0
+    assert result["prompt_blocks"] == 256 // 16 and result["tokenize"]["n"] == 20 // 4
