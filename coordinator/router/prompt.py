@@ -69,6 +69,7 @@ class PromptTokenizer:
         self.model_paths = dict(model_paths)
         self._loaded: dict[str, VllmTokenizer | None] = {}
         self._loading: dict[str, trio.Event] = {}
+        self._limiter = trio.CapacityLimiter(2)
 
     async def tokenizer(self, model: str) -> VllmTokenizer | None:
         """The model's tokenizer, loading it on first use; None if it cannot be loaded."""
@@ -100,11 +101,38 @@ class PromptTokenizer:
     async def tokens(
         self, model: str, kind: str, body: Mapping[str, Any]
     ) -> tuple[int, ...] | None:
-        """The prompt's token ids as the engine will see them, or None."""
+        """The prompt's token ids as the engine will see them, or None.
+
+        Long prompts are tokenized in a worker thread (a 4k-token prompt takes several ms, which
+        would stall every other request on the event loop); short ones inline, where a thread
+        hop would cost more than the work.
+        """
         tokenizer = await self.tokenizer(model)
         if tokenizer is None:
             return None
-        return prompt_tokens(tokenizer, kind, body)
+        if _text_size(kind, body) < INLINE_TOKENIZE_CHARS:
+            return prompt_tokens(tokenizer, kind, body)
+        return await trio.to_thread.run_sync(
+            prompt_tokens, tokenizer, kind, body, limiter=self._limiter
+        )
+
+
+INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized in a worker thread
+
+
+def _text_size(kind: str, body: Mapping[str, Any]) -> int:
+    """Roughly how much text there is to tokenize (characters)."""
+    if kind == "chat":
+        total = 0
+        for message in body.get("messages") or []:
+            content = message.get("content") if isinstance(message, Mapping) else None
+            if isinstance(content, str):
+                total += len(content)
+            elif isinstance(content, list):
+                total += sum(len(str(part)) for part in content)
+        return total
+    prompt = body.get("prompt")
+    return len(prompt) if isinstance(prompt, str) else 0
 
 
 def prompt_tokens(

@@ -405,3 +405,20 @@ def test_decaying_counts_halve_every_half_life() -> None:
     assert c.get("a", 10.0) == pytest.approx(1.0)
     assert c.get("a", 20.0) == pytest.approx(0.5)
     assert c.get("b", 5.0) == 0.0
+
+
+async def test_prompt_tokenizer_loads_once_and_tokenizes_long_prompts_off_the_loop(
+    demo_model: Path,
+) -> None:
+    from fleet.coordinator.router.prompt import INLINE_TOKENIZE_CHARS, PromptTokenizer
+
+    tokenizers = PromptTokenizer({"m": str(demo_model), "broken": "/no/such/folder"})
+    tok = await tokenizers.tokenizer("m")
+    assert tok is not None and await tokenizers.tokenizer("m") is tok  # cached
+    long_text = "word " * (INLINE_TOKENIZE_CHARS // 5 + 10)
+    got = await tokenizers.tokens("m", "completion", {"prompt": long_text})
+    assert got == tuple(tok.encode(long_text))
+    short = await tokenizers.tokens("m", "chat", {"messages": [{"role": "user", "content": "x"}]})
+    assert short is not None and len(short) > 1
+    assert await tokenizers.tokens("broken", "completion", {"prompt": "x"}) is None
+    assert await tokenizers.tokens("unknown", "completion", {"prompt": "x"}) is None
