@@ -107,9 +107,9 @@ class EngineSupervisor:
         self.gpu_uuids = dict(gpu_uuids or {})
         self.log_dir = log_dir
         self.on_change = on_change
-        self.port = free_port(launch.host)
-        host = f"[{launch.host}]" if ":" in launch.host else launch.host
-        self.url = f"http://{host}:{self.port}"
+        self.port = 0
+        self.url = ""
+        self._new_http_port()
         # The engine binds its replay ROUTER here. A port picked free may be taken by the time
         # the engine binds it (64 engines start at once): each restart picks a new one, and the
         # agent hands the relay the current endpoint on every state change.
@@ -177,6 +177,11 @@ class EngineSupervisor:
             self.pid = 0
             self._set("stopped")
 
+    def _new_http_port(self) -> None:
+        host = self.launch.host
+        self.port = free_port(host)
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
     def _new_replay_endpoint(self) -> str:
         host = self._replay_host
         return f"tcp://{f'[{host}]' if ':' in host else host}:{free_port(host)}"
@@ -184,6 +189,10 @@ class EngineSupervisor:
     async def _run_once(self, task_status: trio.TaskStatus[None] | None) -> str:
         """Run the engine once; return why it crashed (cancellation stops it instead)."""
         if self.restarts:
+            # Ports picked free may have been taken meanwhile (64 engines start at once, each
+            # binding an HTTP port and ZMQ sockets): a restart binds fresh ones. The engine's
+            # new URL reaches the coordinator with the next heartbeat.
+            self._new_http_port()
             self.replay_endpoint = self._new_replay_endpoint()
         argv = engine_command(
             self.spec,

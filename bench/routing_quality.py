@@ -58,6 +58,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sim-arg", action="append", default=None, help="extra engine flag")
     p.add_argument(
+        "--fleet-config",
+        default=None,
+        help="an EndpointPickerConfig YAML for Fleet (default: Fleet's own default profile)",
+    )
+    p.add_argument(
         "--targets",
         default="fleet,round_robin,cache_aware,kv_aware,single",
         help="comma-separated subset",
@@ -105,7 +110,8 @@ def _run_target(
     name: str, args: argparse.Namespace, sim_args: tuple[str, ...], log: Path
 ) -> dict[str, Any]:
     if name == "fleet":
-        with targets.fleet_up(args.engines, log, sim_args, kind=args.engine) as (
+        config = ["--scheduler-config", args.fleet_config] if args.fleet_config else []
+        with targets.fleet_up(args.engines, log, sim_args, config, kind=args.engine) as (
             url,
             engine_urls,
         ):

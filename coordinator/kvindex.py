@@ -72,9 +72,10 @@ class EngineEntry:
     model: str
     next_seq: int = 0
     blocks: dict[BlockHash, int] = field(default_factory=dict)  # engine hash -> Fleet key
-    # Fleet key -> how many engine hashes map to it (same tokens, other extra keys such as a
-    # cache salt): the engine holds the key until the last of them is removed.
-    refs: Counter[int] = field(default_factory=Counter)
+    # Fleet key -> how many *more* engine hashes map to it than the first (same tokens, other
+    # extra keys such as a cache salt): the engine holds the key until the last is removed.
+    # Almost always empty, so a key costs the index nothing here.
+    extra_refs: dict[int, int] = field(default_factory=dict)
     events: int = 0
     batches: int = 0
     started: bool = False  # a batch was applied (next_seq is meaningful)
@@ -107,7 +108,9 @@ class KVIndex:
         self.reorder_window = reorder_window
         self.gap_timeout_s = gap_timeout_s
         self._engines: dict[str, EngineEntry] = {}
-        self._holders: dict[int, set[str]] = {}
+        # Fleet key -> the engine holding it, or a set when several do: most blocks have one
+        # holder, and a shared string costs nothing where a set costs ~200 bytes.
+        self._holders: dict[int, str | set[str]] = {}
         self.entries = 0
         self.stats: Counter[str] = Counter()
 
@@ -229,17 +232,14 @@ class KVIndex:
                 continue
             if old is not None:
                 self._release(engine_id, entry, old)
-            if entry.refs[parent] == 0 and self.entries >= self.max_entries:
+            if self._holds(engine_id, parent):
+                entry.extra_refs[parent] = entry.extra_refs.get(parent, 0) + 1
+            elif self.entries >= self.max_entries:
                 self.stats["capped"] += 1
-                # Not indexed: its children would chain off a block the index lacks.
-                entry.refs.pop(parent, None)
-                return
+                return  # not indexed: its children would chain off a block the index lacks
+            else:
+                self._hold(engine_id, parent)
             entry.blocks[engine_hash] = parent
-            entry.refs[parent] += 1
-            holders = self._holders.setdefault(parent, set())
-            if engine_id not in holders:
-                holders.add(engine_id)
-                self.entries += 1
 
     def _remove(self, engine_id: str, entry: EngineEntry, engine_hash: BlockHash) -> None:
         key = entry.blocks.pop(engine_hash, None)
@@ -247,24 +247,50 @@ class KVIndex:
             self._release(engine_id, entry, key)
 
     def _release(self, engine_id: str, entry: EngineEntry, key: int) -> None:
-        entry.refs[key] -= 1
-        if entry.refs[key] <= 0:
-            del entry.refs[key]
+        extra = entry.extra_refs.get(key)
+        if extra:
+            if extra == 1:
+                del entry.extra_refs[key]
+            else:
+                entry.extra_refs[key] = extra - 1
+        else:
             self._unhold(engine_id, key)
+
+    def _holds(self, engine_id: str, key: int) -> bool:
+        holders = self._holders.get(key)
+        if holders is None:
+            return False
+        return holders == engine_id if isinstance(holders, str) else engine_id in holders
+
+    def _hold(self, engine_id: str, key: int) -> None:
+        holders = self._holders.get(key)
+        if holders is None:
+            self._holders[key] = engine_id
+        elif isinstance(holders, str):
+            self._holders[key] = {holders, engine_id}
+        else:
+            holders.add(engine_id)
+        self.entries += 1
 
     def _unhold(self, engine_id: str, key: int) -> None:
         holders = self._holders.get(key)
-        if holders is not None and engine_id in holders:
+        if holders is None:
+            return
+        if isinstance(holders, str):
+            if holders == engine_id:
+                del self._holders[key]
+                self.entries -= 1
+        elif engine_id in holders:
             holders.discard(engine_id)
             self.entries -= 1
-            if not holders:
-                del self._holders[key]
+            if len(holders) == 1:
+                self._holders[key] = next(iter(holders))
 
     def _clear(self, engine_id: str, entry: EngineEntry) -> None:
-        for key in entry.refs:
+        for key in set(entry.blocks.values()):
             self._unhold(engine_id, key)
         entry.blocks.clear()
-        entry.refs.clear()
+        entry.extra_refs.clear()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -284,11 +310,19 @@ class KVIndex:
         out = dict.fromkeys(candidates, 0)
         alive = set(out)
         holders_of = self._holders
-        for depth, key in enumerate(keys):
+        depth = 0
+        for depth, key in enumerate(keys):  # noqa: B007 (depth is used after the loop)
             holders = holders_of.get(key)
             if holders is None:
                 break
-            if not alive <= holders:
+            if isinstance(holders, str):
+                if holders not in alive:
+                    break
+                if len(alive) > 1:
+                    for engine_id in alive:
+                        out[engine_id] = depth
+                    alive = {holders}
+            elif not alive <= holders:
                 for engine_id in alive - holders:
                     out[engine_id] = depth
                 alive &= holders
@@ -296,9 +330,6 @@ class KVIndex:
                     return out
         else:
             depth = len(keys)
-            for engine_id in alive:
-                out[engine_id] = depth
-            return out
         for engine_id in alive:
             out[engine_id] = depth
         return out
