@@ -24,9 +24,10 @@ bounded: past ``max_entries`` (block, engine) entries new blocks are not indexed
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from fleet.protocol.kvevents import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KVEvent
@@ -47,22 +48,57 @@ def chain_key(parent: int, tokens: Sequence[int]) -> int:
 def block_keys(model: str, token_ids: Sequence[int], block_size: int) -> list[int]:
     """Return the keys of every full block of a token sequence, in order.
 
-    Same keys as chaining :func:`chain_key`, computed with the tokens packed once (this runs for
-    every routed request: 256 blocks of a 4k-token prompt in about 0.15 ms).
+    The same keys as chaining :func:`chain_key` from :func:`root_key`.
     """
-    n_blocks = len(token_ids) // block_size
-    if n_blocks == 0:
-        return []
-    packed = struct.pack(f">{n_blocks * block_size}I", *token_ids[: n_blocks * block_size])
-    width = 4 * block_size
-    blake2b, pack_parent, from_bytes = hashlib.blake2b, struct.Struct(">Q").pack, int.from_bytes
-    keys = []
-    parent = root_key(model)
-    for start in range(0, n_blocks * width, width):
-        digest = blake2b(pack_parent(parent) + packed[start : start + width], digest_size=8)
-        parent = from_bytes(digest.digest(), "big")
-        keys.append(parent)
-    return keys
+    return list(BlockKeys(model, token_ids, block_size))
+
+
+class BlockKeys:
+    """A prompt's block keys, computed only as far as they are read (and then kept).
+
+    Matching stops at the first block no candidate holds, so the blocks after the longest cached
+    prefix of a long prompt are never hashed. ``len()`` is the number of full blocks.
+    """
+
+    def __init__(self, model: str, token_ids: Sequence[int], block_size: int) -> None:
+        self.block_size = block_size
+        self._n = len(token_ids) // block_size
+        self._tokens = token_ids
+        self._packed: bytes | None = None
+        self._keys: list[int] = []
+        self._parent = root_key(model) if self._n else 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while i < self._n:
+            if i == len(self._keys):
+                self._grow(i + 32)
+            yield self._keys[i]
+            i += 1
+
+    def _grow(self, upto: int) -> None:
+        upto = min(upto, self._n)
+        width = 4 * self.block_size
+        if self._packed is None:
+            count = self._n * self.block_size
+            self._packed = struct.pack(f">{count}I", *self._tokens[:count])
+        packed, parent, keys = self._packed, self._parent, self._keys
+        blake2b, pack_parent, from_bytes = hashlib.blake2b, _PARENT.pack, int.from_bytes
+        for start in range(len(keys) * width, upto * width, width):
+            digest = blake2b(pack_parent(parent) + packed[start : start + width], digest_size=8)
+            parent = from_bytes(digest.digest(), "big")
+            keys.append(parent)
+        self._parent = parent
+
+    def head(self, n: int | None) -> Iterator[int]:
+        """The first ``n`` keys (all when None)."""
+        return iter(self) if n is None or n >= self._n else itertools.islice(self, n)
+
+
+_PARENT = struct.Struct(">Q")
 
 
 @dataclass
@@ -301,7 +337,7 @@ class KVIndex:
         entry = self._engines.get(engine_id)
         return set(entry.blocks.values()) if entry else set()
 
-    def match(self, keys: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
+    def match(self, keys: Iterable[int], candidates: Iterable[str]) -> dict[str, int]:
         """Return, per candidate engine, how many leading blocks of ``keys`` it holds.
 
         One walk along ``keys``, narrowing the set of engines still matching: the cost is the
@@ -310,8 +346,8 @@ class KVIndex:
         out = dict.fromkeys(candidates, 0)
         alive = set(out)
         holders_of = self._holders
-        depth = 0
-        for depth, key in enumerate(keys):  # noqa: B007 (depth is used after the loop)
+        depth = 0  # blocks every engine in ``alive`` holds
+        for key in keys:
             holders = holders_of.get(key)
             if holders is None:
                 break
@@ -328,8 +364,7 @@ class KVIndex:
                 alive &= holders
                 if not alive:
                     return out
-        else:
-            depth = len(keys)
+            depth += 1
         for engine_id in alive:
             out[engine_id] = depth
         return out
@@ -344,4 +379,4 @@ class KVIndex:
         return sorted(self._engines)
 
 
-__all__ = ["EngineEntry", "KVIndex", "block_keys", "chain_key", "root_key"]
+__all__ = ["BlockKeys", "EngineEntry", "KVIndex", "block_keys", "chain_key", "root_key"]

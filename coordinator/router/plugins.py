@@ -128,10 +128,9 @@ class SchedulingContext:
                 by_size.setdefault(c.engine.block_size, []).append(c.id)
         for size, ids in by_size.items():
             keys = self.request.keys(size)
-            if max_blocks is not None:
-                keys = keys[:max_blocks]
-            for engine_id, n in self.index.match(keys, ids).items():
-                self.prefix[engine_id] = (n, len(keys), size)
+            total = len(keys) if max_blocks is None else min(len(keys), max_blocks)
+            for engine_id, n in self.index.match(keys.head(max_blocks), ids).items():
+                self.prefix[engine_id] = (n, total, size)
         return self.prefix
 
 

@@ -22,7 +22,7 @@ import trio
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.vllm_tokenizer import ChatTemplateError, VllmTokenizer
 
-from ..kvindex import block_keys
+from ..kvindex import BlockKeys
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,13 @@ class RoutingRequest:
     token_ids: tuple[int, ...] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     tokenize_ms: float = 0.0
-    _keys: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    _keys: dict[int, BlockKeys] = field(default_factory=dict, repr=False)
 
-    def keys(self, block_size: int) -> list[int]:
-        """Fleet's keys of the prompt's full blocks of ``block_size`` tokens (cached)."""
-        if self.token_ids is None:
-            return []
+    def keys(self, block_size: int) -> BlockKeys:
+        """Fleet's keys of the prompt's full blocks of ``block_size`` tokens (lazy, cached)."""
         keys = self._keys.get(block_size)
         if keys is None:
-            keys = self._keys[block_size] = block_keys(self.model, self.token_ids, block_size)
+            keys = self._keys[block_size] = BlockKeys(self.model, self.token_ids or (), block_size)
         return keys
 
     @property

@@ -504,3 +504,23 @@ def test_match_agrees_with_a_block_by_block_walk() -> None:
     assert got == {e: naive(e) for e in [*engines, "absent"]}
     assert got["e0"] == len(keys) and got["absent"] == 0
     assert index.match([], engines) == dict.fromkeys(engines, 0)
+
+
+def test_block_keys_are_the_chain_and_are_computed_lazily() -> None:
+    from fleet.coordinator.kvindex import BlockKeys
+
+    toks = tokens(100 * BS + 3)
+    expected, parent = [], root_key("m")
+    for i in range(100):
+        parent = chain_key(parent, toks[i * BS : (i + 1) * BS])
+        expected.append(parent)
+    assert block_keys("m", toks, BS) == expected
+    keys = BlockKeys("m", toks, BS)
+    assert len(keys) == 100
+    assert list(keys.head(5)) == expected[:5]
+    assert len(keys._keys) < 100  # only a batch was hashed
+    index = KVIndex()
+    index.apply("e1", "m", 0, [stored(toks[: 3 * BS], engine_hashes(toks[: 3 * BS]))])
+    assert index.match(keys, ["e1"]) == {"e1": 3}
+    assert len(keys._keys) < 100  # the walk stopped at block 4
+    assert list(keys) == expected and block_keys("m", toks[: BS - 1], BS) == []
