@@ -23,7 +23,7 @@ from hypercorn.trio import serve
 from fleet.protocol.errors import ConfigError
 
 from .api import create_app
-from .kvindex import KVIndex
+from .kvindex import DEFAULT_MAX_ENTRIES, KVIndex
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
 from .placement import Deployment, Placer
@@ -57,6 +57,7 @@ class CoordinatorConfig:
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     grace_s: float = 5.0
+    kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
     # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
     scheduling: Profile | None = None
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
@@ -77,6 +78,8 @@ class CoordinatorConfig:
             raise ConfigError("grace_s", self.grace_s, "must be >= 0")
         if self.lost_after_missed < 1:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
+        if self.kv_index_max_entries < 1:
+            raise ConfigError("kv_index_max_entries", self.kv_index_max_entries, "must be >= 1")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes", self.max_body_bytes, "must be >= 1024")
         if not self.agent_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
@@ -100,7 +103,7 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         self.registry = FleetRegistry(lost_after_s=cfg.heartbeat_interval_s * cfg.lost_after_missed)
         self.placer = Placer(cfg.deployments, assign_timeout_s=cfg.assign_timeout_s)
-        self.kvindex = KVIndex()
+        self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
         self.prompt_tokenizer = PromptTokenizer({d.model: d.model_path for d in cfg.deployments})

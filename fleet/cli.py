@@ -173,6 +173,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="largest request body accepted; larger ones get 413 (default %(default)s)",
     )
     p.add_argument(
+        "--kv-index-max-entries",
+        type=int,
+        default=5_000_000,
+        help="most (block, engine) entries the KV index holds (default %(default)s, ~380 B each)",
+    )
+    p.add_argument(
         "--scheduler-config",
         default=None,
         metavar="FILE",
@@ -275,6 +281,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         agent_endpoint=args.agent_endpoint,
         deployments=(_deployment(args),),
         max_body_bytes=args.max_body_bytes,
+        kv_index_max_entries=args.kv_index_max_entries,
         scheduling=scheduling(args),
     )
     return trio.run(_serve_until_signal, Coordinator(cfg).run)

@@ -39,6 +39,7 @@ async def run_up(
             agent_endpoint="tcp://127.0.0.1:*",
             deployments=(deployment,),
             max_body_bytes=args.max_body_bytes,
+            kv_index_max_entries=args.kv_index_max_entries,
             scheduling=scheduling,
         )
     )
