@@ -68,6 +68,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated subset",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over all targets (interleaved); hit rate and balance are reported as the "
+        "mean with the range",
+    )
     p.add_argument("--sample-s", type=float, default=1.0, help="hit-rate sampling period")
 
 
@@ -76,10 +83,13 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     sim_args = tuple(args.sim_arg or ())
     log_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     wanted = args.targets.split(",")
-    results: dict[str, Any] = {}
-    for name in wanted:
-        results[name] = _run_target(name, args, sim_args, log_dir / name)
-        print(f"{name}: {results[name]['summary']}")
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
+    for i in range(args.repeat):  # interleaved, so that drift of the machine hits every target
+        for name in wanted:
+            run_ = _run_target(name, args, sim_args, log_dir / f"{name}-{i}")
+            rounds[name].append(run_)
+            print(f"{name} (round {i + 1}/{args.repeat}): {run_['summary']}")
+    results = {name: _aggregate(runs) for name, runs in rounds.items()}
     ceiling = results.get("single", {}).get("hit_rate")
     for r in results.values():
         r["hit_rate_vs_ceiling"] = round(r["hit_rate"] / ceiling, 3) if ceiling else None
@@ -128,6 +138,23 @@ def _run_target(
             extra += ["--kv-event-block-size", "32", "--kv-event-model", targets.MODEL_NAME]
         with targets.vllm_router(engine_urls, log, name, extra) as url:
             return _drive(url, engine_urls, args)
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's rounds: mean hit rate and balance (with each round's), pooled TTFTs."""
+    out = dict(runs[0])
+    hits = [r["hit_rate"] for r in runs]
+    loads = [r["load_max_over_mean"] or 0.0 for r in runs]
+    ttfts = [t for r in runs for t in r["_ttfts_ms"]]
+    out["hit_rate"] = round(sum(hits) / len(hits), 4)
+    out["hit_rate_runs"] = hits
+    out["load_max_over_mean"] = round(sum(loads) / len(loads), 3)
+    out["load_runs"] = loads
+    out["_ttfts_ms"] = ttfts
+    out["ttft"] = summary_ms([t / 1000 for t in ttfts])
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
 
 
 def _conversations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -313,14 +340,19 @@ def _markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = []
     for name, r in result["targets"].items():
+        hit: Any = r["hit_rate"]
+        load: Any = r["load_max_over_mean"] or "-"
+        if len(r.get("hit_rate_runs", [])) > 1:
+            hit = f"{hit:.3f} ({min(r['hit_rate_runs']):.3f}–{max(r['hit_rate_runs']):.3f})"
+            load = f"{load:.2f} ({min(r['load_runs']):.2f}–{max(r['load_runs']):.2f})"
         rows.append(
             [
                 _label(name),
-                r["hit_rate"],
+                hit,
                 r["hit_rate_vs_ceiling"] or "-",
                 r["ttft"].get("p50_ms", "-"),
                 r["ttft"].get("p99_ms", "-"),
-                r["load_max_over_mean"] or "-",
+                load,
                 f"{r['errors']}/{r['requests']}",
             ]
         )
