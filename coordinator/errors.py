@@ -90,17 +90,32 @@ class NoCapacity(ApiError):
         super().__init__(message, code="no_capacity", retry_after_s=retry_after_s)
 
 
+class DeadlineExceeded(ApiError):
+    """Raised when a request's deadline passes before an engine's response started (504)."""
+
+    status = 504
+    type = "timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"No engine answered within the request's deadline ({timeout_s:g} s).",
+            code="deadline_exceeded",
+        )
+
+
 class UpstreamError(FleetError):
     """Raised when an engine fails to answer: connection refused or reset, timeout.
 
     Args:
         engine_id: the engine that failed.
         message: what happened.
+        reason: ``connect`` (refused, reset, protocol error) or ``timeout``.
     """
 
-    def __init__(self, engine_id: str, message: str) -> None:
+    def __init__(self, engine_id: str, message: str, reason: str = "connect") -> None:
         super().__init__(f"engine {engine_id}: {message}")
         self.engine_id = engine_id
+        self.reason = reason
 
 
 def error_body(

@@ -38,6 +38,23 @@ class CoordinatorMetrics:
             ["model"],
             registry=r,
         )
+        self.retries = Counter(
+            "fleet_retries_total",
+            "Requests retried on another engine, by why (connect, timeout, 5xx).",
+            ["reason"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "fleet_retry_budget_exhausted_total",
+            "Retries not made because the retry budget was spent.",
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "fleet_breaker_state",
+            "Circuit breaker per engine: 0 closed, 1 half-open, 2 open.",
+            ["engine"],
+            registry=r,
+        )
         self.kv_events = Counter(
             "fleet_kv_events_total", "KV events received, by engine.", ["engine"], registry=r
         )

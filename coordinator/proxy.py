@@ -2,9 +2,13 @@
 
 The engine is chosen by the scheduling pipeline (:mod:`.router`): the prompt is tokenized the
 way the engine will see it (only when the profile has a prefix scorer), then filtered, scored and
-picked. The client's body bytes go to the engine unchanged. Engine failures before a response are
-translated to :class:`UpstreamError` (``from`` the httpx error) and the pipeline picks again
-among the engines not yet tried; once a response has started, its bytes go to the client as they
+picked, among the engines whose circuit breakers let them through (:mod:`.resilience`). The
+client's body bytes go to the engine unchanged. A connection error, a timeout or a 5xx before the
+response started counts against the engine's breaker and is retried on another engine after a
+jittered backoff, while the retry budget allows (3 tries in all by default); the last engine's own
+5xx goes to the client if no other engine is left. ``x-request-timeout`` (seconds, or the
+configured default) bounds the wait for a response to start (504 past it) and is passed on to the
+engine with what is left of it. Once a response has started, its bytes go to the client as they
 arrive. Every routed response carries ``x-request-id``, ``x-selected-pod`` (the engine id),
 ``x-cache-prefix-length`` (prompt tokens the engine holds in its prefix cache, per the KV index)
 and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included).
@@ -13,20 +17,22 @@ and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included)
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 import trio
 
-from .errors import ModelNotFound, NoCapacity, UpstreamError
+from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
 from .pools import EnginePools
 from .registry import EngineView, FleetRegistry
+from .resilience import Breakers, ResilienceConfig, RetryBudget, backoff_s
 from .router.prompt import PromptTokenizer, RoutingRequest
 from .router.scheduler import Decision, Scheduler
 from .validation import ParsedRequest
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # Headers worth passing to the engine; everything else (host, cookies, auth) stays here.
 FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate")
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; the engine gets what is left of it
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -61,6 +68,7 @@ class Forwarded:
     headers: dict[str, str]
     body: AsyncIterator[bytes]
     engine: EngineView
+    discard: Callable[[], Awaitable[None]]  # close it unread (the engine is released)
 
 
 class Gateway:
@@ -72,7 +80,7 @@ class Gateway:
         metrics: where counts go.
         scheduler: the scheduling pipeline.
         tokenizer: tokenizes prompts for prefix matching.
-        max_attempts: engines tried for one request when connecting fails.
+        resilience: breaker, retry and budget settings.
     """
 
     def __init__(
@@ -83,7 +91,7 @@ class Gateway:
         *,
         scheduler: Scheduler,
         tokenizer: PromptTokenizer,
-        max_attempts: int = 2,
+        resilience: ResilienceConfig | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -93,7 +101,9 @@ class Gateway:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.inflight = InflightCounter()
-        self.max_attempts = max_attempts
+        self.resilience = resilience or ResilienceConfig()
+        self.breakers = Breakers(self.resilience)
+        self.budget = RetryBudget(self.resilience)
         self.rng = rng or random.Random()
         self.clock = clock
 
@@ -119,16 +129,20 @@ class Gateway:
         upstream_headers = {k: v for k, v in headers.items() if k in FORWARD_HEADERS}
         upstream_headers["x-request-id"] = request_id
         upstream_headers.setdefault("content-type", "application/json")
+        timeout_s = self._timeout_s(headers)
         routing = await self.routing_request(request, headers)
+        now = trio.current_time()
+        deadline = now + timeout_s if timeout_s is not None else math.inf
+        self.budget.request(now)
+        candidates = self.breakers.routable(candidates, [c.id for c in candidates], now)
         tried: list[str] = []
-        last_error: UpstreamError | None = None
-        for _ in range(self.max_attempts):
+        last_error = "no engine was tried"
+        for attempt in range(1, self.resilience.max_attempts + 1):
             left = [c for c in candidates if c.id not in tried]
             if not left:
                 break
-            decision = self.scheduler.schedule(
-                routing, left, self.inflight.get, trio.current_time()
-            )
+            now = trio.current_time()
+            decision = self.scheduler.schedule(routing, left, self.inflight.get, now)
             engine = decision.engine
             if engine is None:
                 if not tried:
@@ -138,22 +152,81 @@ class Gateway:
                     )
                 break
             tried.append(engine.id)
+            breaker = self.breakers.get(engine.id)
+            breaker.allow(now)
+            reason = ""
+            if timeout_s is not None:
+                upstream_headers[TIMEOUT_HEADER] = f"{max(deadline - now, 0.001):.3f}"
             try:
-                forwarded = await self._open(
-                    engine, path, raw, upstream_headers, request, request_id
-                )
+                with trio.move_on_at(deadline) as scope:
+                    forwarded = await self._open(
+                        engine, path, raw, upstream_headers, request, request_id
+                    )
+                if scope.cancelled_caught:
+                    assert timeout_s is not None
+                    self.metrics.upstream_errors.labels(engine=engine.id).inc()
+                    raise DeadlineExceeded(timeout_s)
             except UpstreamError as exc:
-                last_error = exc
-                self.metrics.upstream_errors.labels(engine=engine.id).inc()
+                reason, last_error = exc.reason, str(exc)
                 log.warning("%s", exc)
-                continue
-            self.scheduler.served(routing, engine.id, trio.current_time())
-            _decision_headers(forwarded.headers, decision)
-            return forwarded
+            else:
+                if forwarded.status < 500:
+                    breaker.success(trio.current_time())
+                    self.scheduler.served(routing, engine.id, trio.current_time())
+                    _decision_headers(forwarded.headers, decision)
+                    return forwarded
+                reason, last_error = "5xx", f"engine {engine.id} answered {forwarded.status}"
+            breaker.failure(trio.current_time())
+            self.metrics.upstream_errors.labels(engine=engine.id).inc()
+            if reason == "5xx":
+                # The engine's own error goes to the client unless another engine gets a try.
+                if attempt >= self.resilience.max_attempts or not self._may_retry(
+                    candidates, tried
+                ):
+                    _decision_headers(forwarded.headers, decision)
+                    return forwarded
+                await forwarded.discard()
+            elif attempt >= self.resilience.max_attempts or not self._may_retry(candidates, tried):
+                break
+            pause = backoff_s(self.resilience, attempt, self.rng)
+            if trio.current_time() + pause >= deadline:
+                assert timeout_s is not None
+                raise DeadlineExceeded(timeout_s)
+            self.metrics.retries.labels(reason=reason).inc()
+            await trio.sleep(pause)
         raise NoCapacity(
             f"No engine for `{request.model}` answered ({last_error}); retry shortly.",
             retry_after_s=1,
         )
+
+    def _timeout_s(self, headers: dict[str, str]) -> float | None:
+        """The request's deadline in seconds: ``x-request-timeout``, else the configured one.
+
+        Raises:
+            InvalidRequest: the header is not a positive number of seconds.
+        """
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.resilience.request_timeout_s
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidRequest(
+                f"`{TIMEOUT_HEADER}` must be a positive number of seconds, got {raw!r}.",
+                param=TIMEOUT_HEADER,
+            )
+        return value
+
+    def _may_retry(self, candidates: list[EngineView], tried: list[str]) -> bool:
+        """Another engine is left, and the retry budget has a retry."""
+        if all(c.id in tried for c in candidates):
+            return False
+        if not self.budget.try_retry(trio.current_time()):
+            self.metrics.retry_budget_exhausted.inc()
+            return False
+        return True
 
     async def routing_request(
         self, request: ParsedRequest, headers: dict[str, str]
@@ -195,7 +268,8 @@ class Gateway:
             response = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             release()
-            raise UpstreamError(engine.id, f"{type(exc).__name__}: {exc}") from exc
+            reason = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
+            raise UpstreamError(engine.id, f"{type(exc).__name__}: {exc}", reason) from exc
         except BaseException:
             release()
             raise
@@ -216,7 +290,11 @@ class Gateway:
                 release()
                 await response.aclose()
 
-        return Forwarded(response.status_code, out_headers, body(), engine)
+        async def discard() -> None:
+            release()
+            await response.aclose()
+
+        return Forwarded(response.status_code, out_headers, body(), engine, discard)
 
 
 def _decision_headers(headers: dict[str, str], decision: Decision) -> None:

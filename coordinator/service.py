@@ -30,6 +30,7 @@ from .placement import Deployment, Placer
 from .pools import EnginePools
 from .proxy import Gateway
 from .registry import FleetRegistry
+from .resilience import STATE_VALUES
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Profile, Scheduler
@@ -204,6 +205,11 @@ class Coordinator:
                     "KV gap of engine %s not repaired in time: its entries resynced", engine_id
                 )
             self.link.reconcile()
+            if self._gateway is not None:
+                breakers = self._gateway.breakers
+                breakers.forget([e.id for e in self.registry.engines()])
+                for engine in self.registry.routable():  # ready: its /health answers
+                    breakers.health_ok(engine.id, trio.current_time())
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):
                 await self._pools.prune(e.url for e in self.registry.engines())
 
@@ -216,6 +222,10 @@ class Coordinator:
         self.metrics.engines.clear()
         for engine in self.registry.engines():
             self.metrics.engines.labels(state=engine.state).inc()
+        if self._gateway is not None:
+            self.metrics.breaker_state.clear()
+            for engine_id, state in self._gateway.breakers.states().items():
+                self.metrics.breaker_state.labels(engine=engine_id).set(STATE_VALUES[state])
         self.metrics.kv_blocks.set(self.kvindex.block_count())
         self.metrics.kv_entries.set(self.kvindex.entries)
         self.metrics.kv_engines.set(self.kvindex.engine_count())

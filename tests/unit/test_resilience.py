@@ -1,0 +1,225 @@
+"""Circuit breakers, the ejection cap, the retry budget and backoff (fleet.coordinator.resilience),
+and the gateway retrying on another engine over real simulated engines."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from fleet.agent.launcher import LaunchConfig, engine_command
+from fleet.agent.sim.config import parse_args
+from fleet.agent.sim.server import SimServer
+from fleet.coordinator.errors import NoCapacity
+from fleet.coordinator.kvindex import KVIndex
+from fleet.coordinator.metrics import CoordinatorMetrics
+from fleet.coordinator.pools import EnginePools
+from fleet.coordinator.proxy import Gateway
+from fleet.coordinator.registry import FleetRegistry
+from fleet.coordinator.resilience import (
+    Breakers,
+    ResilienceConfig,
+    RetryBudget,
+    backoff_s,
+)
+from fleet.coordinator.router.config import DEFAULT_CONFIG, load_config
+from fleet.coordinator.router.prompt import PromptTokenizer
+from fleet.coordinator.router.scheduler import Scheduler
+from fleet.coordinator.validation import validate
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.messages import EngineSpec, EngineStatus, Register
+
+CFG = ResilienceConfig()
+
+
+# -- the breaker --------------------------------------------------------------------------------
+
+
+def test_five_consecutive_failures_open_the_breaker_for_60_s_then_one_probe() -> None:
+    b = Breakers().get("e")
+    for t in range(4):
+        b.failure(float(t * 20))  # spread out: only the consecutive count grows
+        assert b.state == "closed"
+    b.failure(80.0)
+    assert b.state == "open" and not b.allow(80.0) and not b.allow(139.9)
+    assert b.allow(140.0) and b.state == "half_open"
+    assert not b.allow(140.1)  # one probe at a time
+    b.success(141.0)
+    assert b.state == "closed" and b.allow(141.0) and b.allow(141.0)
+
+
+def test_five_failures_in_10_s_open_it_even_between_successes() -> None:
+    b = Breakers().get("e")
+    for t in (0.0, 2.0, 4.0, 6.0):
+        b.failure(t)
+        b.success(t + 0.5)
+    assert b.state == "closed"
+    b.failure(8.0)
+    assert b.state == "open"
+    spread = Breakers().get("f")
+    for t in (0.0, 3.0, 6.0, 9.0, 12.0):  # never 5 within 10 s, never 5 in a row
+        spread.failure(t)
+        spread.success(t + 0.1)
+    assert spread.state == "closed"
+
+
+def test_a_failed_probe_opens_it_again_and_health_shortens_the_wait() -> None:
+    b = Breakers().get("e")
+    for _ in range(5):
+        b.failure(0.0)
+    assert b.allow(60.0) and b.state == "half_open"
+    b.failure(60.5)
+    assert b.state == "open" and not b.allow(100.0)
+    b.health_ok(61.0)  # active health checks pass: try again 10 s later, not 60
+    assert not b.allow(70.9) and b.allow(71.0)
+
+
+def test_ejection_never_takes_more_than_half_of_a_models_engines() -> None:
+    breakers = Breakers()
+    engines = ["a", "b", "c", "d"]
+    for i, engine_id in enumerate(["a", "b", "c"]):
+        for _ in range(5):
+            breakers.get(engine_id).failure(float(i))  # a opened first, c last
+    assert [breakers.get(e).state for e in engines] == ["open", "open", "open", "closed"]
+    routable = breakers.routable(engines, engines, now=5.0)
+    assert routable == ["c", "d"]  # 2 of 4 ejected at most; the most recently opened returns
+    assert breakers.routable(engines[3:], engines[3:], now=5.0) == ["d"]
+
+
+def test_retry_budget_is_a_tenth_of_requests_plus_a_floor() -> None:
+    cfg = ResilienceConfig(budget_min_per_s=0.3, budget_ratio=0.1, budget_window_s=10)
+    budget = RetryBudget(cfg)
+    for _ in range(20):
+        budget.request(0.0)
+    assert [budget.try_retry(1.0) for _ in range(6)] == [True] * 5 + [False]  # 0.1 × 20 + 3
+    assert budget.try_retry(11.5)  # the window moved on: requests and retries forgotten
+
+
+def test_backoff_is_jittered_exponential() -> None:
+    rng = random.Random(1)
+    draws = [backoff_s(CFG, 3, rng) for _ in range(200)]
+    assert all(0 <= d <= 0.4 for d in draws) and max(draws) > 0.3
+    assert backoff_s(ResilienceConfig(base_backoff_s=0), 2, rng) == 0
+
+
+def test_bad_settings_are_rejected() -> None:
+    with pytest.raises(ConfigError):
+        ResilienceConfig(max_ejected_share=1.5)
+    with pytest.raises(ConfigError):
+        ResilienceConfig(max_attempts=0)
+
+
+# -- the gateway over real simulated engines ----------------------------------------------------
+
+
+@dataclass
+class Pair:
+    gateway: Gateway
+    urls: dict[str, str]
+
+
+async def _sim(demo_model: Path, nursery: trio.Nursery, *faults: str) -> str:
+    spec = EngineSpec(engine_id="s", model="demo", model_path=str(demo_model), kind="sim")
+    argv = engine_command(spec, LaunchConfig(), port=0, kv_endpoint="tcp://127.0.0.1:9")
+    i = argv.index("--kv-events-config")
+    argv[i + 1] = json.dumps({"enable_kv_cache_events": False})
+    extra = ["--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5"]
+    for fault in faults:
+        extra += ["--sim-fault", fault]
+    url: str = await nursery.start(SimServer(parse_args([*argv[3:], *extra]), grace_s=0.2).run)
+    return url
+
+
+@pytest.fixture
+async def pair(demo_model: Path, nursery: trio.Nursery) -> AsyncIterator[Pair]:
+    urls = {
+        "good": await _sim(demo_model, nursery),
+        "bad": await _sim(demo_model, nursery, "fail_fraction=1"),
+    }
+    registry = FleetRegistry(lost_after_s=60)
+    engines = tuple(
+        EngineStatus(engine_id=e, model="demo", url=u, state="ready", kind="sim")
+        for e, u in urls.items()
+    )
+    registry.register(Register("n1", "", "test", (), engines), trio.current_time())
+    pools = EnginePools(timeout=httpx.Timeout(10.0), max_connections=16, max_keepalive=8)
+    gateway = Gateway(
+        pools,
+        registry,
+        CoordinatorMetrics(),
+        scheduler=Scheduler(load_config(DEFAULT_CONFIG), KVIndex(), rng=random.Random(0)),
+        tokenizer=PromptTokenizer({"demo": str(demo_model)}),
+        resilience=ResilienceConfig(base_backoff_s=0.001),
+        rng=random.Random(0),
+    )
+    yield Pair(gateway, urls)
+    await pools.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def _complete(gateway: Gateway) -> tuple[int, str, bytes]:
+    raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
+    parsed = validate("completion", raw)
+    forwarded = await gateway.forward("/v1/completions", parsed, raw, {})
+    body = b"".join([chunk async for chunk in forwarded.body])
+    return forwarded.status, forwarded.headers["x-selected-pod"], body
+
+
+async def test_a_failing_engine_is_retried_elsewhere_then_ejected(pair: Pair) -> None:
+    gateway = pair.gateway
+    results = [await _complete(gateway) for _ in range(12)]
+    assert all(status == 200 for status, _, _ in results)  # never a failure for the client
+    assert {pod for _, pod, _ in results} == {"good"}
+    assert gateway.breakers.get("bad").state == "open"
+    retries = gateway.metrics.retries.labels(reason="5xx")._value.get()
+    assert 1 <= retries <= 5  # the bad engine was tried until its breaker opened, then never
+    assert gateway.inflight.get("bad") == gateway.inflight.get("good") == 0
+
+
+async def test_with_every_engine_failing_the_client_gets_the_engines_error(pair: Pair) -> None:
+    gateway = pair.gateway
+    async with httpx.AsyncClient() as http:
+        await http.post(pair.urls["good"] + "/sim/faults", json={"fail_fraction": 1.0})
+    status, _, body = await _complete(gateway)
+    assert status == 500 and b"InternalServerError" in body  # vLLM's own error, passed on
+    # breakers and the budget bound retries: 20 requests to a sick fleet make at most
+    # 0.1 × 20 + 1/s × 10 s of them
+    for _ in range(19):
+        await _complete(gateway)
+    assert gateway.metrics.retries.labels(reason="5xx")._value.get() <= 0.1 * 20 + 10
+    assert {gateway.breakers.get(e).state for e in ("good", "bad")} <= {"open", "half_open"}
+
+
+async def test_no_engine_reachable_gives_503(pair: Pair, demo_model: Path) -> None:
+    registry = FleetRegistry(lost_after_s=60)
+    dead = EngineStatus(engine_id="dead", model="demo", url="http://127.0.0.1:9", state="ready")
+    registry.register(Register("n2", "", "test", (), (dead,)), trio.current_time())
+    pair.gateway.registry = registry
+    with pytest.raises(NoCapacity) as err:
+        await _complete(pair.gateway)
+    assert "answered" in str(err.value) and err.value.retry_after_s == 1
+
+
+async def test_a_deadline_bounds_the_wait_for_a_hung_engine(pair: Pair) -> None:
+    from fleet.coordinator.errors import DeadlineExceeded, InvalidRequest
+
+    async with httpx.AsyncClient() as http:
+        await http.post(pair.urls["good"] + "/sim/faults", json={"hang": True})
+    raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
+    parsed = validate("completion", raw)
+    started = trio.current_time()
+    with pytest.raises(DeadlineExceeded) as err:
+        await pair.gateway.forward("/v1/completions", parsed, raw, {"x-request-timeout": "0.5"})
+    assert err.value.status == 504
+    assert 0.5 <= trio.current_time() - started < 3.0
+    assert pair.gateway.inflight.get("good") == 0  # the hung attempt was released
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(InvalidRequest) as bad_err:
+            await pair.gateway.forward("/v1/completions", parsed, raw, {"x-request-timeout": bad})
+        assert bad_err.value.param == "x-request-timeout"
