@@ -38,6 +38,15 @@ class CoordinatorMetrics:
             ["model"],
             registry=r,
         )
+        self.queued = Gauge(
+            "fleet_queue_length", "Requests waiting for a slot, by model.", ["model"], registry=r
+        )
+        self.shed = Counter(
+            "fleet_requests_shed_total",
+            "Requests answered 503 by admission control (queue full, or no engine in time).",
+            ["model"],
+            registry=r,
+        )
         self.retries = Counter(
             "fleet_retries_total",
             "Requests retried on another engine, by why (connect, timeout, 5xx).",

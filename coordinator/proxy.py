@@ -16,6 +16,7 @@ and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
+from .admission import Admission, Overloaded, priority_of
 from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
@@ -81,6 +83,10 @@ class Gateway:
         scheduler: the scheduling pipeline.
         tokenizer: tokenizes prompts for prefix matching.
         resilience: breaker, retry and budget settings.
+        admission: per-model slots and priority queues (default: 64 slots per engine, 500
+            waiting).
+        is_deployed: whether a model is deployed (its requests wait for engines to start).
+        max_queue_wait_s: longest wait for a slot when the request has no deadline.
     """
 
     def __init__(
@@ -92,6 +98,9 @@ class Gateway:
         scheduler: Scheduler,
         tokenizer: PromptTokenizer,
         resilience: ResilienceConfig | None = None,
+        admission: Admission | None = None,
+        is_deployed: Callable[[str], bool] = lambda model: False,
+        max_queue_wait_s: float = 30.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -104,35 +113,74 @@ class Gateway:
         self.resilience = resilience or ResilienceConfig()
         self.breakers = Breakers(self.resilience)
         self.budget = RetryBudget(self.resilience)
+        self.admission = admission or Admission(
+            lambda m: len(self.registry.routable(m)),
+            on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
+        )
+        self.is_deployed = is_deployed
+        self.max_queue_wait_s = max_queue_wait_s
         self.rng = rng or random.Random()
         self.clock = clock
 
     async def forward(
         self, path: str, request: ParsedRequest, raw: bytes, headers: dict[str, str]
     ) -> Forwarded:
-        """Pick an engine for ``request`` and open its response.
+        """Admit ``request`` (a slot of its model, maybe after queueing), pick an engine for
+        it and open its response. The slot is held until the response's body is done.
 
         Raises:
-            ModelNotFound: no engine serves the model.
-            NoCapacity: engines exist but none answered.
+            InvalidRequest: a bad ``x-priority`` or ``x-request-timeout``.
+            ModelNotFound: no engine serves the model, and it is not deployed.
+            Overloaded: shed from a full queue, or no engine in time (503).
+            NoCapacity: engines exist but none answered (503).
+            DeadlineExceeded: no response started before the deadline (504).
         """
+        priority = priority_of(headers)
+        timeout_s = self._timeout_s(headers)
+        start = trio.current_time()
+        deadline = start + timeout_s if timeout_s is not None else math.inf
+        if not self.is_deployed(request.model) and not any(
+            e.model == request.model for e in self.registry.engines()
+        ):
+            raise ModelNotFound(request.model)
+        slot = contextlib.AsyncExitStack()
+        wait_until = min(deadline, start + self.max_queue_wait_s)
+        try:
+            await slot.enter_async_context(
+                self.admission.admit(request.model, priority, wait_until)
+            )
+        except Overloaded:
+            self.metrics.shed.labels(model=request.model).inc()
+            raise
+        try:
+            forwarded = await self._forward(path, request, raw, headers, timeout_s, deadline)
+        except BaseException:
+            await slot.aclose()
+            raise
+        return _holding(forwarded, slot)
+
+    async def _forward(
+        self,
+        path: str,
+        request: ParsedRequest,
+        raw: bytes,
+        headers: dict[str, str],
+        timeout_s: float | None,
+        deadline: float,
+    ) -> Forwarded:
         candidates = self.registry.routable(request.model)
         if not candidates:
-            if any(e.model == request.model for e in self.registry.engines()):
-                raise NoCapacity(
-                    f"The model `{request.model}` has no ready engine right now "
-                    "(starting or restarting); retry shortly.",
-                    retry_after_s=5,
-                )
-            raise ModelNotFound(request.model)
+            raise NoCapacity(
+                f"The model `{request.model}` has no ready engine right now "
+                "(starting or restarting); retry shortly.",
+                retry_after_s=5,
+            )
         request_id = headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}"
         upstream_headers = {k: v for k, v in headers.items() if k in FORWARD_HEADERS}
         upstream_headers["x-request-id"] = request_id
         upstream_headers.setdefault("content-type", "application/json")
-        timeout_s = self._timeout_s(headers)
         routing = await self.routing_request(request, headers)
         now = trio.current_time()
-        deadline = now + timeout_s if timeout_s is not None else math.inf
         self.budget.request(now)
         candidates = self.breakers.routable(candidates, [c.id for c in candidates], now)
         tried: list[str] = []
@@ -295,6 +343,32 @@ class Gateway:
             await response.aclose()
 
         return Forwarded(response.status_code, out_headers, body(), engine, discard)
+
+
+def _holding(forwarded: Forwarded, slot: contextlib.AsyncExitStack) -> Forwarded:
+    """``forwarded``, holding the admission slot until its body is done or discarded."""
+    inner = forwarded.body
+    inner_discard = forwarded.discard
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in inner:
+                yield chunk
+        finally:
+            aclose = getattr(inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await slot.aclose()
+
+    async def discard() -> None:
+        try:
+            await inner_discard()
+        finally:
+            await slot.aclose()
+
+    forwarded.body = body()
+    forwarded.discard = discard
+    return forwarded
 
 
 def _decision_headers(headers: dict[str, str], decision: Decision) -> None:

@@ -105,6 +105,7 @@ class Coordinator:
         self.registry = FleetRegistry(lost_after_s=cfg.heartbeat_interval_s * cfg.lost_after_missed)
         self.placer = Placer(cfg.deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
+        self._deployed = {d.model for d in cfg.deployments}
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
         self.prompt_tokenizer = PromptTokenizer({d.model: d.model_path for d in cfg.deployments})
@@ -130,6 +131,8 @@ class Coordinator:
     def _bump(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if self._gateway is not None:  # engines may have become ready: admit who waits
+            self._gateway.admission.wake_all()
 
     @property
     def gateway(self) -> Gateway:
@@ -154,6 +157,7 @@ class Coordinator:
             self.metrics,
             scheduler=self.scheduler,
             tokenizer=self.prompt_tokenizer,
+            is_deployed=lambda model: model in self._deployed,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -206,6 +210,7 @@ class Coordinator:
                 )
             self.link.reconcile()
             if self._gateway is not None:
+                self._gateway.admission.wake_all()
                 breakers = self._gateway.breakers
                 breakers.forget([e.id for e in self.registry.engines()])
                 for engine in self.registry.routable():  # ready: its /health answers

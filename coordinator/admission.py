@@ -1,0 +1,200 @@
+"""Admission control: per-model concurrency slots, bounded priority queues, shedding.
+
+Each model may have ``slots_per_engine`` × (its routable engines) requests in flight. A request
+beyond that waits in the model's queue, ordered by priority (``x-priority``: ``critical``,
+``high``, ``standard`` (default), ``batch``), first come first served within a priority. The queue
+holds at most ``max_queue`` requests (default 500): when it is full, a new request of higher
+priority than the lowest-priority waiter takes its place (that waiter is shed), otherwise the new
+request is shed. A shed request gets 503 with ``Retry-After``. A model with no ready engine (it
+is starting, or scaling from zero) has no slots: its requests wait in the queue until an engine
+is ready or their deadline passes (then 503 with ``Retry-After``). Every waiter is answered:
+admitted, shed, or timed out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import ApiError, InvalidRequest
+
+PRIORITIES = {"critical": 0, "high": 1, "standard": 2, "batch": 3}
+PRIORITY_HEADER = "x-priority"
+
+
+class Overloaded(ApiError):
+    """The request was shed: the model's queue is full (503 with ``Retry-After``)."""
+
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, code="overloaded", retry_after_s=retry_after_s)
+
+
+def priority_of(headers: dict[str, str]) -> int:
+    """The request's priority class (lower is more urgent).
+
+    Raises:
+        InvalidRequest: an unknown ``x-priority`` value.
+    """
+    raw = headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return PRIORITIES["standard"]
+    value = PRIORITIES.get(raw.strip().lower())
+    if value is None:
+        raise InvalidRequest(
+            f"`{PRIORITY_HEADER}` must be one of {list(PRIORITIES)}, got {raw!r}.",
+            param=PRIORITY_HEADER,
+        )
+    return value
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: int
+    seq: int
+    event: trio.Event = field(compare=False, default_factory=trio.Event)
+    outcome: str = field(compare=False, default="")  # "admitted" or "shed"
+
+
+@dataclass
+class _ModelQueue:
+    inflight: int = 0
+    waiters: list[_Waiter] = field(default_factory=list)  # a heap
+
+
+class Admission:
+    """Slots and queues of every model.
+
+    Args:
+        engines_of: the number of routable engines of a model, now.
+        slots_per_engine: requests in flight per engine before requests queue.
+        max_queue: waiters per model.
+        on_change: called with (model, queued) when a queue's length changes (metrics).
+    """
+
+    def __init__(
+        self,
+        engines_of: Callable[[str], int],
+        *,
+        slots_per_engine: int = 64,
+        max_queue: int = 500,
+        on_change: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.engines_of = engines_of
+        self.slots_per_engine = slots_per_engine
+        self.max_queue = max_queue
+        self.on_change = on_change
+        self._queues: dict[str, _ModelQueue] = {}
+        self._seq = itertools.count()
+        self.shed = 0
+
+    def queued(self, model: str) -> int:
+        q = self._queues.get(model)
+        return len(q.waiters) if q else 0
+
+    def inflight(self, model: str) -> int:
+        q = self._queues.get(model)
+        return q.inflight if q else 0
+
+    def _capacity(self, model: str) -> int:
+        return self.engines_of(model) * self.slots_per_engine
+
+    @asynccontextmanager
+    async def admit(
+        self, model: str, priority: int, deadline: float = math.inf
+    ) -> AsyncIterator[None]:
+        """Hold one of the model's slots for the body of the ``async with``.
+
+        Raises:
+            Overloaded: shed (queue full), or the deadline passed while waiting.
+        """
+        q = self._queues.setdefault(model, _ModelQueue())
+        if not q.waiters and q.inflight < self._capacity(model):
+            q.inflight += 1
+        else:
+            await self._wait(model, q, priority, deadline)
+        try:
+            yield
+        finally:
+            q.inflight -= 1
+            self.wake(model)
+
+    async def _wait(self, model: str, q: _ModelQueue, priority: int, deadline: float) -> None:
+        waiter = _Waiter(priority, next(self._seq))
+        if len(q.waiters) >= self.max_queue:
+            lowest = max(q.waiters)
+            if lowest.priority <= priority:
+                self.shed += 1
+                raise Overloaded(
+                    f"The queue for `{model}` is full ({self.max_queue} waiting); retry shortly.",
+                    retry_after_s=2,
+                )
+            q.waiters.remove(lowest)
+            heapq.heapify(q.waiters)
+            lowest.outcome = "shed"
+            lowest.event.set()
+        heapq.heappush(q.waiters, waiter)
+        self._changed(model, q)
+        try:
+            with trio.move_on_at(deadline):
+                await waiter.event.wait()
+        except BaseException:  # cancelled (the client left): give back what we hold
+            self._leave(model, q, waiter)
+            raise
+        if waiter.outcome == "admitted":
+            return
+        self._leave(model, q, waiter)
+        self.shed += 1
+        if waiter.outcome == "shed":
+            raise Overloaded(
+                f"Shed from the full queue of `{model}` by higher-priority requests; retry "
+                "shortly.",
+                retry_after_s=2,
+            )
+        raise Overloaded(
+            f"`{model}` had no free engine before the request's deadline; retry shortly.",
+            retry_after_s=5,
+        )
+
+    def _leave(self, model: str, q: _ModelQueue, waiter: _Waiter) -> None:
+        if waiter.outcome == "admitted":  # admitted, but not taken: free the slot again
+            q.inflight -= 1
+            self.wake(model)
+        elif waiter in q.waiters:
+            q.waiters.remove(waiter)
+            heapq.heapify(q.waiters)
+            self._changed(model, q)
+
+    def wake(self, model: str) -> None:
+        """Admit waiters while the model has free slots (call when engines become ready)."""
+        q = self._queues.get(model)
+        if q is None:
+            return
+        woke = False
+        while q.waiters and q.inflight < self._capacity(model):
+            waiter = heapq.heappop(q.waiters)
+            waiter.outcome = "admitted"
+            q.inflight += 1
+            waiter.event.set()
+            woke = True
+        if woke:
+            self._changed(model, q)
+
+    def wake_all(self) -> None:
+        for model in list(self._queues):
+            self.wake(model)
+
+    def _changed(self, model: str, q: _ModelQueue) -> None:
+        if self.on_change is not None:
+            self.on_change(model, len(q.waiters))
+
+
+__all__ = ["PRIORITIES", "PRIORITY_HEADER", "Admission", "Overloaded", "priority_of"]

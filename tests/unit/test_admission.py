@@ -1,0 +1,125 @@
+"""Admission control (fleet.coordinator.admission): slots, priority queues, shedding, deadlines.
+Time runs on trio's MockClock (autojump): waiting for a deadline takes no real time."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from fleet.coordinator.admission import PRIORITIES, Admission, Overloaded, priority_of
+from fleet.coordinator.errors import InvalidRequest
+
+CRITICAL, HIGH, STANDARD, BATCH = (PRIORITIES[p] for p in ("critical", "high", "standard", "batch"))
+
+
+class Engines:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, model: str) -> int:
+        return self.n
+
+
+async def _hold(admission: Admission, priority: int, release: trio.Event, log: list[str],
+                name: str, deadline: float = float("inf")) -> None:  # fmt: skip
+    try:
+        async with admission.admit("m", priority, deadline):
+            log.append(f"in {name}")
+            await release.wait()
+    except Overloaded as exc:
+        log.append(f"503 {name} retry-after {exc.retry_after_s}")
+
+
+async def test_requests_past_the_slots_wait_and_are_admitted_by_priority(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(Engines(1), slots_per_engine=1, max_queue=10)
+    log: list[str] = []
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        first = trio.Event()
+        nursery.start_soon(_hold, admission, STANDARD, first, log, "first")
+        await trio.sleep(1)
+        for name, prio in (("batch", BATCH), ("std", STANDARD), ("crit", CRITICAL)):
+            nursery.start_soon(_hold, admission, prio, done, log, name)
+            await trio.sleep(1)
+        assert log == ["in first"] and admission.queued("m") == 3
+        first.set()
+        await trio.sleep(1)
+        assert log[1] == "in crit"  # the most urgent goes first
+        done.set()
+    assert log == ["in first", "in crit", "in std", "in batch"]
+    assert admission.inflight("m") == 0 and admission.queued("m") == 0
+
+
+async def test_a_full_queue_sheds_the_lowest_priority_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(Engines(1), slots_per_engine=1, max_queue=2)
+    log: list[str] = []
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for name, prio in (("a", STANDARD), ("b", BATCH), ("c", STANDARD)):
+            nursery.start_soon(_hold, admission, prio, release, log, name)
+            await trio.sleep(1)
+        assert log == ["in a"] and admission.queued("m") == 2
+        nursery.start_soon(_hold, admission, HIGH, release, log, "d")  # queue full: b goes
+        await trio.sleep(1)
+        nursery.start_soon(_hold, admission, BATCH, release, log, "e")  # nothing lower: e goes
+        await trio.sleep(1)
+        assert log == ["in a", "503 b retry-after 2", "503 e retry-after 2"]
+        release.set()
+    assert log[3:] == ["in d", "in c"]
+    assert admission.shed == 2
+
+
+async def test_without_engines_requests_wait_until_one_is_ready_or_their_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engines = Engines(0)  # scaling from zero
+    admission = Admission(engines, slots_per_engine=2)
+    log: list[str] = []
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            _hold, admission, STANDARD, release, log, "patient", trio.current_time() + 60
+        )
+        nursery.start_soon(
+            _hold, admission, STANDARD, release, log, "hasty", trio.current_time() + 5
+        )
+        await trio.sleep(10)
+        assert log == ["503 hasty retry-after 5"]  # answered at its deadline, not left hanging
+        engines.n = 1
+        admission.wake("m")  # an engine became ready
+        await trio.sleep(1)
+        assert log[-1] == "in patient"
+        release.set()
+    assert admission.inflight("m") == 0 and admission.queued("m") == 0
+
+
+async def test_a_waiter_that_is_cancelled_leaves_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(Engines(1), slots_per_engine=1)
+    release = trio.Event()
+    log: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, admission, STANDARD, release, log, "holder")
+        await trio.sleep(1)
+        with trio.move_on_after(3):  # the client goes away while queued
+            async with admission.admit("m", STANDARD):
+                pytest.fail("admitted while the slot is held")
+        assert admission.queued("m") == 0
+        release.set()
+    assert admission.inflight("m") == 0
+
+
+def test_priority_header() -> None:
+    assert priority_of({}) == STANDARD
+    assert priority_of({"x-priority": "Critical"}) == CRITICAL
+    assert priority_of({"x-priority": "batch"}) == BATCH
+    with pytest.raises(InvalidRequest) as err:
+        priority_of({"x-priority": "urgent!!"})
+    assert err.value.param == "x-priority"
