@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, request
@@ -18,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import routeapi
 from .errors import ApiError, PayloadTooLarge, error_body, render
+from .proxy import relay
 from .validation import RequestKind, validate
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
         if not streaming:
             chunks = [chunk async for chunk in fwd.body]
             return Response(b"".join(chunks), status=fwd.status, headers=fwd.headers)
-        response = Response(_passthrough(fwd.body), status=fwd.status, headers=fwd.headers)
+        response = Response(relay(fwd.body), status=fwd.status, headers=fwd.headers)
         response.timeout = None
         return response
 
@@ -205,17 +205,6 @@ def create_app(coord: Coordinator) -> QuartTrio:
         )
 
     return app
-
-
-async def _passthrough(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    # Re-yield so the proxy's generator is closed (engine released) even if the client leaves.
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 __all__ = ["ENDPOINTS", "create_app"]

@@ -347,18 +347,7 @@ class Gateway:
 
 def _holding(forwarded: Forwarded, slot: contextlib.AsyncExitStack) -> Forwarded:
     """``forwarded``, holding the admission slot until its body is done or discarded."""
-    inner = forwarded.body
     inner_discard = forwarded.discard
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in inner:
-                yield chunk
-        finally:
-            aclose = getattr(inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            await slot.aclose()
 
     async def discard() -> None:
         try:
@@ -366,9 +355,24 @@ def _holding(forwarded: Forwarded, slot: contextlib.AsyncExitStack) -> Forwarded
         finally:
             await slot.aclose()
 
-    forwarded.body = body()
+    forwarded.body = relay(forwarded.body, then=slot.aclose)
     forwarded.discard = discard
     return forwarded
+
+
+async def relay(
+    body: AsyncIterator[bytes], then: Callable[[], Awaitable[object]] | None = None
+) -> AsyncIterator[bytes]:
+    """Re-yield ``body``; when done, or abandoned (the client left), close it, then ``then()``."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if then is not None:
+            await then()
 
 
 def _decision_headers(headers: dict[str, str], decision: Decision) -> None:
@@ -376,4 +380,4 @@ def _decision_headers(headers: dict[str, str], decision: Decision) -> None:
     headers["x-scheduling-time-ms"] = f"{decision.scheduling_ms:.3f}"
 
 
-__all__ = ["FORWARD_HEADERS", "Forwarded", "Gateway"]
+__all__ = ["FORWARD_HEADERS", "Forwarded", "Gateway", "relay"]
