@@ -47,6 +47,12 @@ class CoordinatorMetrics:
             ["model"],
             registry=r,
         )
+        self.stalls = Counter(
+            "fleet_engine_stalls_total",
+            "Engines found stalled: requests in flight, no output for the stall time.",
+            ["engine"],
+            registry=r,
+        )
         self.retries = Counter(
             "fleet_retries_total",
             "Requests retried on another engine, by why (connect, timeout, 5xx).",

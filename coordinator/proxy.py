@@ -113,6 +113,8 @@ class Gateway:
         self.resilience = resilience or ResilienceConfig()
         self.breakers = Breakers(self.resilience)
         self.budget = RetryBudget(self.resilience)
+        # engine -> when it last sent a byte (or was given work while idle): stall detection
+        self.progress: dict[str, float] = {}
         self.admission = admission or Admission(
             lambda m: len(self.registry.routable(m)),
             on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
@@ -247,6 +249,21 @@ class Gateway:
             retry_after_s=1,
         )
 
+    def stalled(self, now: float, stall_s: float) -> list[str]:
+        """Engines with requests in flight that sent nothing for ``stall_s`` seconds.
+
+        vLLM's ``/health`` stays 200 when its engine core hangs; this is how such an engine is
+        noticed. Each is reported once per stall (its clock restarts).
+        """
+        out = [
+            engine_id
+            for engine_id, at in self.progress.items()
+            if self.inflight.get(engine_id) > 0 and now - at >= stall_s
+        ]
+        for engine_id in out:
+            self.progress[engine_id] = now
+        return out
+
     def _timeout_s(self, headers: dict[str, str]) -> float | None:
         """The request's deadline in seconds: ``x-request-timeout``, else the configured one.
 
@@ -298,6 +315,8 @@ class Gateway:
         request: ParsedRequest,
         request_id: str,
     ) -> Forwarded:
+        if self.inflight.get(engine.id) == 0:  # an idle engine's silence was not a stall
+            self.progress[engine.id] = trio.current_time()
         self.inflight.acquire(engine.id)
         self.metrics.inflight.labels(engine=engine.id).inc()
         started = self.clock()
@@ -322,6 +341,7 @@ class Gateway:
             release()
             raise
         self.metrics.ttfb.labels(model=request.model).observe(self.clock() - started)
+        self.progress[engine.id] = trio.current_time()
         out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers["x-request-id"] = request_id
         out_headers["x-selected-pod"] = engine.id
@@ -329,6 +349,7 @@ class Gateway:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for chunk in response.aiter_raw():
+                    self.progress[engine.id] = trio.current_time()
                     yield chunk
             except httpx.HTTPError as exc:
                 # The stream broke after it started; resuming it is the resilience work's job.

@@ -53,6 +53,7 @@ class ResilienceConfig:
     budget_min_per_s: float = 1.0
     budget_window_s: float = 10.0
     request_timeout_s: float | None = None  # default deadline; ``x-request-timeout`` overrides
+    stall_s: float = 30.0  # requests in flight but no byte from the engine for this long
 
     def __post_init__(self) -> None:
         for key in ("consecutive_failures", "window_failures", "half_open_probes", "max_attempts"):
@@ -124,6 +125,10 @@ class Breaker:
             or len(self.failures) >= self.cfg.window_failures
         ):
             self._open(now)
+
+    def trip(self, now: float) -> None:
+        """Open now, whatever the state (a stalled engine)."""
+        self._open(now)
 
     def health_ok(self, now: float) -> None:
         """An active health check passed: an open breaker tries again sooner."""

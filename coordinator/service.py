@@ -212,6 +212,12 @@ class Coordinator:
             if self._gateway is not None:
                 self._gateway.admission.wake_all()
                 breakers = self._gateway.breakers
+                now = trio.current_time()
+                for engine_id in self._gateway.stalled(now, self._gateway.resilience.stall_s):
+                    log.warning("engine %s stalled (requests in flight, no output): ejected",
+                                engine_id)  # fmt: skip
+                    breakers.get(engine_id).trip(now)
+                    self.metrics.stalls.labels(engine=engine_id).inc()
                 breakers.forget([e.id for e in self.registry.engines()])
                 for engine in self.registry.routable():  # ready: its /health answers
                     breakers.health_ok(engine.id, trio.current_time())

@@ -78,6 +78,9 @@ def test_a_failed_probe_opens_it_again_and_health_shortens_the_wait() -> None:
     assert b.state == "open" and not b.allow(100.0)
     b.health_ok(61.0)  # active health checks pass: try again 10 s later, not 60
     assert not b.allow(70.9) and b.allow(71.0)
+    b.success(71.5)
+    b.trip(72.0)  # a stall opens it at once, whatever its state
+    assert b.state == "open" and not b.allow(100.0)
 
 
 def test_ejection_never_takes_more_than_half_of_a_models_engines() -> None:
@@ -223,3 +226,22 @@ async def test_a_deadline_bounds_the_wait_for_a_hung_engine(pair: Pair) -> None:
         with pytest.raises(InvalidRequest) as bad_err:
             await pair.gateway.forward("/v1/completions", parsed, raw, {"x-request-timeout": bad})
         assert bad_err.value.param == "x-request-timeout"
+
+
+async def test_an_engine_that_stops_producing_is_reported_stalled(pair: Pair) -> None:
+    async with httpx.AsyncClient() as http:
+        await http.post(pair.urls["bad"] + "/sim/faults", json={"fail_fraction": 0, "hang": True})
+    registry = FleetRegistry(lost_after_s=60)
+    hung = EngineStatus(engine_id="bad", model="demo", url=pair.urls["bad"], state="ready")
+    registry.register(Register("n3", "", "test", (), (hung,)), trio.current_time())
+    gateway = pair.gateway
+    gateway.registry = registry
+    assert gateway.stalled(trio.current_time(), 0.5) == []  # nothing in flight: no stall
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_complete, gateway)
+        await trio.sleep(1.0)
+        assert gateway.inflight.get("bad") == 1
+        assert gateway.stalled(trio.current_time(), 0.5) == ["bad"]
+        assert gateway.stalled(trio.current_time(), 0.5) == []  # reported once per stall
+        nursery.cancel_scope.cancel()
+    assert gateway.inflight.get("bad") == 0
