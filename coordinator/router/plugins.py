@@ -11,8 +11,9 @@ by-label-selector                  a Kubernetes LabelSelector: ``matchLabels``,
                                    ``matchExpressions`` (In, NotIn, Exists, DoesNotExist)
 healthy-filter (Fleet)             drop engines whose last ``/metrics`` scrape failed
 load-imbalance-filter (Fleet)      drop engines that took more than ``maxOverMean`` (1.15) ×
-                                   the candidates' mean of recent requests plus ``slack`` (4)
-                                   (exponentially decayed counts, ``halfLifeSeconds`` 60): a
+                                   the candidates' mean of recent requests, or the mean plus
+                                   ``slack`` (4) while counts are small (exponentially decayed
+                                   counts, ``halfLifeSeconds`` 60): a
                                    hot prefix then spreads to a second engine instead of
                                    piling up on its holder; never drops every candidate
 prefix-cache-scorer,               matched / total blocks of the prompt, from the global KV
@@ -339,7 +340,9 @@ class LoadImbalanceFilter(Filter):
             loads = {x.id: self.counts.get(x.id, ctx.now) for x in ctx.candidates}
             mean = sum(loads.values()) / len(loads) if loads else 0.0
             # never drop every candidate: the least loaded always passes
-            limit = max(self.max_over_mean * mean + self.slack, min(loads.values(), default=0.0))
+            limit = max(
+                self.max_over_mean * mean, mean + self.slack, min(loads.values(), default=0.0)
+            )
             seen = self._seen = (ctx, limit, loads)
         load = seen[2].get(c.id)
         return (self.counts.get(c.id, ctx.now) if load is None else load) <= seen[1]
