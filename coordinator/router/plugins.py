@@ -15,7 +15,10 @@ load-imbalance-filter (Fleet)      drop engines that took more than ``maxOverMea
                                    ``slack`` (4) while counts are small (exponentially decayed
                                    counts, ``halfLifeSeconds`` 60): a
                                    hot prefix then spreads to a second engine instead of
-                                   piling up on its holder; never drops every candidate
+                                   piling up on its holder; never drops every candidate.
+                                   ``maxLostPrefixTokens`` (0: off) keeps an engine over the
+                                   limit for a request that would lose more cached tokens
+                                   than that by moving
 prefix-cache-scorer,               matched / total blocks of the prompt, from the global KV
 precise-prefix-cache-scorer        index built from real KV events (both names: Fleet's index
                                    is exact); ``maxPrefixBlocksToMatch`` (256),
@@ -321,13 +324,14 @@ class DecayingCounts:
 
 class LoadImbalanceFilter(Filter):
     TYPE = "load-imbalance-filter"
-    PARAMS = ("halfLifeSeconds", "maxOverMean", "slack")
+    PARAMS = ("halfLifeSeconds", "maxOverMean", "slack", "maxLostPrefixTokens")
 
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
         self.counts = DecayingCounts(params.number("halfLifeSeconds", 60, low=0.001))
         self.max_over_mean = params.number("maxOverMean", 1.15, low=1)
         self.slack = params.number("slack", 4, low=0)
+        self.max_lost_tokens = params.number("maxLostPrefixTokens", 0, low=0)
         # (context, limit, loads) of the request being filtered
         self._seen: tuple[SchedulingContext, float, dict[str, float]] | None = None
 
@@ -344,8 +348,26 @@ class LoadImbalanceFilter(Filter):
                 self.max_over_mean * mean, mean + self.slack, min(loads.values(), default=0.0)
             )
             seen = self._seen = (ctx, limit, loads)
-        load = seen[2].get(c.id)
-        return (self.counts.get(c.id, ctx.now) if load is None else load) <= seen[1]
+        limit, loads = seen[1], seen[2]
+        load = loads.get(c.id)
+        if (self.counts.get(c.id, ctx.now) if load is None else load) <= limit:
+            return True
+        if self.max_lost_tokens <= 0:
+            return False
+        # Over the limit. Leave it out only if the request loses at most maxLostPrefixTokens of
+        # cached prefix by going to the best engine under the limit instead: a new conversation
+        # on a hot system prompt moves, a conversation with its history cached here stays.
+        matches = ctx.prefix_match(ctx.candidates)
+        blocks, _, size = matches[c.id]
+        best = max(
+            (
+                matches[x.id][0] * matches[x.id][2]
+                for x in ctx.candidates
+                if x.id != c.id and loads.get(x.id, 0.0) <= limit
+            ),
+            default=0,
+        )
+        return blocks * size - best > self.max_lost_tokens
 
 
 class HealthyFilter(Filter):

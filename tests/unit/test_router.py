@@ -422,3 +422,23 @@ async def test_prompt_tokenizer_loads_once_and_tokenizes_long_prompts_off_the_lo
     assert short is not None and len(short) > 1
     assert await tokenizers.tokens("broken", "completion", {"prompt": "x"}) is None
     assert await tokenizers.tokens("unknown", "completion", {"prompt": "x"}) is None
+
+
+def test_an_engine_over_the_limit_keeps_requests_that_would_lose_too_much_prefix() -> None:
+    def profile(lost: int) -> str:
+        return HEADER + (
+            "plugins:\n- type: load-imbalance-filter\n"
+            f"  parameters: {{slack: 0, maxLostPrefixTokens: {lost}}}\n"
+            "- {type: precise-prefix-cache-scorer}\n"
+            "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: load-imbalance-filter}, "
+            "{pluginRef: precise-prefix-cache-scorer}]\n"
+        )
+
+    for lost, expect in ((0, "b"), (4 * BS, "a"), (7 * BS, "a"), (8 * BS, "b")):
+        index = KVIndex()
+        store(index, "a", PROMPT)  # 8 blocks: moving to b loses 8 × BS tokens
+        s = scheduler(profile(lost), index)
+        for _ in range(3):
+            s.served(RoutingRequest("m"), "a", 0.0)  # a took 3, b none: a is over the limit
+        d = s.schedule(RoutingRequest("m", PROMPT), [view("a"), view("b")], counts().get, 0.0)
+        assert d.engine is not None and d.engine.id == expect, lost
