@@ -31,13 +31,14 @@ DEFAULT_CONFIG = """\
 # Fleet's default scheduling: the engine holding the longest cached prefix of the prompt (from the
 # global KV-block index); a new prefix goes to the engine with the least recent traffic; an engine
 # that took clearly more than its share lately is left out, so hot prefixes spread instead of
-# piling up on one engine; session affinity by x-session-id.
+# piling up on one engine (but a request that would lose more than 64 cached tokens by moving
+# stays, once another engine holds part of its prefix); session affinity by x-session-id.
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: decode-filter
 - type: load-imbalance-filter
-  parameters: {maxOverMean: 1.15, slack: 4, halfLifeSeconds: 60}
+  parameters: {maxOverMean: 1.15, slack: 4, halfLifeSeconds: 60, maxLostPrefixTokens: 64}
 - type: precise-prefix-cache-scorer
 - type: recent-load-scorer
 - type: active-request-scorer

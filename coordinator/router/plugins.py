@@ -16,9 +16,11 @@ load-imbalance-filter (Fleet)      drop engines that took more than ``maxOverMea
                                    counts, ``halfLifeSeconds`` 60): a
                                    hot prefix then spreads to a second engine instead of
                                    piling up on its holder; never drops every candidate.
-                                   ``maxLostPrefixTokens`` (0: off) keeps an engine over the
-                                   limit for a request that would lose more cached tokens
-                                   than that by moving
+                                   ``maxLostPrefixTokens`` (0: off): once an engine under
+                                   the limit holds part of the prompt, an engine over it is
+                                   left out only for requests losing at most that many
+                                   cached tokens by moving (new conversations move,
+                                   continuing ones stay)
 prefix-cache-scorer,               matched / total blocks of the prompt, from the global KV
 precise-prefix-cache-scorer        index built from real KV events (both names: Fleet's index
                                    is exact); ``maxPrefixBlocksToMatch`` (256),
@@ -354,9 +356,11 @@ class LoadImbalanceFilter(Filter):
             return True
         if self.max_lost_tokens <= 0:
             return False
-        # Over the limit. Leave it out only if the request loses at most maxLostPrefixTokens of
-        # cached prefix by going to the best engine under the limit instead: a new conversation
-        # on a hot system prompt moves, a conversation with its history cached here stays.
+        # Over the limit. If no engine under the limit holds any of the prompt yet, leave this
+        # one out: the request seeds its prefix on another engine (how a hot prefix spreads).
+        # Once one does, leave it out only if the request loses at most maxLostPrefixTokens by
+        # moving: a new conversation on a spread system prompt moves, a conversation whose
+        # history is cached here stays.
         matches = ctx.prefix_match(ctx.candidates)
         blocks, _, size = matches[c.id]
         best = max(
@@ -367,7 +371,7 @@ class LoadImbalanceFilter(Filter):
             ),
             default=0,
         )
-        return blocks * size - best > self.max_lost_tokens
+        return best > 0 and blocks * size - best > self.max_lost_tokens
 
 
 class HealthyFilter(Filter):

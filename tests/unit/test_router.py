@@ -434,11 +434,19 @@ def test_an_engine_over_the_limit_keeps_requests_that_would_lose_too_much_prefix
             "{pluginRef: precise-prefix-cache-scorer}]\n"
         )
 
-    for lost, expect in ((0, "b"), (4 * BS, "a"), (7 * BS, "a"), (8 * BS, "b")):
+    # b holds 2 of the prompt's 8 blocks: moving loses 6 blocks = 24 tokens
+    for lost, b_holds, expect in (
+        (0, 2, "b"),  # off: the limit alone decides
+        (4 * BS, 2, "a"),  # 24 > 16: stays on its holder
+        (7 * BS, 2, "b"),  # 24 <= 28: moves
+        (4 * BS, 0, "b"),  # nobody else holds any of it: it moves, seeding the prefix on b
+    ):
         index = KVIndex()
-        store(index, "a", PROMPT)  # 8 blocks: moving to b loses 8 × BS tokens
+        store(index, "a", PROMPT)
+        if b_holds:
+            store(index, "b", PROMPT[: b_holds * BS])
         s = scheduler(profile(lost), index)
         for _ in range(3):
             s.served(RoutingRequest("m"), "a", 0.0)  # a took 3, b none: a is over the limit
         d = s.schedule(RoutingRequest("m", PROMPT), [view("a"), view("b")], counts().get, 0.0)
-        assert d.engine is not None and d.engine.id == expect, lost
+        assert d.engine is not None and d.engine.id == expect, (lost, b_holds)
