@@ -63,7 +63,7 @@ def fleet(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield Fleet(proc, time.monotonic() - t0)
     finally:
         if proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
+            proc.stop(signal.SIGTERM)  # SIGKILL would orphan vLLM's EngineCore processes
 
 
 # -- the OpenAI API ---------------------------------------------------------------------------
@@ -350,4 +350,4 @@ def test_sigint_while_engine_loads_leaves_nothing(
         assert not alive(pids | proc.descendants())
     finally:
         if proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
+            proc.stop(signal.SIGTERM)  # SIGKILL would orphan vLLM's EngineCore processes

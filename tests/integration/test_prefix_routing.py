@@ -46,7 +46,7 @@ def fleet2(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         http.close()
     finally:
         if proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
+            proc.stop(signal.SIGTERM)  # SIGKILL would orphan vLLM's EngineCore processes
 
 
 def _ready(http: httpx.Client) -> dict[str, dict[str, Any]]:

@@ -38,7 +38,7 @@ def sim_fleet(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield proc
     finally:
         if proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
+            proc.stop(signal.SIGTERM)  # SIGKILL would orphan vLLM's EngineCore processes
 
 
 def test_all_engines_become_ready_and_serve_the_openai_client(sim_fleet: FleetProcess) -> None:
