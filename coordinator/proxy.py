@@ -249,6 +249,12 @@ class Gateway:
             retry_after_s=1,
         )
 
+    def forget(self, keep: list[str]) -> None:
+        """Drop per-engine state of engines that left (``keep``: the known ones)."""
+        alive = set(keep)
+        for engine_id in [e for e in self.progress if e not in alive]:
+            del self.progress[engine_id]
+
     def stalled(self, now: float, stall_s: float) -> list[str]:
         """Engines with requests in flight that sent nothing for ``stall_s`` seconds.
 

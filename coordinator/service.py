@@ -218,7 +218,9 @@ class Coordinator:
                                 engine_id)  # fmt: skip
                     breakers.get(engine_id).trip(now)
                     self.metrics.stalls.labels(engine=engine_id).inc()
-                breakers.forget([e.id for e in self.registry.engines()])
+                known = [e.id for e in self.registry.engines()]
+                breakers.forget(known)
+                self._gateway.forget(known)
                 for engine in self.registry.routable():  # ready: its /health answers
                     breakers.health_ok(engine.id, trio.current_time())
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):

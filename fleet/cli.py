@@ -324,17 +324,29 @@ async def _serve_until_signal(service_run: Any) -> int:
 # -- inspection -----------------------------------------------------------------------------
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
+def _ask_coordinator(coordinator: str, path: str, body: Any = None) -> Any:
+    """GET (or POST ``body`` to) the coordinator's ``path``; its JSON answer.
+
+    Raises:
+        FleetError: the coordinator is unreachable or answered with an error.
+    """
     import httpx
 
-    url = args.coordinator.rstrip("/") + f"/api/v1/{args.what}"
+    url = coordinator.rstrip("/") + path
     try:
-        response = httpx.get(url, timeout=10)
+        if body is None:
+            response = httpx.get(url, timeout=10)
+        else:
+            response = httpx.post(url, json=body, timeout=30)
     except httpx.HTTPError as exc:
-        raise FleetError(f"cannot reach the coordinator at {args.coordinator}: {exc}") from exc
+        raise FleetError(f"cannot reach the coordinator at {coordinator}: {exc}") from exc
     if response.status_code != 200:
-        raise FleetError(f"{url} answered {response.status_code}: {response.text[:200]}")
-    data = response.json()
+        raise FleetError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    data = _ask_coordinator(args.coordinator, f"/api/v1/{args.what}")
     if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
@@ -348,8 +360,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_route_explain(args: argparse.Namespace) -> int:
-    import httpx
-
     body: dict[str, Any] = {"model": args.model}
     if args.chat is not None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -358,14 +368,7 @@ def _cmd_route_explain(args: argparse.Namespace) -> int:
         body["prompt"] = args.prompt
     if args.session:
         body["headers"] = {"x-session-id": args.session}
-    url = args.coordinator.rstrip("/") + "/api/v1/route/explain"
-    try:
-        response = httpx.post(url, json=body, timeout=30)
-    except httpx.HTTPError as exc:
-        raise FleetError(f"cannot reach the coordinator at {args.coordinator}: {exc}") from exc
-    if response.status_code != 200:
-        raise FleetError(f"{url} answered {response.status_code}: {response.text[:300]}")
-    data = response.json()
+    data = _ask_coordinator(args.coordinator, "/api/v1/route/explain", body)
     if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
