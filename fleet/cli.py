@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(".fleet/logs"),
         help="where fleet and engine logs go (default %(default)s)",
     )
+    up.add_argument(
+        "--engine-startup-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="restart an engine not healthy this long after its start (default %(default)s)",
+    )
     up.set_defaults(func=_cmd_up)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
@@ -106,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         help="address engines listen on; the coordinator must reach it",
     )
     agent.add_argument("--log-dir", type=Path, default=Path(".fleet/logs"))
+    agent.add_argument(
+        "--engine-startup-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="restart an engine not healthy this long after its start (default %(default)s)",
+    )
     agent.set_defaults(func=_cmd_agent)
 
     for name, what in (("engines", "engines"), ("nodes", "nodes")):
@@ -292,6 +306,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     from fleet.agent.launcher import LaunchConfig
     from fleet.agent.service import Agent, AgentConfig
+    from fleet.agent.supervisor import SupervisorConfig
 
     _setup_logging(args.log_dir, verbose_stderr=True)
     kwargs: dict[str, Any] = {}
@@ -303,6 +318,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         log_dir=args.log_dir,
         launch=LaunchConfig(host=args.engine_host),
+        supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
         **kwargs,
     )
     return trio.run(_serve_until_signal, Agent(cfg).run)

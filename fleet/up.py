@@ -17,6 +17,7 @@ import trio
 
 from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
+from fleet.agent.supervisor import SupervisorConfig
 from fleet.coordinator.placement import Deployment
 from fleet.coordinator.router.scheduler import Profile
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
@@ -55,6 +56,7 @@ async def run_up(
                     http_port=args.agent_port,
                     log_dir=args.log_dir,
                     launch=LaunchConfig(),
+                    supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
                 )
             )
             agent_url = await nursery.start(agent.run)

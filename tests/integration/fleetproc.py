@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+
 START_TIMEOUT_S = 420.0  # a CPU engine loads in ~40 s; CI machines are slower and busy
 
 
@@ -70,10 +72,27 @@ class FleetProcess:
                     )
                 self._cond.wait(timeout=min(left, 1.0))
 
-    def engine_log_tail(self) -> str:
+    def wait_ready(self, count: int, timeout_s: float) -> None:
+        """Wait until the coordinator lists ``count`` ready engines; on timeout the assertion
+        carries fleet's output and every engine log's tail (a CI run is diagnosed from it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            engines = httpx.get(self.url + "/api/v1/engines", timeout=30).json()["engines"]
+            if sum(e["state"] == "ready" for e in engines) >= count:
+                return
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                states = {e["id"]: (e["state"], e.get("restarts")) for e in engines}
+                raise AssertionError(
+                    f"{count} engines not ready within {timeout_s} s: {states}; output:\n"
+                    + "\n".join(self.lines[-60:])
+                    + self.engine_log_tail(40)
+                )
+            time.sleep(0.5)
+
+    def engine_log_tail(self, lines: int = 15) -> str:
         out = []
         for log in sorted(self.log_dir.glob("*.log")):
-            text = log.read_text(errors="replace").splitlines()[-15:]
+            text = log.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"\n--- {log.name} ---\n" + "\n".join(text))
         return "".join(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from fleet.agent.launcher import LaunchConfig, engine_command
+from fleet.agent.launcher import LaunchConfig, engine_command, free_port
 from fleet.agent.supervisor import EngineSupervisor, SupervisorConfig
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineSpec
@@ -197,3 +198,12 @@ def test_engine_command_names_the_replay_endpoint() -> None:
         replay_endpoint="tcp://127.0.0.1:7",
     )  # fmt: skip
     assert '"replay_endpoint": "tcp://127.0.0.1:7"' in " ".join(argv)
+
+
+def test_free_port_never_hands_out_the_same_port_twice() -> None:
+    """Engines started together must not race for one port the kernel offered twice."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    for port in ports[:20]:  # each was free when handed out
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
