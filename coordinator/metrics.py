@@ -29,6 +29,14 @@ class CoordinatorMetrics:
             ["engine"],
             registry=r,
         )
+        self.stream_resumes = Counter(
+            "fleet_stream_resumes_total",
+            "Streams an engine broke after they started, by outcome: resumed (continued on "
+            "another engine), completed (the answer was whole; only its end was lost), "
+            "unresumable, exhausted, refused, no_engine (the client got an error event).",
+            ["outcome"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "fleet_requests_inflight", "Requests being proxied, by engine.", ["engine"], registry=r
         )

@@ -17,6 +17,7 @@ and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -35,6 +36,15 @@ from .picker import InflightCounter
 from .pools import EnginePools
 from .registry import EngineView, FleetRegistry
 from .resilience import Breakers, ResilienceConfig, RetryBudget, backoff_s
+from .resume import (
+    DONE,
+    Progress,
+    Rewriter,
+    SseSplitter,
+    closing_events,
+    continuation,
+    error_event,
+)
 from .router.prompt import PromptTokenizer, RoutingRequest
 from .router.scheduler import Decision, Scheduler
 from .validation import ParsedRequest
@@ -224,6 +234,16 @@ class Gateway:
                     breaker.success(trio.current_time())
                     self.scheduler.served(routing, engine.id, trio.current_time())
                     _decision_headers(forwarded.headers, decision)
+                    if request.stream and forwarded.status == 200 and _is_sse(forwarded):
+                        forwarded.body = self._resuming(
+                            forwarded.engine,
+                            forwarded.body,
+                            path,
+                            request,
+                            upstream_headers,
+                            routing,
+                            deadline,
+                        )
                     return forwarded
                 reason, last_error = "5xx", f"engine {engine.id} answered {forwarded.status}"
             breaker.failure(trio.current_time())
@@ -248,6 +268,169 @@ class Gateway:
             f"No engine for `{request.model}` answered ({last_error}); retry shortly.",
             retry_after_s=1,
         )
+
+    async def _resuming(
+        self,
+        engine: EngineView,
+        body: AsyncIterator[bytes],
+        path: str,
+        request: ParsedRequest,
+        headers: dict[str, str],
+        routing: RoutingRequest,
+        deadline: float,
+    ) -> AsyncIterator[bytes]:
+        """Relay a started stream event by event; if its engine breaks it (an error, the end
+        without ``[DONE]``, or silence for ``stream_idle_s``), continue it on another engine
+        (:mod:`.resume`). The client's stream ends well formed whatever happens: with the
+        answer, or with an error event and ``[DONE]``."""
+        progress = Progress(request.kind)
+        rewriter: Rewriter | None = None
+        failed: list[str] = []
+        resumes = 0
+        while True:
+            splitter = SseSplitter()
+            sent: list[bytes] = []  # the first stream's events, parsed only if it breaks
+            why = ""
+            try:
+                while True:
+                    with trio.move_on_after(self.resilience.stream_idle_s) as idle:
+                        try:
+                            chunk = await body.__anext__()
+                        except StopAsyncIteration:
+                            why = "the stream ended without [DONE]"
+                    if idle.cancelled_caught:
+                        why = f"no byte for {self.resilience.stream_idle_s:g} s"
+                    if why:
+                        break
+                    for event in splitter.feed(chunk):
+                        out = event if rewriter is None else rewriter.rewrite(event)
+                        if rewriter is None:
+                            sent.append(event)
+                        if out is not None:
+                            yield out
+                        if event.startswith(DONE):
+                            return
+            finally:
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()
+            # The engine broke the stream: count it, then find the rest elsewhere.
+            failed.append(engine.id)
+            self.breakers.get(engine.id).failure(trio.current_time())
+            self.metrics.upstream_errors.labels(engine=engine.id).inc()
+            progress.absorb_events(sent)
+            log.warning("engine %s broke a stream (%s); resuming it", engine.id, why)
+            nxt = await self._continue(
+                path, request, headers, routing, deadline, progress, failed, resumes
+            )
+            if isinstance(nxt, list):
+                for event in nxt:
+                    yield event
+                return
+            forwarded, rewriter = nxt
+            engine, body = forwarded.engine, forwarded.body
+            resumes += 1
+
+    async def _continue(
+        self,
+        path: str,
+        request: ParsedRequest,
+        headers: dict[str, str],
+        routing: RoutingRequest,
+        deadline: float,
+        progress: Progress,
+        failed: list[str],
+        resumes: int,
+    ) -> tuple[Forwarded, Rewriter] | list[bytes]:
+        """Open the continuation of a broken stream on an engine not tried yet: the opened
+        response with its rewriter, or the events that end the client's stream."""
+        model = request.model
+        tokenizer = await self.tokenizer.tokenizer(model)
+        generated = (
+            len(tokenizer.encode(progress.text, add_special_tokens=False))
+            if tokenizer is not None and progress.text
+            else progress.chunks
+        )
+        if routing.token_ids is None and tokenizer is not None:
+            routing.token_ids = await self.tokenizer.tokens(model, request.kind, request.body)
+        prompt_tokens = len(routing.token_ids) if routing.token_ids is not None else None
+
+        def end(outcome: str, message: str) -> list[bytes]:
+            self.metrics.stream_resumes.labels(outcome=outcome).inc()
+            log.warning("stream of %s not resumed: %s", model, message)
+            return [error_event(message), DONE + b"\n\n"]
+
+        if progress.finish_reason is not None:  # complete; only the end was lost
+            self.metrics.stream_resumes.labels(outcome="completed").inc()
+            return closing_events(
+                progress,
+                finish_reason=None,
+                usage=self._owed_usage(request, progress, prompt_tokens, generated),
+            )
+        body = continuation(request.kind, request.body, progress, generated)
+        if isinstance(body, str):
+            if body == "budget spent":
+                self.metrics.stream_resumes.labels(outcome="completed").inc()
+                return closing_events(
+                    progress,
+                    finish_reason="length",
+                    usage=self._owed_usage(request, progress, prompt_tokens, generated),
+                )
+            return end("unresumable", f"The engine serving this stream failed ({body} cannot "
+                       "be continued elsewhere); retry the request.")  # fmt: skip
+        if resumes >= self.resilience.max_resumes:
+            return end("exhausted", "The engines serving this stream failed; retry the request.")
+        raw = json.dumps(body).encode()
+        upstream = dict(headers)
+        while True:
+            now = trio.current_time()
+            candidates = [c for c in self.registry.routable(model) if c.id not in failed]
+            candidates = self.breakers.routable(candidates, [c.id for c in candidates], now)
+            if not candidates or now >= deadline:
+                return end("no_engine", "The engine serving this stream failed and no other "
+                           "engine could continue it; retry the request.")  # fmt: skip
+            engine = self.scheduler.schedule(routing, candidates, self.inflight.get, now).engine
+            if engine is None:
+                return end("no_engine", "No engine can continue this stream; retry the request.")
+            failed.append(engine.id)
+            if math.isfinite(deadline):
+                upstream[TIMEOUT_HEADER] = f"{max(deadline - now, 0.001):.3f}"
+            try:
+                with trio.move_on_at(deadline):
+                    forwarded = await self._open(engine, path, raw, upstream, request,
+                                                 upstream.get("x-request-id", ""))  # fmt: skip
+                    if forwarded.status == 200 and _is_sse(forwarded):
+                        self.breakers.get(engine.id).success(trio.current_time())
+                        self.metrics.stream_resumes.labels(outcome="resumed").inc()
+                        log.info("stream of %s resumed on %s", model, engine.id)
+                        return forwarded, Rewriter(
+                            progress, prompt_tokens, generated, request.include_usage
+                        )
+                    await forwarded.discard()
+                    if forwarded.status < 500:  # the continuation itself was refused
+                        return end("refused", f"The engine serving this stream failed and the "
+                                   f"continuation was refused ({forwarded.status}).")  # fmt: skip
+            except UpstreamError as exc:
+                log.warning("%s", exc)
+            self.breakers.get(engine.id).failure(trio.current_time())
+            self.metrics.upstream_errors.labels(engine=engine.id).inc()
+
+    def _owed_usage(
+        self,
+        request: ParsedRequest,
+        progress: Progress,
+        prompt_tokens: int | None,
+        generated: int,
+    ) -> dict[str, int] | None:
+        """The usage chunk a client asked for and did not get yet."""
+        if not request.include_usage or progress.usage_sent or prompt_tokens is None:
+            return None
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
+        }
 
     def forget(self, keep: list[str]) -> None:
         """Drop per-engine state of engines that left (``keep``: the known ones)."""
@@ -400,6 +583,10 @@ async def relay(
             await aclose()
         if then is not None:
             await then()
+
+
+def _is_sse(forwarded: Forwarded) -> bool:
+    return forwarded.headers.get("content-type", "").startswith("text/event-stream")
 
 
 def _decision_headers(headers: dict[str, str], decision: Decision) -> None:

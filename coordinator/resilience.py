@@ -54,12 +54,16 @@ class ResilienceConfig:
     budget_window_s: float = 10.0
     request_timeout_s: float | None = None  # default deadline; ``x-request-timeout`` overrides
     stall_s: float = 30.0  # requests in flight but no byte from the engine for this long
+    stream_idle_s: float = 30.0  # a started stream silent this long is resumed elsewhere
+    max_resumes: int = 2  # continuations of one stream on other engines
 
     def __post_init__(self) -> None:
         for key in ("consecutive_failures", "window_failures", "half_open_probes", "max_attempts"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be >= 1")
-        for key in ("window_s", "open_s", "budget_window_s"):
+        if self.max_resumes < 0:
+            raise ConfigError("max_resumes", self.max_resumes, "must be >= 0")
+        for key in ("window_s", "open_s", "budget_window_s", "stall_s", "stream_idle_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(key, getattr(self, key), "must be > 0")
         if not 0 <= self.max_ejected_share <= 1:

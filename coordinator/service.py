@@ -30,7 +30,7 @@ from .placement import Deployment, Placer
 from .pools import EnginePools
 from .proxy import Gateway
 from .registry import FleetRegistry
-from .resilience import STATE_VALUES
+from .resilience import STATE_VALUES, ResilienceConfig
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Profile, Scheduler
@@ -61,6 +61,7 @@ class CoordinatorConfig:
     kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
     # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
     scheduling: Profile | None = None
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
 
     def __post_init__(self) -> None:
@@ -157,6 +158,7 @@ class Coordinator:
             self.metrics,
             scheduler=self.scheduler,
             tokenizer=self.prompt_tokenizer,
+            resilience=self.cfg.resilience,
             is_deployed=lambda model: model in self._deployed,
         )
         try:

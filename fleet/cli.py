@@ -199,6 +199,14 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="an llm-d EndpointPickerConfig YAML file (default: Fleet's own, see docs/ROUTING.md)",
     )
     p.add_argument(
+        "--resilience",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a breaker/retry/resume setting, e.g. stream_idle_s=10 (repeatable; the keys and "
+        "defaults are in docs/RESILIENCE.md)",
+    )
+    p.add_argument(
         "--engine-arg",
         action="append",
         default=[],
@@ -243,6 +251,39 @@ def scheduling(args: argparse.Namespace) -> Any:
     return load_config_file(args.scheduler_config)
 
 
+def resilience(args: argparse.Namespace) -> Any:
+    """The breaker, retry and resume settings, defaults overridden by ``--resilience K=V``.
+
+    Raises:
+        ConfigError: an unknown key or a bad value.
+    """
+    import dataclasses
+
+    from fleet.coordinator.resilience import ResilienceConfig
+    from fleet.protocol.errors import ConfigError
+
+    fields = {f.name: f for f in dataclasses.fields(ResilienceConfig)}
+    values: dict[str, Any] = {}
+    for item in args.resilience:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ConfigError(
+                "--resilience", item, f"needs KEY=VALUE with KEY one of {sorted(fields)}"
+            )
+        kind = str(fields[key].type)
+        try:
+            if text.lower() in ("none", "") and "None" in kind:
+                values[key] = None
+            elif kind.startswith("int"):
+                values[key] = int(text)
+            else:
+                values[key] = float(text)
+        except ValueError as exc:
+            raise ConfigError("--resilience", item, "the value must be a number") from exc
+    return ResilienceConfig(**values)
+
+
 def _deployment(args: argparse.Namespace) -> Any:
     from fleet.coordinator.placement import Deployment
 
@@ -269,6 +310,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from fleet.up import run_up
 
     _setup_logging(args.log_dir, verbose_stderr=False)
+    settings = (_deployment(args), scheduling(args), resilience(args))  # bad flags fail first
     model = Path(args.model)
     if not (model / "config.json").exists():
         if not args.build_demo_model:
@@ -280,7 +322,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
         print(f"• building the demo model at {model} (offline, about 10 s)", flush=True)
         build_demo_model(model)
-    return trio.run(run_up, args, _deployment(args), scheduling(args))
+    return trio.run(run_up, args, *settings)
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
@@ -297,6 +339,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         kv_index_max_entries=args.kv_index_max_entries,
         scheduling=scheduling(args),
+        resilience=resilience(args),
     )
     return trio.run(_serve_until_signal, Coordinator(cfg).run)
 

@@ -19,6 +19,7 @@ from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
 from fleet.coordinator.placement import Deployment
+from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.router.scheduler import Profile
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 
@@ -30,7 +31,10 @@ def _say(text: str) -> None:
 
 
 async def run_up(
-    args: argparse.Namespace, deployment: Deployment, scheduling: Profile | None = None
+    args: argparse.Namespace,
+    deployment: Deployment,
+    scheduling: Profile | None = None,
+    resilience: ResilienceConfig | None = None,
 ) -> int:
     """Run coordinator + agent until SIGINT/SIGTERM; return the exit code."""
     coord = Coordinator(
@@ -42,6 +46,7 @@ async def run_up(
             max_body_bytes=args.max_body_bytes,
             kv_index_max_entries=args.kv_index_max_entries,
             scheduling=scheduling,
+            resilience=resilience or ResilienceConfig(),
         )
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

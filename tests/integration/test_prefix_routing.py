@@ -8,6 +8,7 @@ as text) and for chat (the prefix is a system prompt, through vLLM's chat templa
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from .fleetproc import FleetProcess
@@ -109,3 +111,57 @@ def test_a_shared_prefix_goes_back_to_the_engine_that_holds_it(
     assert hits_after[holder] - hits_before[holder] >= matched
     other = next(e for e in engines if e != holder)
     assert hits_after[other] == hits_before[other]
+
+
+# -- mid-stream resume (last: it kills an engine) -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
+    fleet2: httpx.Client, kind: str
+) -> None:
+    """SIGKILL the real engine serving a stream after 5 chunks: the client's stream goes on
+    (one id, one role, the full token budget, truthful usage) from the other engine."""
+    engines = _ready(fleet2)
+    if len(engines) < 2:  # the first parametrization's victim is still restarting
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(engines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            engines = _ready(fleet2)
+    assert len(engines) == 2
+    budget = 120
+    client = openai.OpenAI(base_url=str(fleet2.base_url) + "/v1", api_key="none", max_retries=0)
+    common: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": budget,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "extra_body": {"ignore_eos": True},
+    }
+    if kind == "chat":
+        stream: Any = client.chat.completions.with_raw_response.create(
+            messages=[{"role": "user", "content": "Write a long story."}], **common
+        )
+    else:
+        stream = client.completions.with_raw_response.create(prompt="Once upon a time", **common)
+    victim = stream.headers["x-selected-pod"]
+    pieces, ids, roles, finishes, usage = [], set(), 0, [], None
+    for i, chunk in enumerate(stream.parse()):
+        ids.add(chunk.id)
+        if i == 5:
+            os.kill(engines[victim]["pid"], signal.SIGKILL)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if kind == "chat":
+                roles += choice.delta.role == "assistant"
+                pieces.append(choice.delta.content or "")
+            else:
+                pieces.append(choice.text)
+            if choice.finish_reason is not None:
+                finishes.append(choice.finish_reason)
+    assert len(ids) == 1 and finishes == ["length"] and (kind != "chat" or roles == 1)
+    assert usage is not None and usage.completion_tokens == budget
+    assert usage.total_tokens == usage.prompt_tokens + budget and usage.prompt_tokens > 0
+    metrics = fleet2.get("/metrics").text
+    assert re.search(r'^fleet_stream_resumes_total\{outcome="resumed"\} [1-9]', metrics, re.M)

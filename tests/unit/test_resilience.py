@@ -13,13 +13,7 @@ import httpx
 import pytest
 import trio
 
-from fleet.agent.launcher import LaunchConfig, engine_command
-from fleet.agent.sim.config import parse_args
-from fleet.agent.sim.server import SimServer
 from fleet.coordinator.errors import NoCapacity
-from fleet.coordinator.kvindex import KVIndex
-from fleet.coordinator.metrics import CoordinatorMetrics
-from fleet.coordinator.pools import EnginePools
 from fleet.coordinator.proxy import Gateway
 from fleet.coordinator.registry import FleetRegistry
 from fleet.coordinator.resilience import (
@@ -28,12 +22,11 @@ from fleet.coordinator.resilience import (
     RetryBudget,
     backoff_s,
 )
-from fleet.coordinator.router.config import DEFAULT_CONFIG, load_config
-from fleet.coordinator.router.prompt import PromptTokenizer
-from fleet.coordinator.router.scheduler import Scheduler
 from fleet.coordinator.validation import validate
 from fleet.protocol.errors import ConfigError
-from fleet.protocol.messages import EngineSpec, EngineStatus, Register
+from fleet.protocol.messages import EngineStatus, Register
+
+from .simgateway import sim_gateway, start_sim
 
 CFG = ResilienceConfig()
 
@@ -127,40 +120,14 @@ class Pair:
     urls: dict[str, str]
 
 
-async def _sim(demo_model: Path, nursery: trio.Nursery, *faults: str) -> str:
-    spec = EngineSpec(engine_id="s", model="demo", model_path=str(demo_model), kind="sim")
-    argv = engine_command(spec, LaunchConfig(), port=0, kv_endpoint="tcp://127.0.0.1:9")
-    i = argv.index("--kv-events-config")
-    argv[i + 1] = json.dumps({"enable_kv_cache_events": False})
-    extra = ["--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5"]
-    for fault in faults:
-        extra += ["--sim-fault", fault]
-    url: str = await nursery.start(SimServer(parse_args([*argv[3:], *extra]), grace_s=0.2).run)
-    return url
-
-
 @pytest.fixture
 async def pair(demo_model: Path, nursery: trio.Nursery) -> AsyncIterator[Pair]:
+    fast = ("--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5")
     urls = {
-        "good": await _sim(demo_model, nursery),
-        "bad": await _sim(demo_model, nursery, "fail_fraction=1"),
+        "good": await start_sim(demo_model, nursery, *fast),
+        "bad": await start_sim(demo_model, nursery, *fast, "--sim-fault", "fail_fraction=1"),
     }
-    registry = FleetRegistry(lost_after_s=60)
-    engines = tuple(
-        EngineStatus(engine_id=e, model="demo", url=u, state="ready", kind="sim")
-        for e, u in urls.items()
-    )
-    registry.register(Register("n1", "", "test", (), engines), trio.current_time())
-    pools = EnginePools(timeout=httpx.Timeout(10.0), max_connections=16, max_keepalive=8)
-    gateway = Gateway(
-        pools,
-        registry,
-        CoordinatorMetrics(),
-        scheduler=Scheduler(load_config(DEFAULT_CONFIG), KVIndex(), rng=random.Random(0)),
-        tokenizer=PromptTokenizer({"demo": str(demo_model)}),
-        resilience=ResilienceConfig(base_backoff_s=0.001),
-        rng=random.Random(0),
-    )
+    gateway, pools = sim_gateway(urls, demo_model, ResilienceConfig(base_backoff_s=0.001))
     yield Pair(gateway, urls)
     await pools.aclose()
     nursery.cancel_scope.cancel()

@@ -1,0 +1,57 @@
+"""A gateway over real simulated engines started in-process (shared by the resilience tests)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import httpx
+import trio
+
+from fleet.agent.launcher import LaunchConfig, engine_command
+from fleet.agent.sim.config import parse_args
+from fleet.agent.sim.server import SimServer
+from fleet.coordinator.kvindex import KVIndex
+from fleet.coordinator.metrics import CoordinatorMetrics
+from fleet.coordinator.pools import EnginePools
+from fleet.coordinator.proxy import Gateway
+from fleet.coordinator.registry import FleetRegistry
+from fleet.coordinator.resilience import ResilienceConfig
+from fleet.coordinator.router.config import DEFAULT_CONFIG, load_config
+from fleet.coordinator.router.prompt import PromptTokenizer
+from fleet.coordinator.router.scheduler import Scheduler
+from fleet.protocol.messages import EngineSpec, EngineStatus, Register
+
+
+async def start_sim(demo_model: Path, nursery: trio.Nursery, *extra: str) -> str:
+    """Start a simulated engine (no KV events) in ``nursery``; its URL."""
+    spec = EngineSpec(engine_id="s", model="demo", model_path=str(demo_model), kind="sim")
+    argv = engine_command(spec, LaunchConfig(), port=0, kv_endpoint="tcp://127.0.0.1:9")
+    i = argv.index("--kv-events-config")
+    argv[i + 1] = json.dumps({"enable_kv_cache_events": False})
+    url: str = await nursery.start(SimServer(parse_args([*argv[3:], *extra]), grace_s=0.2).run)
+    return url
+
+
+def sim_gateway(
+    urls: dict[str, str], demo_model: Path, resilience: ResilienceConfig
+) -> tuple[Gateway, EnginePools]:
+    """A gateway routing model ``demo`` to the engines ``urls`` (engine id → URL)."""
+    registry = FleetRegistry(lost_after_s=60)
+    engines = tuple(
+        EngineStatus(engine_id=e, model="demo", url=u, state="ready", kind="sim")
+        for e, u in urls.items()
+    )
+    registry.register(Register("n1", "", "test", (), engines), trio.current_time())
+    pools = EnginePools(timeout=httpx.Timeout(10.0), max_connections=16, max_keepalive=8)
+    gateway = Gateway(
+        pools,
+        registry,
+        CoordinatorMetrics(),
+        scheduler=Scheduler(load_config(DEFAULT_CONFIG), KVIndex(), rng=random.Random(0)),
+        tokenizer=PromptTokenizer({"demo": str(demo_model)}),
+        resilience=resilience,
+        rng=random.Random(0),
+    )
+    return gateway, pools
