@@ -48,6 +48,7 @@ from .gpus import GpuConfig, GpuMonitor
 from .kvrelay import KVRelay
 from .launcher import LaunchConfig
 from .metrics import AgentMetrics
+from .reaper import Reaper
 from .supervisor import EngineSupervisor, SupervisorConfig
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Agent:
         self._sock: zmq.Socket[bytes] | None = None
         self._engine_nursery: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None
+        self._reaper: Reaper | None = None  # started by run()
         self._seq = 0
         self._wake = trio.Event()
 
@@ -120,6 +122,13 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started()`` gives the agent's HTTP URL."""
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._reaper = Reaper()
+        with contextlib.closing(self._reaper):
+            await self._serve(ctx, task_status)
+
+    async def _serve(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], task_status: trio.TaskStatus[str]
+    ) -> None:
         async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
             self._client = client
             await nursery.start(self.gpus.run)
@@ -196,6 +205,7 @@ class Agent:
                         gpu_uuids=uuids,
                         log_dir=self.cfg.log_dir,
                         on_change=self._engine_changed,
+                        reaper=self._reaper,
                     )
                     relay.replay_endpoint = supervisor.replay_endpoint
                     self.engines[spec.engine_id] = _EngineHandle(supervisor, relay, scope)

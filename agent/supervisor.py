@@ -29,6 +29,7 @@ from fleet.protocol.messages import EngineSpec, EngineStatus
 
 from .launcher import LaunchConfig, engine_command, engine_env, free_port
 from .process import ChildProcess, spawn
+from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class EngineSupervisor:
         gpu_uuids: NVML index → UUID of this node's GPUs.
         log_dir: where the engine's stdout/stderr go (one file per engine), or None to discard.
         on_change: called after every state change.
+        replay_host: the address the engine's KV replay socket binds.
+        reaper: told about each engine process group, to kill it if the agent dies.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class EngineSupervisor:
         log_dir: Path | None = None,
         on_change: Callable[[EngineSupervisor], None] | None = None,
         replay_host: str = "127.0.0.1",
+        reaper: Reaper | None = None,
     ) -> None:
         self.spec = spec
         self.launch = launch
@@ -107,6 +111,7 @@ class EngineSupervisor:
         self.gpu_uuids = dict(gpu_uuids or {})
         self.log_dir = log_dir
         self.on_change = on_change
+        self.reaper = reaper
         self.port = 0
         self.url = ""
         self._new_http_port()
@@ -214,6 +219,8 @@ class EngineSupervisor:
             if logfile is not None:
                 logfile.close()
         self.pid = proc.pid
+        if self.reaper is not None:
+            self.reaper.watch(proc.pid)
         log.info("engine %s: started pid %d: %s", self.spec.engine_id, proc.pid, " ".join(argv))
         if task_status is not None:
             task_status.started()
@@ -289,6 +296,8 @@ class EngineSupervisor:
                 log.error("engine %s: processes %s survived SIGKILL", self.spec.engine_id, left)
         finally:
             proc.close()
+            if self.reaper is not None:
+                self.reaper.forget(proc.pid)
             self.pid = 0
 
 

@@ -8,6 +8,7 @@ when its context manager exits. Peers live in a virtualenv of the benchmarks' ow
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from fleet.agent.reaper import Reaper
 
 HERE = Path(__file__).resolve().parent
 PEERS_VENV = HERE / ".peers-venv"
@@ -49,6 +52,10 @@ class Proc:
     log: Path
 
     def stop(self) -> None:
+        self._stop()
+        _reaper().forget(self.popen.pid)
+
+    def _stop(self) -> None:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -71,7 +78,13 @@ def start(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | N
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
+    _reaper().watch(popen.pid)  # killed with the benchmark, even on SIGTERM or SIGKILL
     return Proc(name, popen, log)
+
+
+@functools.cache
+def _reaper() -> Reaper:
+    return Reaper()
 
 
 def wait_http(url: str, proc: Proc, timeout_s: float = 120, path: str = "/health") -> None:

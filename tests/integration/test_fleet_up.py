@@ -351,3 +351,27 @@ def test_sigint_while_engine_loads_leaves_nothing(
     finally:
         if proc.proc.poll() is None:
             proc.stop(signal.SIGTERM)  # SIGKILL would orphan vLLM's EngineCore processes
+
+
+def test_sigkill_of_fleet_up_leaves_no_engine_process(
+    demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGKILL gives fleet no chance to stop its engines: the API server dies with it
+    (PDEATHSIG) and the reaper kills the rest of its group (vLLM's EngineCore)."""
+    proc = FleetProcess(["--model", str(demo_model)], tmp_path_factory.mktemp("sigkill-logs"))
+    try:
+        proc.wait_for(r"engine demo-0: starting \(pid", 60)
+        deadline = time.monotonic() + 120
+        while len(proc.descendants()) < 3:  # the reaper, the API server and its EngineCore
+            assert time.monotonic() < deadline, "vLLM never started its engine core"
+            time.sleep(0.2)
+        pids = proc.descendants()
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait()
+        deadline = time.monotonic() + 10
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pids), f"left running after SIGKILL: {alive(pids)}"
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop(signal.SIGTERM)
