@@ -44,6 +44,7 @@ from fleet.protocol.vllm_events import (
 )
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
+from .blockledger import BlockLedger
 from .metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class KVRelay:
         self.events = 0
         self._labels = {"engine": engine_id}
         self._generation = 0  # engine processes started; a replay may outlive one
+        self.ledger = BlockLedger()  # the engine's blocks now, for a coordinator that reconnects
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the endpoint for the engine through ``started()``, relay until cancelled."""
@@ -218,6 +220,7 @@ class KVRelay:
 
     def _forward(self, batch: VllmEventBatch, *, resync: bool = False) -> None:
         self.next_seq = batch.seq + 1
+        self.ledger.apply(batch.seq, batch.events, reset=resync)
         self.events += len(batch.events)
         self.metrics.kv_batches.labels(**self._labels).inc()
         self.metrics.kv_events.labels(**self._labels).inc(len(batch.events))

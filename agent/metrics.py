@@ -53,6 +53,12 @@ class AgentMetrics:
             ["engine"],
             registry=r,
         )
+        self.kv_snapshot_blocks = Counter(
+            "fleet_agent_kv_snapshot_blocks_total",
+            "Blocks sent in snapshots to a coordinator that (re)connected.",
+            ["engine"],
+            registry=r,
+        )
         self.kv_resyncs = Counter(
             "fleet_agent_kv_resyncs_total",
             "Gaps replay could not repair, forwarded as a resync.",

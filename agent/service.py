@@ -37,6 +37,7 @@ from fleet.protocol.messages import (
     ErrorReport,
     Heartbeat,
     KVEventBatch,
+    KVSnapshot,
     Message,
     Register,
     UnassignEngine,
@@ -252,6 +253,27 @@ class Agent:
             out.append(handle.supervisor.status())
         return tuple(out)
 
+    def _send_snapshots(self) -> None:
+        """Give a coordinator that (re)connected every engine's blocks (its index starts full).
+
+        Sent in one go, with no checkpoint, so no live KV batch comes between the parts."""
+        for engine_id, handle in self.engines.items():
+            ledger = handle.relay.ledger
+            parts = ledger.snapshot()
+            for i, events in enumerate(parts or [()]):
+                self._send(
+                    KVSnapshot(
+                        node_id=self.cfg.node_id,
+                        engine_id=engine_id,
+                        model=handle.supervisor.spec.model,
+                        seq=ledger.seq,
+                        part=i,
+                        parts=max(len(parts), 1),
+                        events=events,
+                    )
+                )
+            self.metrics.kv_snapshot_blocks.labels(engine=engine_id).inc(len(ledger))
+
     def _register(self) -> None:
         self._send(
             Register(
@@ -306,6 +328,7 @@ class Agent:
         elif isinstance(msg, Welcome):
             self.coordinator_id = msg.coordinator_id
             self.heartbeat_interval_s = msg.heartbeat_interval_s
+            self._send_snapshots()
         elif isinstance(msg, ErrorReport):
             if msg.code == "unknown_node":
                 log.info("coordinator does not know this node; registering again")

@@ -200,6 +200,37 @@ class KVIndex:
         self._drain(engine_id, entry)
         return outcome
 
+    def load_snapshot(
+        self, engine_id: str, model: str, seq: int, events: Iterable[KVEvent], *, first: bool
+    ) -> None:
+        """Apply one part of an agent's snapshot of the engine's blocks as of batch ``seq``
+        (-1: before any). The first part replaces what the index knows of the engine; batches
+        after ``seq`` then continue it, older ones are duplicates."""
+        entry = self._engines.get(engine_id)
+        if entry is None or entry.model != model:
+            if entry is not None:
+                self.drop_engine(engine_id)
+            entry = self._engines[engine_id] = EngineEntry(model=model)
+        if first:
+            self.stats["snapshots"] += 1
+            self._clear(engine_id, entry)
+            entry.pending = {s: b for s, b in entry.pending.items() if s > seq}
+            entry.next_seq = seq + 1
+            entry.started = seq >= 0
+            entry.gap_since = None
+        for event in events:
+            if isinstance(event, BlockStored):
+                self._stored(engine_id, entry, event)
+            elif isinstance(event, BlockRemoved):  # ghosts: evicted parents of cached blocks
+                for h in event.block_hashes:
+                    self._remove(engine_id, entry, h)
+        self._drain(engine_id, entry)
+
+    def engine_block_count(self, engine_id: str) -> int:
+        """How many blocks the index holds for the engine."""
+        entry = self._engines.get(engine_id)
+        return len(entry.blocks) if entry else 0
+
     def expire(self, now: float) -> list[str]:
         """Resync every engine whose oldest gap is older than ``gap_timeout_s``; return them."""
         expired = []

@@ -21,6 +21,7 @@ from fleet.protocol.messages import (
     ErrorReport,
     Heartbeat,
     KVEventBatch,
+    KVSnapshot,
     Message,
     Register,
     Welcome,
@@ -129,6 +130,8 @@ class AgentLink:
             self._on_heartbeat(msg)
         elif isinstance(msg, KVEventBatch):
             self._on_kv(msg)
+        elif isinstance(msg, KVSnapshot):
+            self._on_snapshot(msg)
         elif isinstance(msg, ErrorReport):
             log.warning("agent %s reports %s: %s", msg.node_id, msg.code, msg.message)
         else:
@@ -167,6 +170,27 @@ class AgentLink:
             if current is None or current.restarts != status.restarts:
                 self.kvindex.drop_engine(engine_id)
         self.reconcile()
+
+    def _on_snapshot(self, msg: KVSnapshot) -> None:
+        view = self.registry.engine(msg.engine_id)
+        if view is None or view.node != msg.node_id:
+            self._reject("unknown_engine", f"KV snapshot for unknown engine {msg.engine_id!r}")
+            return
+        if not 0 <= msg.part < msg.parts:
+            self._reject("malformed", f"KV snapshot part {msg.part} of {msg.parts}")
+            return
+        self.kvindex.load_snapshot(
+            msg.engine_id, msg.model, msg.seq, msg.events, first=msg.part == 0
+        )
+        self.metrics.kv_batches.labels(engine=msg.engine_id).inc()
+        if msg.part == msg.parts - 1:
+            log.info(
+                "KV snapshot of %s from %s: %d blocks as of batch %d",
+                msg.engine_id,
+                msg.node_id,
+                self.kvindex.engine_block_count(msg.engine_id),
+                msg.seq,
+            )
 
     def _on_kv(self, msg: KVEventBatch) -> None:
         model = msg.model

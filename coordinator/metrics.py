@@ -101,7 +101,8 @@ class CoordinatorMetrics:
         self.kv_index_outcomes = Counter(
             "fleet_kv_index_outcomes_total",
             "KV index bookkeeping: events applied, gaps, duplicates, restarts, resyncs, capped "
-            "(not indexed: memory cap), orphans (parent unknown), malformed.",
+            "(not indexed: memory cap), orphans (parent unknown), malformed, snapshots "
+            "(loaded from an agent after a (re)connect).",
             ["outcome"],
             registry=r,
         )

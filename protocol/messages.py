@@ -155,6 +155,22 @@ class KVEventBatch:
 
 
 @dataclass(frozen=True)
+class KVSnapshot:
+    """One part of the blocks an engine holds, as of its batch ``seq`` (-1: before any), sent
+    by the agent to a coordinator that (re)connected. Part 0 replaces what the receiver knows
+    of the engine; the parts of one snapshot follow each other, before any newer batch."""
+
+    TYPE: ClassVar[str] = "kv_snapshot"
+    node_id: str
+    engine_id: str
+    model: str
+    seq: int
+    part: int
+    parts: int
+    events: tuple[KVEvent, ...] = ()
+
+
+@dataclass(frozen=True)
 class ErrorReport:
     """Either side tells the other that something it sent was rejected."""
 
@@ -165,7 +181,14 @@ class ErrorReport:
 
 
 Message = (
-    Register | Welcome | Heartbeat | AssignEngine | UnassignEngine | KVEventBatch | ErrorReport
+    Register
+    | Welcome
+    | Heartbeat
+    | AssignEngine
+    | UnassignEngine
+    | KVEventBatch
+    | KVSnapshot
+    | ErrorReport
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -177,6 +200,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         AssignEngine,
         UnassignEngine,
         KVEventBatch,
+        KVSnapshot,
         ErrorReport,
     )
 }
@@ -197,6 +221,7 @@ __all__ = [
     "GpuInfo",
     "Heartbeat",
     "KVEventBatch",
+    "KVSnapshot",
     "Message",
     "Register",
     "UnassignEngine",

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -181,6 +182,16 @@ async def test_restarted_coordinator_gets_the_running_engines_back(tmp_path: Pat
         await nursery.start(agent.run)
         await _until(first, lambda: first.registry.routable("m"))
         pid = first.registry.routable("m")[0].pid
+        # The engine caches two blocks, then evicts one, while the first coordinator runs.
+        tokens = tuple(range(100, 164))
+        keys = block_keys("m", tokens, 32)
+        events: list[list[Any]] = [
+            [BlockStored((11, 22), None, tokens, 32)],
+            [BlockRemoved((22,))],
+            [BlockStored((33,), 11, tuple(range(500, 532)), 32)],
+        ]
+        kept = {keys[0], *block_keys("m", tokens[:32] + tuple(range(500, 532)), 32)[1:]}
+        await _publish(agent, first, events, lambda: first.kvindex.engine_keys("m-0") == kept)
         first_scope.cancel()
         await first_stopped.wait()
         # ZMQ closes the old listener asynchronously, in its I/O thread: retry the bind.
@@ -199,7 +210,42 @@ async def test_restarted_coordinator_gets_the_running_engines_back(tmp_path: Pat
         (engine,) = second.registry.routable("m")
         assert engine.pid == pid  # the engine was not restarted
         assert agent.engines["m-0"].supervisor.restarts == 0
+        # No event was published since: the new index was filled from the agent's snapshot.
+        await _until(second, lambda: second.kvindex.engine_keys("m-0") == kept, timeout_s=5)
+        assert second.kvindex.stats["snapshots"] >= 1
+        # ...and the engine's next batch continues it.
+        await _publish(
+            agent,
+            second,
+            [[BlockRemoved((11,))]],
+            lambda: len(second.kvindex.engine_keys("m-0")) == 1,
+            first_seq=3,
+        )
         nursery.cancel_scope.cancel()
+
+
+async def _publish(
+    agent: Agent,
+    coord: Coordinator,
+    batches: list[list[Any]],
+    done: Callable[[], bool],
+    first_seq: int = 0,
+) -> None:
+    """Publish ``batches`` as the engine m-0 would (vLLM's wire format, a real PUB socket),
+    until the coordinator's state satisfies ``done``. PUB → SUB joins are asynchronous, so the
+    batches are sent again (duplicates are dropped) until they arrive."""
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(agent.engines["m-0"].relay.endpoint)
+    try:
+        with trio.fail_after(10):
+            while not done():
+                for i, events in enumerate(batches):
+                    pub.send_multipart(encode_vllm_message("kv", first_seq + i, 1.0, events))
+                with trio.move_on_after(0.1):
+                    await coord.changed()
+    finally:
+        pub.close()
 
 
 async def _run_in(

@@ -20,6 +20,7 @@ from fleet.protocol.messages import (
     GpuInfo,
     Heartbeat,
     KVEventBatch,
+    KVSnapshot,
     Message,
     Register,
     UnassignEngine,
@@ -104,6 +105,8 @@ MESSAGES: list[Message] = [
     KVEventBatch(node_id="n1", engine_id="e1", seq=0, ts=0.0),
     ErrorReport(code="bad_message", message="events[0]: nope", node_id="n1"),
     ErrorReport(code="x", message=""),
+    KVSnapshot(node_id="n1", engine_id="e1", model="m", seq=-1, part=0, parts=1),
+    KVSnapshot(node_id="n1", engine_id="e1", model="m", seq=41, part=2, parts=3, events=EVENTS),
 ]
 
 
@@ -239,6 +242,7 @@ def test_rejects_missing_type() -> None:
         (MESSAGES[5], "spec"),
         (MESSAGES[8], "ts"),
         (MESSAGES[10], "code"),
+        (MESSAGES[13], "parts"),
     ],
 )
 def test_rejects_missing_required_field(msg: Message, key: str) -> None:
