@@ -38,22 +38,24 @@ class Overloaded(ApiError):
         super().__init__(message, code="overloaded", retry_after_s=retry_after_s)
 
 
-def priority_of(headers: dict[str, str]) -> int:
-    """The request's priority class (lower is more urgent).
+def priority_of(headers: dict[str, str], tier: int | None = None) -> int:
+    """The request's priority class (lower is more urgent): ``x-priority``, else ``tier`` (an
+    API key's), else standard. A header may make a request less urgent than its key's tier,
+    never more.
 
     Raises:
         InvalidRequest: an unknown ``x-priority`` value.
     """
     raw = headers.get(PRIORITY_HEADER)
     if raw is None:
-        return PRIORITIES["standard"]
+        return PRIORITIES["standard"] if tier is None else tier
     value = PRIORITIES.get(raw.strip().lower())
     if value is None:
         raise InvalidRequest(
             f"`{PRIORITY_HEADER}` must be one of {list(PRIORITIES)}, got {raw!r}.",
             param=PRIORITY_HEADER,
         )
-    return value
+    return value if tier is None else max(value, tier)
 
 
 @dataclass(order=True)

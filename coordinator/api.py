@@ -11,11 +11,13 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import routeapi
+from .apikeys import ApiKey, RateLimited
 from .errors import ApiError, PayloadTooLarge, error_body, render
 from .proxy import relay
 from .validation import RequestKind, validate
@@ -75,13 +77,22 @@ def create_app(coord: Coordinator) -> QuartTrio:
             content_type="application/json",
         )
 
+    def _authorize(headers: dict[str, str], *, spend: bool = True) -> ApiKey | None:
+        try:
+            return coord.cfg.api_keys.check(headers, trio.current_time(), spend=spend)
+        except RateLimited as exc:
+            coord.metrics.rate_limited.labels(key=exc.key_name).inc()
+            raise
+
     async def _inference(path: str) -> Response:
         kind = ENDPOINTS[path]
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        key = _authorize(headers)  # before the body is read
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
         parsed = validate(kind, raw, context_len_of=coord.placer.context_len)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        fwd = await coord.gateway.forward(path, parsed, raw, headers)
+        tier = key.tier if key is not None else None
+        fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
         label = {"endpoint": path, "model": parsed.model, "status": str(fwd.status)}
         coord.metrics.requests.labels(**label).inc()
         streaming = fwd.headers.get("content-type", "").startswith("text/event-stream")
@@ -102,6 +113,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/v1/models")
     async def models() -> Response:
+        _authorize({k.lower(): v for k, v in request.headers.items()}, spend=False)
         created = int(coord.started_at)
         data = []
         for model in coord.registry.models():
@@ -142,7 +154,12 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/api/v1/nodes")
     async def nodes() -> Response:
-        return _json({"nodes": [n.as_json() for n in coord.registry.nodes()]})
+        return _json(
+            {
+                "nodes": [n.as_json() for n in coord.registry.nodes()],
+                "agent_endpoint": coord.link.bound_endpoint,
+            }
+        )
 
     @app.get("/api/v1/cache/state")
     async def cache_state() -> Response:
@@ -201,6 +218,10 @@ def create_app(coord: Coordinator) -> QuartTrio:
                 "events": entry.events,
                 "batches": entry.batches,
                 "block_keys": [f"{k:016x}" for k in keys],
+                # the engine's own hashes, as its KV events name them (chaos compares them)
+                "engine_block_hashes": sorted(
+                    f"{h:016x}" if isinstance(h, int) else h.hex() for h in entry.blocks
+                ),
             }
         )
 

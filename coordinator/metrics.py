@@ -29,6 +29,12 @@ class CoordinatorMetrics:
             ["engine"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "fleet_requests_rate_limited_total",
+            "Requests refused with 429: their API key was over its rate limit.",
+            ["key"],
+            registry=r,
+        )
         self.stream_resumes = Counter(
             "fleet_stream_resumes_total",
             "Streams an engine broke after they started, by outcome: resumed (continued on "

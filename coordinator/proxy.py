@@ -135,10 +135,17 @@ class Gateway:
         self.clock = clock
 
     async def forward(
-        self, path: str, request: ParsedRequest, raw: bytes, headers: dict[str, str]
+        self,
+        path: str,
+        request: ParsedRequest,
+        raw: bytes,
+        headers: dict[str, str],
+        *,
+        tier: int | None = None,
     ) -> Forwarded:
         """Admit ``request`` (a slot of its model, maybe after queueing), pick an engine for
         it and open its response. The slot is held until the response's body is done.
+        ``tier`` (an API key's priority class) bounds how urgent ``x-priority`` may make it.
 
         Raises:
             InvalidRequest: a bad ``x-priority`` or ``x-request-timeout``.
@@ -147,7 +154,7 @@ class Gateway:
             NoCapacity: engines exist but none answered (503).
             DeadlineExceeded: no response started before the deadline (504).
         """
-        priority = priority_of(headers)
+        priority = priority_of(headers, tier)
         timeout_s = self._timeout_s(headers)
         start = trio.current_time()
         deadline = start + timeout_s if timeout_s is not None else math.inf

@@ -23,6 +23,7 @@ from hypercorn.trio import serve
 from fleet.protocol.errors import ConfigError
 
 from .api import create_app
+from .apikeys import ApiKeys
 from .kvindex import DEFAULT_MAX_ENTRIES, KVIndex
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
@@ -62,6 +63,7 @@ class CoordinatorConfig:
     # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
     scheduling: Profile | None = None
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
 
     def __post_init__(self) -> None:

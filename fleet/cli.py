@@ -199,6 +199,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="an llm-d EndpointPickerConfig YAML file (default: Fleet's own, see docs/ROUTING.md)",
     )
     p.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="require these API keys (tiers, rate limits; see docs/RESILIENCE.md); default: open",
+    )
+    p.add_argument(
         "--resilience",
         action="append",
         default=[],
@@ -284,6 +290,17 @@ def resilience(args: argparse.Namespace) -> Any:
     return ResilienceConfig(**values)
 
 
+def api_keys(args: argparse.Namespace) -> Any:
+    """The keys ``--api-keys`` lists (an empty set: the API is open).
+
+    Raises:
+        ConfigError: the file is unreadable or an entry is bad.
+    """
+    from fleet.coordinator.apikeys import ApiKeys, load_api_keys
+
+    return load_api_keys(args.api_keys) if args.api_keys else ApiKeys()
+
+
 def _deployment(args: argparse.Namespace) -> Any:
     from fleet.coordinator.placement import Deployment
 
@@ -310,7 +327,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from fleet.up import run_up
 
     _setup_logging(args.log_dir, verbose_stderr=False)
-    settings = (_deployment(args), scheduling(args), resilience(args))  # bad flags fail first
+    # bad flags fail before anything starts
+    settings = (_deployment(args), scheduling(args), resilience(args), api_keys(args))
     model = Path(args.model)
     if not (model / "config.json").exists():
         if not args.build_demo_model:
@@ -340,6 +358,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         kv_index_max_entries=args.kv_index_max_entries,
         scheduling=scheduling(args),
         resilience=resilience(args),
+        api_keys=api_keys(args),
     )
     return trio.run(_serve_until_signal, Coordinator(cfg).run)
 

@@ -18,6 +18,7 @@ import trio
 from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
+from fleet.coordinator.apikeys import ApiKeys
 from fleet.coordinator.placement import Deployment
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.router.scheduler import Profile
@@ -35,6 +36,7 @@ async def run_up(
     deployment: Deployment,
     scheduling: Profile | None = None,
     resilience: ResilienceConfig | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> int:
     """Run coordinator + agent until SIGINT/SIGTERM; return the exit code."""
     coord = Coordinator(
@@ -47,6 +49,7 @@ async def run_up(
             kv_index_max_entries=args.kv_index_max_entries,
             scheduling=scheduling,
             resilience=resilience or ResilienceConfig(),
+            api_keys=api_keys or ApiKeys(),
         )
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -123,3 +123,10 @@ def test_priority_header() -> None:
     with pytest.raises(InvalidRequest) as err:
         priority_of({"x-priority": "urgent!!"})
     assert err.value.param == "x-priority"
+
+
+def test_an_api_keys_tier_is_the_default_and_the_most_urgent_a_request_may_ask() -> None:
+    high = priority_of({}, tier=1)
+    assert high == 1
+    assert priority_of({"x-priority": "critical"}, tier=1) == 1  # never above the tier
+    assert priority_of({"x-priority": "batch"}, tier=1) == BATCH  # lower is allowed
