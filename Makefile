@@ -36,7 +36,7 @@ lint: install
 	$(BIN)/ruff check .
 	@rm -rf build/mypy && mkdir -p build/mypy/fleet
 	@for f in fleet/*.py; do ln -s "$(CURDIR)/$$f" build/mypy/fleet/; done
-	@for p in agent coordinator protocol bench; do ln -s "$(CURDIR)/$$p" build/mypy/fleet/$$p; done
+	@for p in agent coordinator protocol bench chaos; do ln -s "$(CURDIR)/$$p" build/mypy/fleet/$$p; done
 	MYPYPATH=build/mypy $(BIN)/mypy -p fleet
 
 clean:

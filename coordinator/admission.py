@@ -112,19 +112,21 @@ class Admission:
     @asynccontextmanager
     async def admit(
         self, model: str, priority: int, deadline: float = math.inf
-    ) -> AsyncIterator[None]:
-        """Hold one of the model's slots for the body of the ``async with``.
+    ) -> AsyncIterator[bool]:
+        """Hold one of the model's slots for the body of the ``async with``, which gets
+        whether the request waited in the queue for it.
 
         Raises:
             Overloaded: shed (queue full), or the deadline passed while waiting.
         """
         q = self._queues.setdefault(model, _ModelQueue())
-        if not q.waiters and q.inflight < self._capacity(model):
-            q.inflight += 1
-        else:
+        queued = bool(q.waiters) or q.inflight >= self._capacity(model)
+        if queued:
             await self._wait(model, q, priority, deadline)
+        else:
+            q.inflight += 1
         try:
-            yield
+            yield queued
         finally:
             q.inflight -= 1
             self.wake(model)

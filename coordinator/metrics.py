@@ -63,7 +63,8 @@ class CoordinatorMetrics:
         )
         self.stalls = Counter(
             "fleet_engine_stalls_total",
-            "Engines found stalled: requests in flight, no output for the stall time.",
+            "Engines found stalled or hung: requests in flight and no output for the stall "
+            "time, or no answer to a health probe after probe_after_s of silence.",
             ["engine"],
             registry=r,
         )

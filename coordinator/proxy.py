@@ -23,7 +23,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 # Headers worth passing to the engine; everything else (host, cookies, auth) stays here.
 FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate")
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the engine gets what is left of it
+# A request that waited in the queue is shed when less than this many typical first-byte waits
+# are left before its deadline (waits grow while a queue drains: the average lags).
+QUEUED_MARGIN = 1.5
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -125,6 +128,10 @@ class Gateway:
         self.budget = RetryBudget(self.resilience)
         # engine -> when it last sent a byte (or was given work while idle): stall detection
         self.progress: dict[str, float] = {}
+        self._waits: dict[str, set[trio.CancelScope]] = {}  # cancelled when the engine is down
+        # (model, stream) -> moving average of the wait for a response's first byte: a request
+        # whose deadline is closer than that when it leaves the queue is shed, not sent
+        self._first_byte_s: dict[tuple[str, bool], float] = {}
         self.admission = admission or Admission(
             lambda m: len(self.registry.routable(m)),
             on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
@@ -165,12 +172,23 @@ class Gateway:
         slot = contextlib.AsyncExitStack()
         wait_until = min(deadline, start + self.max_queue_wait_s)
         try:
-            await slot.enter_async_context(
+            queued = await slot.enter_async_context(
                 self.admission.admit(request.model, priority, wait_until)
             )
         except Overloaded:
             self.metrics.shed.labels(model=request.model).inc()
             raise
+        expected = self._first_byte_s.get((request.model, request.stream), 0.0)
+        if queued and deadline - trio.current_time() < QUEUED_MARGIN * expected:
+            # Its response would start after its deadline (it waited in the queue): the
+            # engine's time is better spent on a request that can still make it.
+            await slot.aclose()
+            self.metrics.shed.labels(model=request.model).inc()
+            raise Overloaded(
+                f"The queue for `{request.model}` is too long for this request's deadline "
+                f"(a response now starts after about {expected:.1f} s); retry shortly.",
+                retry_after_s=max(1, math.ceil(expected)),
+            )
         try:
             forwarded = await self._forward(path, request, raw, headers, timeout_s, deadline)
         except BaseException:
@@ -225,11 +243,15 @@ class Gateway:
             if timeout_s is not None:
                 upstream_headers[TIMEOUT_HEADER] = f"{max(deadline - now, 0.001):.3f}"
             try:
-                with trio.move_on_at(deadline) as scope:
+                with trio.move_on_at(deadline) as scope, self._watching(engine.id) as down:
                     forwarded = await self._open(
                         engine, path, raw, upstream_headers, request, request_id
                     )
+                if down.cancelled_caught:
+                    raise UpstreamError(engine.id, "stopped answering (health probe)", "down")
                 if scope.cancelled_caught:
+                    # Not a breaker failure: under overload every engine is slow, and a hung
+                    # one is found by its health probe (watch_silent).
                     assert timeout_s is not None
                     self.metrics.upstream_errors.labels(engine=engine.id).inc()
                     raise DeadlineExceeded(timeout_s)
@@ -300,13 +322,18 @@ class Gateway:
             why = ""
             try:
                 while True:
-                    with trio.move_on_after(self.resilience.stream_idle_s) as idle:
+                    with (
+                        trio.move_on_after(self.resilience.stream_idle_s) as idle,
+                        self._watching(engine.id) as down,
+                    ):
                         try:
                             chunk = await body.__anext__()
                         except StopAsyncIteration:
                             why = "the stream ended without [DONE]"
                     if idle.cancelled_caught:
                         why = f"no byte for {self.resilience.stream_idle_s:g} s"
+                    elif down.cancelled_caught:
+                        why = "the engine stopped answering its health probe"
                     if why:
                         break
                     for event in splitter.feed(chunk):
@@ -439,11 +466,80 @@ class Gateway:
             "total_tokens": prompt_tokens + generated,
         }
 
+    @contextlib.contextmanager
+    def _watching(self, engine_id: str) -> Iterator[trio.CancelScope]:
+        """A cancel scope that :meth:`engine_down` cancels: a wait on the engine (for a first
+        byte, for a stream's next one) that ends if the engine is found dead."""
+        scope = trio.CancelScope()
+        waits = self._waits.setdefault(engine_id, set())
+        waits.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            waits.discard(scope)
+
+    def engine_down(self, engine_id: str, why: str) -> None:
+        """The engine is dead or hung: eject it (its breaker opens) and end every wait on it,
+        so requests not answered yet are retried elsewhere and started streams resumed."""
+        now = trio.current_time()
+        self.breakers.get(engine_id).trip(now)
+        self.progress[engine_id] = now
+        waits = self._waits.get(engine_id, set())
+        log.warning("engine %s down (%s): %d waiting requests moved", engine_id, why, len(waits))
+        for scope in list(waits):
+            scope.cancel()
+
+    async def watch_silent(self) -> None:
+        """Probe ``/health`` of engines that have requests in flight but sent nothing for
+        ``probe_after_s``; one that fails within ``probe_timeout_s`` is :meth:`engine_down`.
+
+        A whole engine process that hangs (SIGSTOP, a stuck host) is so found in seconds, not
+        at the requests' deadlines. Probes use their own connections: a busy engine's pool may
+        have none free.
+        """
+        cfg = self.resilience
+        probing: set[str] = set()
+        async with (
+            httpx.AsyncClient(timeout=cfg.probe_timeout_s) as client,
+            trio.open_nursery() as nursery,
+        ):
+            while True:
+                await trio.sleep(cfg.probe_after_s / 2)
+                now = trio.current_time()
+                for engine_id, at in list(self.progress.items()):
+                    if engine_id in probing or self.inflight.get(engine_id) == 0:
+                        continue
+                    view = self.registry.engine(engine_id)
+                    if now - at >= cfg.probe_after_s and view is not None:
+                        probing.add(engine_id)
+                        nursery.start_soon(self._probe, client, view, probing)
+
+    async def _probe(
+        self, client: httpx.AsyncClient, engine: EngineView, probing: set[str]
+    ) -> None:
+        try:
+            ok = False
+            with trio.move_on_after(self.resilience.probe_timeout_s):
+                try:
+                    ok = (await client.get(engine.url + "/health")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+            if not ok and self.inflight.get(engine.id) > 0:
+                self.metrics.stalls.labels(engine=engine.id).inc()
+                self.engine_down(engine.id, "health probe failed with requests in flight")
+            elif ok:
+                self.progress[engine.id] = trio.current_time()  # alive: probe again later
+        finally:
+            probing.discard(engine.id)
+
     def forget(self, keep: list[str]) -> None:
         """Drop per-engine state of engines that left (``keep``: the known ones)."""
         alive = set(keep)
         for engine_id in [e for e in self.progress if e not in alive]:
             del self.progress[engine_id]
+        for engine_id in [e for e in self._waits if e not in alive and not self._waits[e]]:
+            del self._waits[engine_id]
 
     def stalled(self, now: float, stall_s: float) -> list[str]:
         """Engines with requests in flight that sent nothing for ``stall_s`` seconds.
@@ -536,7 +632,12 @@ class Gateway:
         except BaseException:
             release()
             raise
-        self.metrics.ttfb.labels(model=request.model).observe(self.clock() - started)
+        took = self.clock() - started
+        self.metrics.ttfb.labels(model=request.model).observe(took)
+        if response.status_code == 200:
+            key = (request.model, request.stream)
+            before = self._first_byte_s.get(key)
+            self._first_byte_s[key] = took if before is None else before + 0.2 * (took - before)
         self.progress[engine.id] = trio.current_time()
         out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers["x-request-id"] = request_id

@@ -55,6 +55,8 @@ class ResilienceConfig:
     request_timeout_s: float | None = None  # default deadline; ``x-request-timeout`` overrides
     stall_s: float = 30.0  # requests in flight but no byte from the engine for this long
     stream_idle_s: float = 30.0  # a started stream silent this long is resumed elsewhere
+    probe_after_s: float = 1.0  # an engine with requests in flight silent this long is probed
+    probe_timeout_s: float = 2.0  # ...and is down if its /health does not answer 200 in time
     max_resumes: int = 2  # continuations of one stream on other engines
 
     def __post_init__(self) -> None:
@@ -63,7 +65,15 @@ class ResilienceConfig:
                 raise ConfigError(key, getattr(self, key), "must be >= 1")
         if self.max_resumes < 0:
             raise ConfigError("max_resumes", self.max_resumes, "must be >= 0")
-        for key in ("window_s", "open_s", "budget_window_s", "stall_s", "stream_idle_s"):
+        for key in (
+            "window_s",
+            "open_s",
+            "budget_window_s",
+            "stall_s",
+            "stream_idle_s",
+            "probe_after_s",
+            "probe_timeout_s",
+        ):
             if not getattr(self, key) > 0:
                 raise ConfigError(key, getattr(self, key), "must be > 0")
         if not 0 <= self.max_ejected_share <= 1:

@@ -167,6 +167,7 @@ class Coordinator:
             async with trio.open_nursery() as nursery:
                 endpoint = await nursery.start(self.link.run)
                 nursery.start_soon(self._upkeep)
+                nursery.start_soon(self._gateway.watch_silent)
                 if self.scheduler.profile.uses_metrics:
                     pools = self._pools
                     nursery.start_soon(
@@ -192,6 +193,10 @@ class Coordinator:
         config.accesslog = None
         config.errorlog = logging.getLogger("fleet.coordinator.http")
         config.keep_alive_timeout = 75
+        # A burst of new connections must reach admission control (which sheds with 503 +
+        # Retry-After), not overflow the kernel's accept queue (hypercorn's default is 100);
+        # the kernel caps it at net.core.somaxconn.
+        config.backlog = 4096
         return config
 
     async def _upkeep(self) -> None:
@@ -218,9 +223,7 @@ class Coordinator:
                 breakers = self._gateway.breakers
                 now = trio.current_time()
                 for engine_id in self._gateway.stalled(now, self._gateway.resilience.stall_s):
-                    log.warning("engine %s stalled (requests in flight, no output): ejected",
-                                engine_id)  # fmt: skip
-                    breakers.get(engine_id).trip(now)
+                    self._gateway.engine_down(engine_id, "stalled: requests in flight, no output")
                     self.metrics.stalls.labels(engine=engine_id).inc()
                 known = [e.id for e in self.registry.engines()]
                 breakers.forget(known)

@@ -67,6 +67,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise InvalidRequest("Request body is nested too deeply.") from exc
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise InvalidRequest(f"Request body has a value that cannot be read: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequest(f"Request body must be a JSON object, not {_json_type(data)}.")
     return data

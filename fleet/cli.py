@@ -9,6 +9,7 @@
     fleet nodes         list nodes (-o json|table)
     fleet gpus          this machine's GPUs as NVML sees them
     fleet demo-model    build the tiny offline demo model
+    fleet chaos         the failure-recovery suite against a running fleet (chaos/README.md)
 """
 
 from __future__ import annotations
@@ -150,6 +151,36 @@ def _parser() -> argparse.ArgumentParser:
         help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
     )
     explain.set_defaults(func=_cmd_route_explain)
+
+    chaos = sub.add_parser("chaos", help="the failure-recovery suite (chaos/README.md)")
+    chaos_sub = chaos.add_subparsers(dest="chaos_cmd", required=True, metavar="COMMAND")
+    chaos_list = chaos_sub.add_parser("list", help="the scenarios")
+    chaos_list.set_defaults(func=_cmd_chaos)
+    chaos_run = chaos_sub.add_parser("run", help="run scenarios against a running fleet")
+    chaos_run.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all")
+    chaos_run.add_argument(
+        "--coordinator",
+        default=os.environ.get("FLEET_COORDINATOR", DEFAULT_COORDINATOR),
+        help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
+    )
+    chaos_run.add_argument("--model", default=None, help="default: the first served model")
+    chaos_run.add_argument(
+        "--api-key",
+        default=os.environ.get("FLEET_API_KEY", ""),
+        help="for a fleet started with --api-keys (default $FLEET_API_KEY)",
+    )
+    chaos_run.add_argument(
+        "--out", default=None, metavar="DIR", help="results folder (default chaos/results)"
+    )
+    chaos_run.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    chaos_run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a scenario setting, e.g. burst_new_connections=true (repeatable; see ChaosConfig)",
+    )
+    chaos_run.set_defaults(func=_cmd_chaos)
 
     gpus = sub.add_parser("gpus", help="this machine's GPUs through NVML")
     gpus.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -504,6 +535,12 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
     if not gpus:
         print("no GPUs found through NVML: this node runs CPU engines only")
     return 0
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    from fleet.chaos.cli import list_command, run_command
+
+    return list_command(args) if args.chaos_cmd == "list" else run_command(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ GET  /version, /load            ``{"version": "0.32.0"}``, ``{"server_load": n}`
 GET  /kv_event_sources          the KV publisher's endpoints, as vLLM reports them
 POST /reset_prefix_cache        ``{"success": bool}`` (vLLM's dev-mode route)
 GET  /sim/faults                the faults in force
+GET  /sim/cache                 the prefix cache's hashes, as KV events publish them (chaos)
 POST /sim/faults                change some of them: a JSON object of fault names to values
 ==============================  ============================================================
 
@@ -284,6 +285,11 @@ def create_app(deps: ApiDeps) -> QuartTrio:
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> Response:
         return _json({"success": engine.reset_prefix_cache()})
+
+    @app.get("/sim/cache")
+    async def get_cache() -> Response:
+        hashes = engine.scheduler.cache.cached_hashes()
+        return _json({"blocks": len(hashes), "block_hashes": [f"{h:016x}" for h in hashes]})
 
     @app.get("/sim/faults")
     async def get_faults() -> Response:

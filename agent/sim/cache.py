@@ -137,6 +137,10 @@ class PrefixCache:
         """Distinct block hashes that can be hit now."""
         return len(self._cached)
 
+    def cached_hashes(self) -> list[int]:
+        """The hashes (as published in KV events) of every block that can be hit now, sorted."""
+        return sorted(external_hash(d) for d in self._cached)
+
     def blocks_of(self, request_id: str) -> int:
         """How many blocks ``request_id`` holds."""
         holder = self._holders.get(request_id)

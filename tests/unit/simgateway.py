@@ -55,3 +55,18 @@ def sim_gateway(
         rng=random.Random(0),
     )
     return gateway, pools
+
+
+async def start_hung_listener(nursery: trio.Nursery) -> str:
+    """A TCP server that accepts connections and never answers, like a SIGSTOPped engine
+    (the kernel completes handshakes; nothing reads). Its URL."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def accept_forever() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+
+    nursery.start_soon(accept_forever)
+    port = listeners[0].socket.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -25,8 +25,8 @@ class Engines:
 async def _hold(admission: Admission, priority: int, release: trio.Event, log: list[str],
                 name: str, deadline: float = float("inf")) -> None:  # fmt: skip
     try:
-        async with admission.admit("m", priority, deadline):
-            log.append(f"in {name}")
+        async with admission.admit("m", priority, deadline) as queued:
+            log.append(f"in {name}" + (" (queued)" * queued * (name == "queued?")))
             await release.wait()
     except Overloaded as exc:
         log.append(f"503 {name} retry-after {exc.retry_after_s}")
@@ -52,6 +52,23 @@ async def test_requests_past_the_slots_wait_and_are_admitted_by_priority(
         done.set()
     assert log == ["in first", "in crit", "in std", "in batch"]
     assert admission.inflight("m") == 0 and admission.queued("m") == 0
+
+
+async def test_the_slot_says_whether_the_request_waited_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(Engines(1), slots_per_engine=1, max_queue=10)
+    log: list[str] = []
+    async with trio.open_nursery() as nursery:
+        release = trio.Event()
+        nursery.start_soon(_hold, admission, STANDARD, release, log, "queued?")
+        await trio.sleep(1)
+        nursery.start_soon(_hold, admission, STANDARD, trio.Event(), log, "queued?")
+        await trio.sleep(1)
+        release.set()
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert log == ["in queued?", "in queued? (queued)"]
 
 
 async def test_a_full_queue_sheds_the_lowest_priority_first(

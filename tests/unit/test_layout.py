@@ -13,6 +13,7 @@ FORBIDDEN = {
     "protocol": ("fleet.agent", "fleet.coordinator", "fleet.bench", "fleet.cli", "fleet.up"),
     "agent": ("fleet.coordinator",),
     "coordinator": ("fleet.agent",),
+    "chaos": ("fleet.agent", "fleet.coordinator"),  # it drives a fleet from outside
 }
 
 

@@ -26,7 +26,7 @@ from fleet.coordinator.validation import validate
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineStatus, Register
 
-from .simgateway import sim_gateway, start_sim
+from .simgateway import sim_gateway, start_hung_listener, start_sim
 
 CFG = ResilienceConfig()
 
@@ -212,3 +212,38 @@ async def test_an_engine_that_stops_producing_is_reported_stalled(pair: Pair) ->
         assert gateway.stalled(trio.current_time(), 0.5) == []  # reported once per stall
         nursery.cancel_scope.cancel()
     assert gateway.inflight.get("bad") == 0
+
+
+async def test_requests_waiting_on_a_hung_engine_move_when_its_health_probe_fails(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    fast = ("--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5")
+    urls = {
+        "hung": await start_hung_listener(nursery),
+        "good": await start_sim(demo_model, nursery, *fast),
+    }
+    cfg = ResilienceConfig(base_backoff_s=0.001, probe_after_s=0.2, probe_timeout_s=0.3)
+    gateway, pools = sim_gateway(urls, demo_model, cfg)
+    nursery.start_soon(gateway.watch_silent)
+    raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
+    results: list[tuple[int, str]] = []
+
+    async def one() -> None:
+        forwarded = await gateway.forward(
+            "/v1/completions", validate("completion", raw), raw, {"x-request-timeout": "10"}
+        )
+        b"".join([chunk async for chunk in forwarded.body])
+        results.append((forwarded.status, forwarded.headers["x-selected-pod"]))
+
+    started = trio.current_time()
+    async with trio.open_nursery() as requests:
+        for _ in range(8):
+            requests.start_soon(one)
+    took = trio.current_time() - started
+    assert results == [(200, "good")] * 8  # none waited for its 10 s deadline
+    assert took < 3.0
+    assert gateway.breakers.get("hung").state == "open"
+    assert gateway.metrics.stalls.labels(engine="hung")._value.get() == 1
+    assert gateway.inflight.get("hung") == 0
+    await pools.aclose()
+    nursery.cancel_scope.cancel()

@@ -415,6 +415,16 @@ async def test_kv_events_reach_a_real_sub_socket_as_vllm_publishes_them(sim: Sim
     assert len(generated.token_ids) == BLOCK
 
 
+async def test_sim_cache_lists_the_hashes_its_kv_events_published(sim: Sim) -> None:
+    assert (await sim.http.get("/sim/cache")).json() == {"blocks": 0, "block_hashes": []}
+    await sim.http.post("/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 1})
+    (event,) = (await sim.batch()).events
+    assert isinstance(event, BlockStored)
+    cache = (await sim.http.get("/sim/cache")).json()
+    assert cache["block_hashes"] == sorted(f"{h:016x}" for h in event.block_hashes)
+    assert cache["blocks"] == len(event.block_hashes)
+
+
 async def test_replay_through_a_dealer(sim: Sim) -> None:
     await sim.http.post("/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 1})
     live = await sim.batch()

@@ -94,6 +94,12 @@ def test_large_finite_numbers_and_big_integers_are_accepted() -> None:
     assert validate("completion", raw).body["extra"][2] == 12345678901234567890123
 
 
+def test_an_integer_past_pythons_digit_limit_is_a_400_not_a_500() -> None:
+    raw = b'{"model": "m", "prompt": "x", "seed": ' + b"9" * 5000 + b"}"
+    err = rejected("completion", raw)
+    assert err.status == 400 and "cannot be read" in err.message
+
+
 def test_deeply_nested_body_is_rejected_not_crashed() -> None:
     raw = b'{"model": "m", "prompt": "x", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     err = rejected("completion", raw)
