@@ -19,6 +19,10 @@ Sequence numbers are checked against ``next_seq``, the one expected next:
 - ``seq < next_seq``: ``seq == 0`` means the engine restarted (the coordinator treats seq 0 after
   others as a restart) and is forwarded; anything else is a duplicate, dropped and counted.
 
+- nothing for ``tail_probe_s`` (2 s): the relay asks the replay socket for batches from
+  ``next_seq`` on, since a lost *last* batch has no later batch to reveal it; what comes back is
+  forwarded (with ``resync=True`` if it does not start at ``next_seq``).
+
 The relay is one task: while a replay runs, live frames wait in the SUB socket, so the order
 holds. The SUB socket outlives engine restarts; :meth:`KVRelay.engine_started` tells the relay a
 new engine process is starting, so that it expects seq 0 again and can replay it should the
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REPLAY_TIMEOUT_S = 2.0
 """How long a replay may take, request to last needed batch, before the relay gives up."""
+DEFAULT_TAIL_PROBE_S = 2.0
+"""How long the relay waits without a batch before asking the replay socket for lost ones."""
 
 
 class KVRelay:
@@ -66,6 +72,8 @@ class KVRelay:
         replay_endpoint: the engine's KV replay socket, or None when unknown (gaps then resync).
             An attribute, so it may be set after construction, once the engine's is chosen.
         replay_timeout_s: the longest a replay may take before the gap is given up (> 0).
+        tail_probe_s: after this long without a batch, the relay asks the replay socket for
+            batches from ``next_seq`` on (a lost last batch has no later one to reveal it).
 
     Raises:
         ConfigError: ``replay_timeout_s`` is not a finite number > 0.
@@ -86,9 +94,13 @@ class KVRelay:
         host: str = "127.0.0.1",
         replay_endpoint: str | None = None,
         replay_timeout_s: float = DEFAULT_REPLAY_TIMEOUT_S,
+        tail_probe_s: float = DEFAULT_TAIL_PROBE_S,
     ) -> None:
         if not (replay_timeout_s > 0 and math.isfinite(replay_timeout_s)):
             raise ConfigError("replay_timeout_s", replay_timeout_s, "must be a finite number > 0")
+        if not tail_probe_s > 0:
+            raise ConfigError("tail_probe_s", tail_probe_s, "must be > 0")
+        self.tail_probe_s = float(tail_probe_s)
         self.node_id = node_id
         self.engine_id = engine_id
         self.model = model
@@ -113,7 +125,12 @@ class KVRelay:
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             task_status.started(self.endpoint)
             while True:
-                for frames in await recv_batch(sock):
+                with trio.move_on_after(self.tail_probe_s) as idle:
+                    batches = await recv_batch(sock)
+                if idle.cancelled_caught:
+                    await self._probe_tail()
+                    continue
+                for frames in batches:
                     await self._relay(frames)
 
     def engine_started(self) -> None:
@@ -157,6 +174,59 @@ class KVRelay:
                 self._forward(old)
             self.metrics.kv_replayed_batches.labels(**self._labels).inc(len(replayed))
         self._forward(batch)
+
+    async def _probe_tail(self) -> None:
+        """After ``tail_probe_s`` without a batch, ask the replay socket for anything from
+        ``next_seq`` on: a lost *last* batch leaves no gap for a later one to reveal, and
+        without this the index would keep its blocks until the engine's next event."""
+        if self.replay_endpoint is None:
+            return
+        generation = self._generation
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        tail: list[VllmEventBatch] | None = None
+        with open_socket(ctx, zmq.DEALER) as sock:
+            try:
+                sock.connect(self.replay_endpoint)
+            except zmq.ZMQError:
+                return
+            if not send_nowait(sock, encode_replay_request(self.next_seq)):
+                return
+            with trio.move_on_after(self.replay_timeout_s):
+                tail = await self._collect_tail(sock)
+        if not tail or self._generation != generation:
+            return
+        self.metrics.kv_tail_repaired.labels(**self._labels).inc(len(tail))
+        first = tail[0]
+        if first.seq != self.next_seq:  # older than the engine's buffer: start again there
+            log.warning(
+                "engine %s: KV batches %d..%d lost and not replayable; resync",
+                self.engine_id,
+                self.next_seq,
+                first.seq - 1,
+            )
+            self.metrics.kv_resyncs.labels(**self._labels).inc()
+            self._forward(first, resync=True)
+            tail = tail[1:]
+        for batch in tail:
+            self._forward(batch)
+
+    async def _collect_tail(self, sock: zmq.Socket[bytes]) -> list[VllmEventBatch] | None:
+        """Every replayed batch up to the end marker, if they follow each other (else None)."""
+        got: list[VllmEventBatch] = []
+        while True:
+            for frames in await recv_batch(sock):
+                try:
+                    batch = decode_replay_reply(frames)
+                except ProtocolError as exc:
+                    self.metrics.kv_rejected.labels(**self._labels).inc()
+                    log.warning("engine %s sent a bad replay reply: %s", self.engine_id, exc)
+                    return None
+                if batch is None:
+                    return got
+                if got and batch.seq != got[-1].seq + 1:
+                    return None
+                if batch.seq >= self.next_seq:
+                    got.append(batch)
 
     async def _replay(self, start: int, stop: int) -> list[VllmEventBatch] | None:
         """Fetch batches ``start .. stop - 1`` from the engine's replay socket.
@@ -238,4 +308,4 @@ class KVRelay:
         )
 
 
-__all__ = ["DEFAULT_REPLAY_TIMEOUT_S", "KVRelay"]
+__all__ = ["DEFAULT_REPLAY_TIMEOUT_S", "DEFAULT_TAIL_PROBE_S", "KVRelay"]

@@ -53,6 +53,13 @@ class AgentMetrics:
             ["engine"],
             registry=r,
         )
+        self.kv_tail_repaired = Counter(
+            "fleet_agent_kv_tail_repaired_total",
+            "KV batches found lost only by asking the replay socket after a quiet spell (the "
+            "engine's last batches, which no later batch revealed).",
+            ["engine"],
+            registry=r,
+        )
         self.kv_snapshot_blocks = Counter(
             "fleet_agent_kv_snapshot_blocks_total",
             "Blocks sent in snapshots to a coordinator that (re)connected.",

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from .fleetproc import FleetProcess
+from .fleetproc import FleetProcess, alive
 
 pytestmark = pytest.mark.engine
 
@@ -122,12 +122,13 @@ def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
 ) -> None:
     """SIGKILL the real engine serving a stream after 5 chunks: the client's stream goes on
     (one id, one role, the full token budget, truthful usage) from the other engine."""
-    engines = _ready(fleet2)
-    if len(engines) < 2:  # the first parametrization's victim is still restarting
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(engines) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            engines = _ready(fleet2)
+    # The first parametrization's victim restarts; until then the registry may still list it
+    # ready for up to a heartbeat: wait for two ready engines whose processes are alive.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    engines = {e: v for e, v in _ready(fleet2).items() if alive({v["pid"]})}
+    while len(engines) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        engines = {e: v for e, v in _ready(fleet2).items() if alive({v["pid"]})}
     assert len(engines) == 2
     budget = 120
     client = openai.OpenAI(base_url=str(fleet2.base_url) + "/v1", api_key="none", max_retries=0)

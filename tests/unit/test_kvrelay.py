@@ -109,14 +109,16 @@ class Harness:
 
 
 @asynccontextmanager
-async def relay_harness(*, replay: bool = True, timeout_s: float = 0.3) -> AsyncIterator[Harness]:
+async def relay_harness(
+    *, replay: bool = True, timeout_s: float = 0.3, tail_probe_s: float = 60.0
+) -> AsyncIterator[Harness]:
     metrics = AgentMetrics()
     send, receive = trio.open_memory_channel[KVEventBatch](1000)
     server = ReplayServer()
     async with trio.open_nursery() as nursery:
         relay = KVRelay(
             node_id="n0", engine_id=ENGINE, model="m", forward=send.send_nowait, metrics=metrics,
-            replay_timeout_s=timeout_s,
+            replay_timeout_s=timeout_s, tail_probe_s=tail_probe_s,
         )  # fmt: skip
         if replay:
             relay.replay_endpoint = await nursery.start(server.run)
@@ -153,6 +155,30 @@ async def test_gap_is_repaired_from_the_replay_socket() -> None:
         assert h.count("gaps_total") == 2 and h.count("replays_total") == 2
         assert h.count("replayed_batches_total") == 3 and h.count("resyncs_total") == 0
         await h.nothing_more()
+
+
+async def test_a_lost_last_batch_is_fetched_after_a_quiet_spell() -> None:
+    async with relay_harness(tail_probe_s=0.2) as h:
+        h.publish(0)
+        assert await h.received(1) == [(0, False)]
+        h.drop(1)
+        h.drop(2)  # the engine's last batches: no later one reveals the gap
+        assert await h.received(2) == [(1, False), (2, False)]
+        assert h.count("tail_repaired_total") == 2 and h.count("resyncs_total") == 0
+        with trio.move_on_after(0.5):  # quiet and nothing lost: probes forward nothing
+            await h.out.receive()
+            raise AssertionError("a probe forwarded a batch that was not lost")
+        assert len(h.replay.requests) >= 2
+        await h.nothing_more()
+
+
+async def test_a_lost_tail_older_than_the_replay_buffer_resyncs() -> None:
+    async with relay_harness(tail_probe_s=0.2) as h:
+        h.publish(0)
+        assert await h.received(1) == [(0, False)]
+        h.drop(5)  # 1..4 are gone from the engine's buffer too
+        assert await h.received(1) == [(5, True)]
+        assert h.count("resyncs_total") == 1
 
 
 async def test_duplicates_are_dropped_and_counted() -> None:
