@@ -31,9 +31,10 @@ new engine's first batch be lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 import zmq
@@ -213,6 +214,19 @@ class KVRelay:
     async def _collect_tail(self, sock: zmq.Socket[bytes]) -> list[VllmEventBatch] | None:
         """Every replayed batch up to the end marker, if they follow each other (else None)."""
         got: list[VllmEventBatch] = []
+        async with contextlib.aclosing(self._replies(sock)) as replies:
+            async for batch in replies:
+                if batch is None:
+                    return got
+                if got and batch.seq != got[-1].seq + 1:
+                    return None
+                if batch.seq >= self.next_seq:
+                    got.append(batch)
+        return None
+
+    async def _replies(self, sock: zmq.Socket[bytes]) -> AsyncIterator[VllmEventBatch | None]:
+        """Replay replies as they come, decoded (None: the end marker); a bad one is counted
+        and ends them."""
         while True:
             for frames in await recv_batch(sock):
                 try:
@@ -220,13 +234,8 @@ class KVRelay:
                 except ProtocolError as exc:
                     self.metrics.kv_rejected.labels(**self._labels).inc()
                     log.warning("engine %s sent a bad replay reply: %s", self.engine_id, exc)
-                    return None
-                if batch is None:
-                    return got
-                if got and batch.seq != got[-1].seq + 1:
-                    return None
-                if batch.seq >= self.next_seq:
-                    got.append(batch)
+                    return
+                yield batch
 
     async def _replay(self, start: int, stop: int) -> list[VllmEventBatch] | None:
         """Fetch batches ``start .. stop - 1`` from the engine's replay socket.
@@ -261,14 +270,8 @@ class KVRelay:
         self, sock: zmq.Socket[bytes], start: int, stop: int
     ) -> list[VllmEventBatch] | None:
         got: list[VllmEventBatch] = []
-        while True:
-            for frames in await recv_batch(sock):
-                try:
-                    batch = decode_replay_reply(frames)
-                except ProtocolError as exc:
-                    self.metrics.kv_rejected.labels(**self._labels).inc()
-                    log.warning("engine %s sent a bad replay reply: %s", self.engine_id, exc)
-                    return None
+        async with contextlib.aclosing(self._replies(sock)) as replies:
+            async for batch in replies:
                 want = start + len(got)
                 if batch is None:  # the end marker, before the last batch needed
                     log.warning(
@@ -287,6 +290,7 @@ class KVRelay:
                 got.append(batch)
                 if batch.seq == stop - 1:
                     return got
+        return None  # a bad reply
 
     def _forward(self, batch: VllmEventBatch, *, resync: bool = False) -> None:
         self.next_seq = batch.seq + 1
