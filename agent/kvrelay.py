@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import trio
 import zmq
@@ -224,7 +224,9 @@ class KVRelay:
                     got.append(batch)
         return None
 
-    async def _replies(self, sock: zmq.Socket[bytes]) -> AsyncIterator[VllmEventBatch | None]:
+    async def _replies(
+        self, sock: zmq.Socket[bytes]
+    ) -> AsyncGenerator[VllmEventBatch | None, None]:
         """Replay replies as they come, decoded (None: the end marker); a bad one is counted
         and ends them."""
         while True:
