@@ -12,6 +12,7 @@ replaces the choice, not the reconcile loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fleet.protocol.errors import ConfigError
@@ -85,14 +86,25 @@ class Placer:
     Args:
         deployments: what to serve.
         assign_timeout_s: resend an assignment its node has not reported after this long.
+        settle_until: place nothing before this time. A (re)started coordinator first hears
+            from every live node (each reports the engines it runs); placing at the first
+            registration would start a second copy of engines whose node had not spoken yet,
+            and put every new engine on the first node to register.
     """
 
-    def __init__(self, deployments: tuple[Deployment, ...], *, assign_timeout_s: float) -> None:
+    def __init__(
+        self,
+        deployments: tuple[Deployment, ...],
+        *,
+        assign_timeout_s: float,
+        settle_until: float = -math.inf,
+    ) -> None:
         names = [d.model for d in deployments]
         if len(set(names)) != len(names):
             raise ConfigError("model", names, "each deployment needs its own model name")
         self.deployments = deployments
         self.assign_timeout_s = assign_timeout_s
+        self.settle_until = settle_until
         # engine id -> (node id, spec, time sent)
         self._pending: dict[str, tuple[str, EngineSpec, float]] = {}
 
@@ -108,7 +120,9 @@ class Placer:
         return deployment.max_model_len if deployment is not None else None
 
     def reconcile(self, registry: FleetRegistry, now: float) -> list[Placement]:
-        """Return the assignments to send now."""
+        """Return the assignments to send now (none while settling)."""
+        if now < self.settle_until:
+            return []
         live = {n.node_id: n for n in registry.live_nodes()}
         running: dict[str, str] = {}
         for node in live.values():

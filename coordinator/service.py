@@ -60,6 +60,9 @@ class CoordinatorConfig:
     upstream_read_timeout_s: float = 600.0
     grace_s: float = 5.0
     kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
+    # No engine is placed this long after start, so every live node can report what it runs
+    # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
+    placement_settle_s: float | None = None
     # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
     scheduling: Profile | None = None
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
@@ -80,6 +83,8 @@ class CoordinatorConfig:
                 raise ConfigError(key, getattr(self, key), "must be > 0")
         if self.grace_s < 0:
             raise ConfigError("grace_s", self.grace_s, "must be >= 0")
+        if self.placement_settle_s is not None and self.placement_settle_s < 0:
+            raise ConfigError("placement_settle_s", self.placement_settle_s, "must be >= 0")
         if self.lost_after_missed < 1:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
         if self.kv_index_max_entries < 1:
@@ -154,6 +159,10 @@ class Coordinator:
             pool=self.cfg.upstream_connect_timeout_s,
         )
         self._pools = EnginePools(timeout=timeout, max_connections=1024, max_keepalive=128)
+        settle = self.cfg.placement_settle_s
+        if settle is None:
+            settle = self.cfg.heartbeat_interval_s * self.cfg.lost_after_missed
+        self.placer.settle_until = trio.current_time() + settle
         self._gateway = Gateway(
             self._pools,
             self.registry,

@@ -50,6 +50,7 @@ async def run_up(
             scheduling=scheduling,
             resilience=resilience or ResilienceConfig(),
             api_keys=api_keys or ApiKeys(),
+            placement_settle_s=0.0,  # the only node is this process's own agent
         )
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -170,6 +170,20 @@ async def test_garbage_on_the_agent_link_is_counted_not_fatal(tmp_path: Path) ->
         await _until(coord, lambda: coord.registry.routable("m"))  # the real agent still works
 
 
+async def test_engines_are_placed_once_every_node_had_time_to_register(tmp_path: Path) -> None:
+    """Two nodes start together: placement waits out the settle time (heartbeat × missed
+    beats), so the second node to register gets engines too instead of none."""
+    coord = _coordinator(replicas=4)
+    async with trio.open_nursery() as nursery:
+        addrs: CoordinatorAddresses = await nursery.start(coord.run)
+        for node in ("n1", "n2"):
+            await nursery.start(_agent(addrs.agent_endpoint, tmp_path / node, node).run)
+        await _until(coord, lambda: len(coord.registry.routable("m")) == 4)
+        nodes = sorted(e.node for e in coord.registry.routable("m"))
+        assert nodes == ["n1", "n1", "n2", "n2"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_restarted_coordinator_gets_the_running_engines_back(tmp_path: Path) -> None:
     port = _free_tcp_port()
     endpoint = f"tcp://127.0.0.1:{port}"
