@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,7 @@ class Agent:
                 {
                     "status": "ok",
                     "node": self.cfg.node_id,
+                    "pid": os.getpid(),
                     "coordinator": self.coordinator_id or None,
                 }
             )

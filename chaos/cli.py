@@ -76,7 +76,12 @@ def run_command(args: argparse.Namespace) -> int:
         out = []
         async with httpx.AsyncClient() as http:
             target = await connect(args.coordinator, http, args.model, api_key=args.api_key)
+            live = sum(not n["lost"] for n in (await target.get("/api/v1/nodes"))["nodes"])
             for name in names:
+                if not args.scenarios and known[name].nodes > live:
+                    print(f"• {name} skipped: needs {known[name].nodes} nodes, the fleet has "
+                          f"{live}", file=sys.stderr, flush=True)  # fmt: skip
+                    continue
                 if args.output == "table":
                     print(f"• {name} ...", file=sys.stderr, flush=True)
                 out.append(await run(name, target, cfg))

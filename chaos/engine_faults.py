@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -96,6 +97,41 @@ async def victim(target: Target, streams: LongStreams) -> dict[str, Any]:
     return max(ready, key=lambda e: streams.on_engine.get(e["id"], 0))
 
 
+async def kill_and_watch(
+    target: Target,
+    load: Load,
+    engine_id: str,
+    cfg: ChaosConfig,
+    kill: Callable[[], None],
+    old_pids: set[int],
+) -> tuple[float, float | None, float | None]:
+    """Run ``kill`` while watching ``engine_id``; wait until it is ready again in a process not
+    in ``old_pids`` and has served a request sent after the kill.
+
+    Returns:
+        When the kill was sent, when the engine left routing, when it was ready again (on
+        ``load``'s clock; None: not within the scenario's timeouts).
+    """
+    clock = load.clock
+    watcher = Watcher(target, engine_id, clock)
+    async with trio.open_nursery() as inner:
+        await inner.start(watcher.run)
+        fault_t = clock()
+        kill()
+        detect_t = await watcher.when(
+            lambda s: s.t >= fault_t and not s.routed, cfg.detect_timeout_s
+        )
+        ready_t = await watcher.when(
+            lambda s: s.t >= fault_t and s.state == "ready" and s.pid not in {0, *old_pids},
+            cfg.recover_timeout_s,
+        )
+        inner.cancel_scope.cancel()
+    await load.until(
+        lambda _: _served_after(load, engine_id, fault_t) is not None, cfg.recover_timeout_s
+    )
+    return fault_t, detect_t, ready_t
+
+
 def _served_after(load: Load, engine_id: str, after: float) -> float | None:
     """When the first request sent at or after ``after`` and served by ``engine_id`` ended."""
     ends = [
@@ -136,23 +172,10 @@ async def engine_sigkill(target: Target, cfg: ChaosConfig) -> Figures:
             await outer.start(streams.run)
             engine = await victim(target, streams)
             engine_id, old_pid = str(engine["id"]), int(engine["pid"])
-            watcher = Watcher(target, engine_id, clock)
-            async with trio.open_nursery() as inner:
-                await inner.start(watcher.run)
-                fault_t = clock()
-                signal_engine(old_pid, signal.SIGKILL)
-                detect_t = await watcher.when(
-                    lambda s: s.t >= fault_t and not s.routed, cfg.detect_timeout_s
-                )
-                ready_t = await watcher.when(
-                    lambda s: s.t >= fault_t and s.state == "ready" and s.pid not in (0, old_pid),
-                    cfg.recover_timeout_s,
-                )
-                inner.cancel_scope.cancel()
-            await load.until(
-                lambda _: _served_after(load, engine_id, fault_t) is not None,
-                cfg.recover_timeout_s,
-            )
+            fault_t, detect_t, ready_t = await kill_and_watch(
+                target, load, engine_id, cfg, lambda: signal_engine(old_pid, signal.SIGKILL),
+                {old_pid},
+            )  # fmt: skip
         await trio.sleep(cfg.tail_s)
     after = await target.metrics()
     new = await target.engine(engine_id)

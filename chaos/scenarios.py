@@ -9,6 +9,8 @@ adds ``missed``: the targets (:func:`missed`) its figures do not meet.
 ==================  ==========================================================================
 engine-sigkill      SIGKILL the busiest engine under load; the agent restarts it
 engine-hang         SIGSTOP the busiest engine under load past the requests' deadline, SIGCONT
+agent-kill          SIGKILL the agent of the busiest node (two live nodes needed); its engines
+                    die with it and are placed on the other node
 kv-events           KV batches dropped and duplicated (sim faults) while shared-prefix prompts
                     flow; after healing, each engine's index entries must equal its cache
 overload            measure capacity (closed loop), then a burst at 10× it
@@ -133,16 +135,19 @@ class Scenario:
         summary: one line.
         run: the coroutine function.
         overload: whether failures (503s) are the expected answer to part of its load.
+        nodes: the live nodes it needs (run with no scenario named, ``fleet chaos run`` skips
+            those a fleet has too few nodes for).
     """
 
     name: str
     summary: str
     run: ScenarioFn
     overload: bool = False
+    nodes: int = 1
 
 
 def _registry() -> dict[str, Scenario]:
-    from . import engine_faults, kvcheck, malformed_http, malformed_wire, overload
+    from . import engine_faults, kvcheck, malformed_http, malformed_wire, nodes, overload
 
     scenarios = [
         Scenario(
@@ -154,6 +159,12 @@ def _registry() -> dict[str, Scenario]:
             "engine-hang",
             "SIGSTOP the busiest engine under load past the deadline, then SIGCONT",
             engine_faults.engine_hang,
+        ),
+        Scenario(
+            "agent-kill",
+            "SIGKILL the agent of the busiest node: its engines die, its work moves",
+            nodes.agent_kill,
+            nodes=2,
         ),
         Scenario(
             "kv-events",

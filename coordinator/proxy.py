@@ -129,6 +129,7 @@ class Gateway:
         # engine -> when it last sent a byte (or was given work while idle): stall detection
         self.progress: dict[str, float] = {}
         self._waits: dict[str, set[trio.CancelScope]] = {}  # cancelled when the engine is down
+        self._incarnation: dict[str, tuple[str, int]] = {}  # engine -> (url, pid) seen last
         # (model, stream) -> moving average of the wait for a response's first byte: a request
         # whose deadline is closer than that when it leaves the queue is shed, not sent
         self._first_byte_s: dict[tuple[str, bool], float] = {}
@@ -533,9 +534,23 @@ class Gateway:
         finally:
             probing.discard(engine.id)
 
+    def incarnations(self, engines: list[EngineView]) -> None:
+        """A new process under an engine's id (restarted, or placed again on another node after
+        its node was lost) starts with a closed breaker: the old process's failures are not
+        its own. ``engines``: the routable ones, as the agents report them."""
+        for engine in engines:
+            key = (engine.url, engine.pid)
+            old = self._incarnation.get(engine.id)
+            if old is not None and old != key:
+                self.breakers.reset(engine.id)
+                self.progress.pop(engine.id, None)
+            self._incarnation[engine.id] = key
+
     def forget(self, keep: list[str]) -> None:
         """Drop per-engine state of engines that left (``keep``: the known ones)."""
         alive = set(keep)
+        for engine_id in [e for e in self._incarnation if e not in alive]:
+            del self._incarnation[engine_id]
         for engine_id in [e for e in self.progress if e not in alive]:
             del self.progress[engine_id]
         for engine_id in [e for e in self._waits if e not in alive and not self._waits[e]]:

@@ -157,7 +157,7 @@ class FleetRegistry:
         for record in self.nodes():
             for status in record.engines.values():
                 out.append(self._view(record, status))
-        return sorted(out, key=lambda e: e.id)
+        return sorted(out, key=lambda e: (e.id, not e.routable))
 
     def routable(self, model: str | None = None) -> list[EngineView]:
         """Engines that may take traffic now, optionally for one model."""
@@ -168,10 +168,16 @@ class FleetRegistry:
         return sorted({e.model for e in self.routable()})
 
     def engine(self, engine_id: str) -> EngineView | None:
-        for view in self.engines():
-            if view.id == engine_id:
-                return view
-        return None
+        """The engine as its live node reports it; a lost node's stale entry only when no live
+        node reports it (an engine of a lost node is placed again under the same id)."""
+        stale = None
+        for record in self._nodes.values():
+            status = record.engines.get(engine_id)
+            if status is not None:
+                if not record.lost:
+                    return self._view(record, status)
+                stale = stale or self._view(record, status)
+        return stale
 
     def engine_ids(self) -> Iterable[str]:
         for record in self._nodes.values():

@@ -186,6 +186,10 @@ class Breakers:
     def states(self) -> dict[str, BreakerState]:
         return {e: b.state for e, b in self._breakers.items()}
 
+    def reset(self, engine_id: str) -> None:
+        """A new process serves under this id: its breaker starts closed."""
+        self._breakers.pop(engine_id, None)
+
     def forget(self, keep: Sequence[str]) -> None:
         alive = set(keep)
         for engine_id in [e for e in self._breakers if e not in alive]:

@@ -237,6 +237,7 @@ class Coordinator:
                 known = [e.id for e in self.registry.engines()]
                 breakers.forget(known)
                 self._gateway.forget(known)
+                self._gateway.incarnations(self.registry.routable())
                 for engine in self.registry.routable():  # ready: its /health answers
                     breakers.health_ok(engine.id, trio.current_time())
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):

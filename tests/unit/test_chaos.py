@@ -126,12 +126,14 @@ def test_every_scenario_is_registered_once_and_only_overload_expects_failures() 
     assert list(known) == [
         "engine-sigkill",
         "engine-hang",
+        "agent-kill",
         "kv-events",
         "overload",
         "malformed-http",
         "malformed-wire",
     ]
     assert [n for n, s in known.items() if s.overload] == ["overload"]
+    assert [n for n, s in known.items() if s.nodes > 1] == ["agent-kill"]
 
 
 def test_the_request_mix_is_seeded_shares_prefixes_and_carries_the_deadline() -> None:

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from .test_supervisor import _alive
 
 AGENT = """
 import subprocess, sys, time
@@ -26,14 +27,6 @@ reaper.forget(done.pid)
 print(engine.pid, grandchild, reaper.pid, flush=True)
 time.sleep(600)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def _gone_within(pids: list[int], seconds: float) -> bool:

@@ -138,6 +138,20 @@ def test_lost_node_engines_are_unroutable_and_state_lost() -> None:
     assert {e.id: e.state for e in reg.engines()} == {"a1": "lost", "b1": "lost", "b2": "lost"}
 
 
+def test_an_engine_placed_again_is_looked_up_on_its_live_node() -> None:
+    """A lost node's engine is placed again under the same id on another node: lookups by id
+    must find the live one, whichever node sorts first (KV snapshots and health probes use it)."""
+    reg = FleetRegistry(lost_after_s=LOST_AFTER_S)
+    reg.register(register("a", engine("m-0")), now=0.0)
+    reg.register(register("b"), now=5.0)
+    reg.expire(now=11.0)  # a is lost
+    assert reg.engine("m-0").state == "lost"  # type: ignore[union-attr]
+    reg.heartbeat(heartbeat("b", engine("m-0")), now=11.5)
+    found = reg.engine("m-0")
+    assert found is not None and (found.node, found.state) == ("b", "ready")
+    assert [(e.node, e.routable) for e in reg.engines()] == [("b", True), ("a", False)]
+
+
 def test_lost_node_must_register_again() -> None:
     reg = FleetRegistry(lost_after_s=LOST_AFTER_S)
     reg.register(register("a", engine("e1")), now=0.0)

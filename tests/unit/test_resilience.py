@@ -247,3 +247,17 @@ async def test_requests_waiting_on_a_hung_engine_move_when_its_health_probe_fail
     assert gateway.inflight.get("hung") == 0
     await pools.aclose()
     nursery.cancel_scope.cancel()
+
+
+async def test_a_new_process_under_an_engines_id_starts_with_a_closed_breaker(pair: Pair) -> None:
+    import dataclasses
+
+    gateway = pair.gateway
+    views = gateway.registry.routable("demo")
+    gateway.incarnations(views)
+    gateway.breakers.get("good").trip(trio.current_time())
+    gateway.incarnations(views)  # the same processes: the breaker stays open
+    assert gateway.breakers.get("good").state == "open"
+    restarted = [dataclasses.replace(v, pid=v.pid + 1) if v.id == "good" else v for v in views]
+    gateway.incarnations(restarted)
+    assert gateway.breakers.get("good").state == "closed"
