@@ -24,6 +24,7 @@ from fleet.protocol.messages import (
     KVSnapshot,
     Message,
     Register,
+    UnassignEngine,
     Welcome,
 )
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
@@ -72,6 +73,7 @@ class AgentLink:
         self.on_update = on_update
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
+        self._unassigned: dict[str, set[str]] = {}  # node -> engines asked to stop, still there
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, then receive until cancelled."""
@@ -102,10 +104,28 @@ class AgentLink:
         return True
 
     def reconcile(self) -> None:
-        """Send whatever assignments placement wants now."""
+        """Send whatever assignments placement wants now, and stop duplicate engines."""
         for placement in self.placer.reconcile(self.registry, self.clock()):
             log.info("assigning %s to node %s", placement.assign.spec.engine_id, placement.node_id)
             self.send(placement.node_id, placement.assign)
+        for node_id, asked in list(self._unassigned.items()):
+            record = self.registry.node(node_id)
+            asked &= set(record.engines) if record is not None else set()
+            if not asked:
+                del self._unassigned[node_id]
+        for node_id, engine_id in self.placer.surplus(self.registry):
+            if engine_id in self._unassigned.get(node_id, set()):
+                continue  # asked already; its node reports it gone with the next heartbeat
+            log.warning(
+                "engine %s runs on node %s and elsewhere (the node was lost and came back): "
+                "stopping this copy",
+                engine_id,
+                node_id,
+            )
+            self._unassigned.setdefault(node_id, set()).add(engine_id)
+            # Both copies' KV events went under one id: start its index entry again.
+            self.kvindex.drop_engine(engine_id)
+            self.send(node_id, UnassignEngine(engine_id))
 
     # -- receiving ---------------------------------------------------------------------------
 

@@ -107,6 +107,7 @@ class Placer:
         self.settle_until = settle_until
         # engine id -> (node id, spec, time sent)
         self._pending: dict[str, tuple[str, EngineSpec, float]] = {}
+        self._placed: dict[str, str] = {}  # engine id -> the node this coordinator put it on
 
     def deployment(self, model: str) -> Deployment | None:
         for d in self.deployments:
@@ -148,8 +149,22 @@ class Placer:
                     continue
                 node_id, spec = placed
                 self._pending[engine_id] = (node_id, spec, now)
+                self._placed[engine_id] = node_id
                 running[engine_id] = node_id
                 out.append(Placement(node_id, AssignEngine(spec)))
+        return out
+
+    def surplus(self, registry: FleetRegistry) -> list[tuple[str, str]]:
+        """Copies of an engine to stop, as (node id, engine id): where live nodes report one
+        engine id twice (its node was lost, the engine placed again elsewhere, and the node
+        came back), the copy this coordinator placed last stays (the lowest node id when it
+        placed neither); the others go."""
+        out: list[tuple[str, str]] = []
+        for engine_id, nodes in registry.duplicates().items():
+            keep = self._placed.get(engine_id)
+            if keep not in nodes:
+                keep = nodes[0]
+            out.extend((node_id, engine_id) for node_id in nodes if node_id != keep)
         return out
 
     def _choose(

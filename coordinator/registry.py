@@ -179,6 +179,16 @@ class FleetRegistry:
                 stale = stale or self._view(record, status)
         return stale
 
+    def duplicates(self) -> dict[str, list[str]]:
+        """Engine ids that more than one live node reports (a node that was lost came back
+        with engines placed again elsewhere meanwhile): id → those nodes, sorted."""
+        where: dict[str, list[str]] = {}
+        for record in self._nodes.values():
+            if not record.lost:
+                for engine_id in record.engines:
+                    where.setdefault(engine_id, []).append(record.node_id)
+        return {e: sorted(nodes) for e, nodes in where.items() if len(nodes) > 1}
+
     def engine_ids(self) -> Iterable[str]:
         for record in self._nodes.values():
             yield from record.engines

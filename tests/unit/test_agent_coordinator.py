@@ -25,7 +25,7 @@ from fleet.coordinator.placement import Deployment
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 from fleet.protocol import codec
 from fleet.protocol.kvevents import BlockRemoved, BlockStored
-from fleet.protocol.messages import EngineStatus, Register
+from fleet.protocol.messages import EngineStatus, Register, UnassignEngine
 from fleet.protocol.vllm_events import encode_vllm_message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +147,41 @@ async def test_silent_node_is_lost_and_leaves_routing_and_the_index() -> None:
         # lost after 3 missed heartbeats (0.3 s), noticed by an upkeep pass every 0.05 s
         assert 0.3 <= took < 2
         assert _metric(coord.metrics.render(), "fleet_nodes_lost_total") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_node_that_comes_back_has_its_replaced_engine_stopped(
+    tmp_path: Path,
+) -> None:
+    """n9 runs m-0, falls silent and is lost; m-0 is placed again on n1. When n9 comes back
+    still running m-0, the coordinator tells n9 to stop its copy (n1's, placed last, stays)."""
+    coord = _coordinator()
+    async with trio.open_nursery() as nursery:
+        addrs: CoordinatorAddresses = await nursery.start(coord.run)
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, b"n9")
+        dealer.connect(addrs.agent_endpoint)
+        engine = EngineStatus(engine_id="m-0", model="m", url="http://127.0.0.1:9", state="ready")
+        register = codec.encode(Register("n9", "http://n9", "0", (), (engine,)))
+        try:
+            dealer.send_multipart(register)
+            await _until(coord, lambda: coord.registry.routable("m"))
+            await nursery.start(_agent(addrs.agent_endpoint, tmp_path).run)  # node n1, empty
+            await _until(
+                coord, lambda: [e.node for e in coord.registry.routable("m")] == ["n1"], 10
+            )
+            dealer.send_multipart(register)  # n9 is back, m-0 still running there
+            got: list[object] = []
+            with trio.fail_after(5):
+                while not any(isinstance(m, UnassignEngine) for m in got):
+                    try:
+                        got.append(codec.decode(dealer.recv_multipart(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        await trio.sleep(0.02)
+            assert [m.engine_id for m in got if isinstance(m, UnassignEngine)] == ["m-0"]
+        finally:
+            dealer.close()
         nursery.cancel_scope.cancel()
 
 
