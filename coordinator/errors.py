@@ -109,7 +109,8 @@ class UpstreamError(FleetError):
     Args:
         engine_id: the engine that failed.
         message: what happened.
-        reason: ``connect`` (refused, reset, protocol error) or ``timeout``.
+        reason: ``refused`` (nothing listens: the engine is gone), ``connect`` (reset, protocol
+            error), ``timeout``, or ``down`` (its health probe failed while this waited).
     """
 
     def __init__(self, engine_id: str, message: str, reason: str = "connect") -> None:

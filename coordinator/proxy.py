@@ -276,7 +276,12 @@ class Gateway:
                         )
                     return forwarded
                 reason, last_error = "5xx", f"engine {engine.id} answered {forwarded.status}"
-            breaker.failure(trio.current_time())
+            if reason == "refused":
+                # The process is gone (killed, or its node died): eject it now, so the requests
+                # behind this one do not each find that out.
+                self.engine_down(engine.id, "connection refused")
+            else:
+                breaker.failure(trio.current_time())
             self.metrics.upstream_errors.labels(engine=engine.id).inc()
             if reason == "5xx":
                 # The engine's own error goes to the client unless another engine gets a try.
@@ -286,7 +291,9 @@ class Gateway:
                     _decision_headers(forwarded.headers, decision)
                     return forwarded
                 await forwarded.discard()
-            elif attempt >= self.resilience.max_attempts or not self._may_retry(candidates, tried):
+            elif attempt >= self.resilience.max_attempts or not self._may_retry(
+                candidates, tried, free=reason == "refused"
+            ):
                 break
             pause = backoff_s(self.resilience, attempt, self.rng)
             if trio.current_time() + pause >= deadline:
@@ -448,6 +455,8 @@ class Gateway:
                                    f"continuation was refused ({forwarded.status}).")  # fmt: skip
             except UpstreamError as exc:
                 log.warning("%s", exc)
+                if exc.reason == "refused":
+                    self.engine_down(engine.id, "connection refused")
             self.breakers.get(engine.id).failure(trio.current_time())
             self.metrics.upstream_errors.labels(engine=engine.id).inc()
 
@@ -591,10 +600,15 @@ class Gateway:
             )
         return value
 
-    def _may_retry(self, candidates: list[EngineView], tried: list[str]) -> bool:
-        """Another engine is left, and the retry budget has a retry."""
+    def _may_retry(
+        self, candidates: list[EngineView], tried: list[str], *, free: bool = False
+    ) -> bool:
+        """Another engine is left, and the retry budget has a retry (``free``: a request no
+        engine received, refused at connect, costs the budget nothing: it adds no load)."""
         if all(c.id in tried for c in candidates):
             return False
+        if free:
+            return True
         if not self.budget.try_retry(trio.current_time()):
             self.metrics.retry_budget_exhausted.inc()
             return False
@@ -642,7 +656,12 @@ class Gateway:
             response = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             release()
-            reason = "timeout" if isinstance(exc, httpx.TimeoutException) else "connect"
+            if isinstance(exc, httpx.TimeoutException):
+                reason = "timeout"
+            elif isinstance(exc, httpx.ConnectError):
+                reason = "refused"  # nothing listens (or the host refused): the engine is gone
+            else:
+                reason = "connect"
             raise UpstreamError(engine.id, f"{type(exc).__name__}: {exc}", reason) from exc
         except BaseException:
             release()

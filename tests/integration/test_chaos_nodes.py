@@ -1,11 +1,14 @@
-"""Chaos across processes: a coordinator and two agents (``fleet coordinator`` + 2 × ``fleet
-agent``, simulated engines), for the faults a one-process ``fleet up`` cannot have.
+"""Chaos across processes: a coordinator and three agents (``fleet coordinator`` + 3 × ``fleet
+agent``, two simulated engines each; node c reaches the coordinator through a fault-injecting
+TCP proxy), for the faults a one-process ``fleet up`` cannot have.
 
 1. The coordinator is SIGKILLed under load and started again on the same ports: no engine
    restarts, every engine is routable again, and the KV index equals the engines' own caches
    without any new traffic (the agents' snapshots), timed from the new coordinator's start.
-2. ``agent-kill`` (the chaos scenario): one node's agent SIGKILLed under load; its engines die
-   with it, their streams and requests move, the node's engines are placed on the other node.
+2. Node c's agent link partitioned (the proxy cuts it) past the coordinator's patience: c lost,
+   its engines placed on a and b; healed, c's surviving copies are stopped.
+3. ``agent-kill`` (the chaos scenario): one node's agent SIGKILLed under load; its engines die
+   with it, their streams and requests move, the node's engines are placed on the others.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,11 +36,42 @@ from fleet.chaos.kvcheck import compare
 from fleet.chaos.load import background, run_clock
 from fleet.chaos.outcomes import figures
 from fleet.chaos.scenarios import load_spec
+from fleet.chaos.tcpproxy import FaultProxy
 
 from .fleetproc import alive
 
-REPLICAS = 4
+REPLICAS = 6
 SIMS = ["--engine-arg=--sim-num-blocks=128", "--engine-arg=--sim-decode-batch-slope=1.0"]
+
+
+class ProxyThread:
+    """A :class:`FaultProxy` served by its own trio loop in a thread (the tests are sync)."""
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self.proxy = proxy
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the proxy did not start"
+        self.port = proxy.port
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.proxy.run)
+                self._ready.set()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a mode change) in the proxy's loop, from any other thread."""
+        trio.from_thread.run_sync(fn, trio_token=self._token)
+
+    def stop(self) -> None:
+        assert self._scope is not None
+        self.call(self._scope.cancel)
+        self._thread.join(timeout=10)
 
 
 @dataclass
@@ -48,6 +83,7 @@ class Topology:
     coordinator_argv: list[str]
     coordinator: subprocess.Popen[bytes]
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    proxy: ProxyThread | None = None
 
     def start_coordinator(self) -> None:
         with open(self.logs / "coordinator.out", "ab") as out:
@@ -87,31 +123,36 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def topology(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     logs = tmp_path_factory.mktemp("chaos-nodes")
-    port, link = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    port, link_port = free_port(), free_port()
+    link = f"tcp://127.0.0.1:{link_port}"
     fleet = [sys.executable, "-m", "fleet"]
     argv = [*fleet, "coordinator", "--port", str(port), "--agent-endpoint", link]
     argv += ["--model", str(demo_model), "--engine", "sim", "--replicas", str(REPLICAS), *SIMS]
     argv += ["--log-dir", str(logs / "coordinator")]
     top = Topology(logs, f"http://127.0.0.1:{port}", argv, None)  # type: ignore[arg-type]
+    proxy = ProxyThread(FaultProxy("127.0.0.1", link_port))
+    top.proxy = proxy
     top.start_coordinator()
     try:
-        for node in ("a", "b"):
+        for node in ("a", "b", "c"):  # c reaches the coordinator through the fault proxy
+            via = f"tcp://127.0.0.1:{proxy.port}" if node == "c" else link
             with open(logs / f"agent-{node}.out", "ab") as out:
                 top.agents[node] = subprocess.Popen(
-                    [*fleet, "agent", "--coordinator", link, "--node-id", node, "--http-port",
+                    [*fleet, "agent", "--coordinator", via, "--node-id", node, "--http-port",
                      "0", "--log-dir", str(logs / node)],
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
         top.wait(
-            "4 ready engines on two nodes",
+            f"{REPLICAS} ready engines on three nodes",
             lambda: (
                 [e["state"] for e in top.engines()] == ["ready"] * REPLICAS
-                and {e["node"] for e in top.engines()} == {"a", "b"}
+                and {e["node"] for e in top.engines()} == {"a", "b", "c"}
             ),
             120,
         )
         yield top
     finally:
+        proxy.stop()
         pids: set[int] = set()
         for proc in [top.coordinator, *top.agents.values()]:
             pids |= {p for p in _descendants(proc.pid)}
@@ -194,6 +235,77 @@ def test_a_restarted_coordinator_gets_engines_and_a_full_index_back(
     }
     print(json.dumps(report))
     (tmp_path / "coordinator-restart.json").write_text(json.dumps(report))
+
+
+def test_a_partitioned_node_is_replaced_and_its_copies_stopped_when_it_returns(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """Node c's link to the coordinator is cut (the proxy resets every connection) for longer
+    than the coordinator's patience: c is lost, its engines are placed on a and b. When the link
+    heals, c comes back still running its copies: the coordinator stops them. Requests never
+    notice (c's engines answer over HTTP, unaffected, until their copies are stopped)."""
+    proxy = topology.proxy
+    assert proxy is not None
+
+    async def scenario() -> dict[str, Any]:
+        async with httpx.AsyncClient() as http:
+            target = await connect(topology.url, http)
+
+            async def nodes() -> dict[str, dict[str, Any]]:
+                return {n["id"]: n for n in (await target.get("/api/v1/nodes"))["nodes"]}
+
+            async def wait(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float:
+                with trio.fail_after(timeout_s):
+                    while not await check():  # noqa: ASYNC110 - polls over HTTP
+                        await trio.sleep(0.05)
+                return clock()
+
+            async def c_lost() -> bool:
+                return bool((await nodes())["c"]["lost"])
+
+            async def replaced() -> bool:
+                engines = await target.engines()
+                return len(engines) >= REPLICAS and sorted(
+                    e["node"] for e in engines if e["routable"]
+                ) == sorted(["a"] * 3 + ["b"] * 3)
+
+            async def settled() -> bool:
+                engines = await target.engines()
+                return (
+                    not (await nodes())["c"]["lost"]
+                    and len(engines) == REPLICAS
+                    and all(e["routable"] and e["node"] in ("a", "b") for e in engines)
+                )
+
+            clock = run_clock()
+            spec = load_spec(target, ChaosConfig(), "partition")
+            async with background(topology.url, spec, clock) as load:
+                await trio.sleep(1.0)
+                cut = clock()
+                await trio.to_thread.run_sync(proxy.call, proxy.proxy.partition)
+                lost = await wait(c_lost, 15)
+                moved = await wait(replaced, 30)
+                await trio.to_thread.run_sync(proxy.call, proxy.proxy.heal)
+                healed = clock()
+                done = await wait(settled, 30)
+                await trio.sleep(1.0)
+            return {
+                **figures(load.records),
+                "detect_s": round(lost - cut, 2),
+                "replaced_s": round(moved - cut, 2),
+                "settled_after_heal_s": round(done - healed, 2),
+                "connections_cut": proxy.proxy.cut,
+            }
+
+    result = trio.run(scenario)
+    report = {"scenario": "link-partition", **{k: v for k, v in result.items() if k != "examples"}}
+    print(json.dumps(report))
+    (tmp_path / "link-partition.json").write_text(json.dumps(report))
+    assert result["lost"] == result["broken"] == result["failed"] == 0, json.dumps(result)
+    assert result["sent"] > 0 and result["connections_cut"] >= 1
+    # c is back, empty: its copies were stopped, none runs there any more
+    left = [e for e in topology.engines() if e["node"] == "c"]
+    assert left == [], left
 
 
 def test_agent_kill_meets_its_targets(topology: Topology) -> None:

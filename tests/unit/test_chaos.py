@@ -3,6 +3,7 @@ HTTP reader, reports, and the watcher's timing (virtual time, real HTTP seam).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -293,3 +294,40 @@ async def test_the_watcher_times_when_an_engine_leaves_and_rejoins_routing(
     assert back == pytest.approx(4.0, abs=0.11)
     assert never is None
     assert {s.pid for s in watcher.samples} == {0, 7}
+
+
+async def test_the_fault_proxy_passes_delays_partitions_and_heals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from fleet.chaos.tcpproxy import FaultProxy
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await stream.receive_some(1024):
+                    await stream.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, echo, 0)
+        proxy = FaultProxy("127.0.0.1", listeners[0].socket.getsockname()[1])
+        port = await nursery.start(proxy.run)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"ping")
+        assert await stream.receive_some(1024) == b"ping"
+        proxy.delay(2.0)
+        sent = trio.current_time()
+        await stream.send_all(b"slow")
+        assert await stream.receive_some(1024) == b"slow"
+        assert trio.current_time() - sent >= 4.0  # held on the way there and back
+        proxy.partition()
+        assert await stream.receive_some(1024) == b""  # cut
+        assert proxy.cut == 1
+        refused = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await refused.receive_some(1024) == b""  # accepted, closed at once
+        proxy.heal()
+        again = await trio.open_tcp_stream("127.0.0.1", port)
+        await again.send_all(b"back")
+        assert await again.receive_some(1024) == b"back"
+        with pytest.raises(ValueError):
+            proxy.delay(-1)
+        nursery.cancel_scope.cancel()

@@ -261,3 +261,23 @@ async def test_a_new_process_under_an_engines_id_starts_with_a_closed_breaker(pa
     restarted = [dataclasses.replace(v, pid=v.pid + 1) if v.id == "good" else v for v in views]
     gateway.incarnations(restarted)
     assert gateway.breakers.get("good").state == "closed"
+
+
+async def test_a_refused_connection_ejects_the_engine_at_once_and_costs_no_budget(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    from fleet.agent.launcher import free_port
+
+    fast = ("--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5")
+    urls = {
+        "dead": f"http://127.0.0.1:{free_port()}",  # nothing listens: a killed engine
+        "good": await start_sim(demo_model, nursery, *fast),
+    }
+    cfg = ResilienceConfig(base_backoff_s=0.001, budget_ratio=0.0, budget_min_per_s=0.0)
+    gateway, pools = sim_gateway(urls, demo_model, cfg)  # no retry budget at all
+    results = [await _complete(gateway) for _ in range(6)]
+    assert [(status, pod) for status, pod, _ in results] == [(200, "good")] * 6
+    assert gateway.breakers.get("dead").state == "open"  # after its first refusal
+    assert gateway.metrics.retries.labels(reason="refused")._value.get() <= 1
+    await pools.aclose()
+    nursery.cancel_scope.cancel()
