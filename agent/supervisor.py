@@ -236,8 +236,10 @@ class EngineSupervisor:
                 nursery.start_soon(watch, self._watch_health)
         finally:
             with trio.CancelScope(shield=True):
-                if not reasons:
-                    self._set("stopping")
+                # Out of routing before the group is reaped: after a crash that takes up to
+                # grace_s (vLLM's engine core outlives its API server), and the coordinator
+                # must not send requests to an engine that is gone meanwhile.
+                self._set("stopping", reasons[0] if reasons else "")
                 await self._terminate(proc)
         return reasons[0]
 

@@ -147,10 +147,15 @@ def test_killed_engine_pid_is_reported_then_replaced(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(sup.run)
                 await _wait_state(sup, "ready")
+                states: list[tuple[str, str]] = []
+                sup.on_change = lambda s: states.append((s.state, s.last_error))
                 first = sup.pid
                 os.kill(first, signal.SIGKILL)
                 await _wait_state(sup, "ready", restarts=1)
                 assert sup.pid != first and "status -9" in sup.last_error
+                # Out of routing at once (the rest of its group is reaped after), then backoff.
+                assert states[0][0] == "stopping" and "status -9" in states[0][1]
+                assert [s for s, _ in states[:3]] == ["stopping", "backoff", "starting"]
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
