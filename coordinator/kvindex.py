@@ -166,11 +166,7 @@ class KVIndex:
             ``applied``, ``duplicate``, ``waiting`` (behind a gap), ``restart`` or ``resync``
             (applied after dropping the engine's entries).
         """
-        entry = self._engines.get(engine_id)
-        if entry is None or entry.model != model:
-            if entry is not None:
-                self.drop_engine(engine_id)
-            entry = self._engines[engine_id] = EngineEntry(model=model)
+        entry = self._entry(engine_id, model)
         batch = tuple(events)
         outcome = "applied"
         if resync:
@@ -206,11 +202,7 @@ class KVIndex:
         """Apply one part of an agent's snapshot of the engine's blocks as of batch ``seq``
         (-1: before any). The first part replaces what the index knows of the engine; batches
         after ``seq`` then continue it, older ones are duplicates."""
-        entry = self._engines.get(engine_id)
-        if entry is None or entry.model != model:
-            if entry is not None:
-                self.drop_engine(engine_id)
-            entry = self._engines[engine_id] = EngineEntry(model=model)
+        entry = self._entry(engine_id, model)
         if first:
             self.stats["snapshots"] += 1
             self._clear(engine_id, entry)
@@ -230,6 +222,15 @@ class KVIndex:
         """How many blocks the index holds for the engine."""
         entry = self._engines.get(engine_id)
         return len(entry.blocks) if entry else 0
+
+    def _entry(self, engine_id: str, model: str) -> EngineEntry:
+        """The engine's entry; a new one if it is unknown or now serves another model."""
+        entry = self._engines.get(engine_id)
+        if entry is None or entry.model != model:
+            if entry is not None:
+                self.drop_engine(engine_id)
+            entry = self._engines[engine_id] = EngineEntry(model=model)
+        return entry
 
     def expire(self, now: float) -> list[str]:
         """Resync every engine whose oldest gap is older than ``gap_timeout_s``; return them."""
