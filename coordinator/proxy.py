@@ -5,8 +5,10 @@ way the engine will see it (only when the profile has a prefix scorer), then fil
 picked, among the engines whose circuit breakers let them through (:mod:`.resilience`). The
 client's body bytes go to the engine unchanged. A connection error, a timeout or a 5xx before the
 response started counts against the engine's breaker and is retried on another engine after a
-jittered backoff, while the retry budget allows (3 tries in all by default); the last engine's own
-5xx goes to the client if no other engine is left. ``x-request-timeout`` (seconds, or the
+jittered backoff, on another node when one is left, while the retry budget allows (3 tries in
+all by default); a refused connection (nothing listens: the engine is gone) ejects the engine and
+is retried at once, free of tries and budget. The last engine's own 5xx goes to the client if no
+other engine is left. ``x-request-timeout`` (seconds, or the
 configured default) bounds the wait for a response to start (504 past it) and is passed on to the
 engine with what is left of it. Once a response has started, its bytes go to the client as they
 arrive. Every routed response carries ``x-request-id``, ``x-selected-pod`` (the engine id),
@@ -222,13 +224,19 @@ class Gateway:
         self.budget.request(now)
         candidates = self.breakers.routable(candidates, [c.id for c in candidates], now)
         tried: list[str] = []
+        failed_nodes: set[str] = set()
+        attempt = 0  # tries that reached an engine; a refused connect is not one
         last_error = "no engine was tried"
-        for attempt in range(1, self.resilience.max_attempts + 1):
+        while True:
             left = [c for c in candidates if c.id not in tried]
             if not left:
                 break
+            # A retry goes to another node when one is left: engines of one node fail together
+            # (its agent, its network, its host), and a dead node's other engines would each
+            # take a try of this request.
+            elsewhere = [c for c in left if c.node not in failed_nodes]
             now = trio.current_time()
-            decision = self.scheduler.schedule(routing, left, self.inflight.get, now)
+            decision = self.scheduler.schedule(routing, elsewhere or left, self.inflight.get, now)
             engine = decision.engine
             if engine is None:
                 if not tried:
@@ -276,11 +284,15 @@ class Gateway:
                         )
                     return forwarded
                 reason, last_error = "5xx", f"engine {engine.id} answered {forwarded.status}"
-            if reason == "refused":
+            failed_nodes.add(engine.node)
+            refused = reason == "refused"
+            if refused:
                 # The process is gone (killed, or its node died): eject it now, so the requests
-                # behind this one do not each find that out.
+                # behind this one do not each find that out. The request reached no engine, so
+                # its retry is free: no attempt, no budget, no backoff (it adds no load).
                 self.engine_down(engine.id, "connection refused")
             else:
+                attempt += 1
                 breaker.failure(trio.current_time())
             self.metrics.upstream_errors.labels(engine=engine.id).inc()
             if reason == "5xx":
@@ -292,15 +304,16 @@ class Gateway:
                     return forwarded
                 await forwarded.discard()
             elif attempt >= self.resilience.max_attempts or not self._may_retry(
-                candidates, tried, free=reason == "refused"
+                candidates, tried, free=refused
             ):
                 break
-            pause = backoff_s(self.resilience, attempt, self.rng)
-            if trio.current_time() + pause >= deadline:
-                assert timeout_s is not None
-                raise DeadlineExceeded(timeout_s)
             self.metrics.retries.labels(reason=reason).inc()
-            await trio.sleep(pause)
+            if not refused:
+                pause = backoff_s(self.resilience, attempt, self.rng)
+                if trio.current_time() + pause >= deadline:
+                    assert timeout_s is not None
+                    raise DeadlineExceeded(timeout_s)
+                await trio.sleep(pause)
         raise NoCapacity(
             f"No engine for `{request.model}` answered ({last_error}); retry shortly.",
             retry_after_s=1,

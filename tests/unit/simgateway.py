@@ -35,15 +35,21 @@ async def start_sim(demo_model: Path, nursery: trio.Nursery, *extra: str) -> str
 
 
 def sim_gateway(
-    urls: dict[str, str], demo_model: Path, resilience: ResilienceConfig
+    urls: dict[str, str],
+    demo_model: Path,
+    resilience: ResilienceConfig,
+    nodes: dict[str, str] | None = None,
 ) -> tuple[Gateway, EnginePools]:
-    """A gateway routing model ``demo`` to the engines ``urls`` (engine id → URL)."""
+    """A gateway routing model ``demo`` to the engines ``urls`` (engine id → URL), on node
+    ``n1`` or the node ``nodes`` names for the engine."""
     registry = FleetRegistry(lost_after_s=60)
-    engines = tuple(
-        EngineStatus(engine_id=e, model="demo", url=u, state="ready", kind="sim")
-        for e, u in urls.items()
-    )
-    registry.register(Register("n1", "", "test", (), engines), trio.current_time())
+    by_node: dict[str, list[EngineStatus]] = {}
+    for e, u in urls.items():
+        by_node.setdefault((nodes or {}).get(e, "n1"), []).append(
+            EngineStatus(engine_id=e, model="demo", url=u, state="ready", kind="sim")
+        )
+    for node, engines in by_node.items():
+        registry.register(Register(node, "", "test", (), tuple(engines)), trio.current_time())
     pools = EnginePools(timeout=httpx.Timeout(10.0), max_connections=16, max_keepalive=8)
     gateway = Gateway(
         pools,

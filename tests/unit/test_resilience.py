@@ -281,3 +281,40 @@ async def test_a_refused_connection_ejects_the_engine_at_once_and_costs_no_budge
     assert gateway.metrics.retries.labels(reason="refused")._value.get() <= 1
     await pools.aclose()
     nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_connection_costs_no_try(demo_model: Path, nursery: trio.Nursery) -> None:
+    from fleet.agent.launcher import free_port
+
+    fast = ("--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5")
+    urls = {f"dead{i}": f"http://127.0.0.1:{free_port()}" for i in range(3)}
+    urls["good"] = await start_sim(demo_model, nursery, *fast)
+    nodes = {engine_id: f"node-{engine_id}" for engine_id in urls}  # no node preference helps
+    cfg = ResilienceConfig(max_attempts=1, budget_ratio=0.0, budget_min_per_s=0.0)
+    gateway, pools = sim_gateway(urls, demo_model, cfg, nodes)
+    results = [await _complete(gateway) for _ in range(3)]
+    # One try in all, no budget: only the free retries after refusals reach the good engine.
+    assert [(status, pod) for status, pod, _ in results] == [(200, "good")] * 3
+    assert gateway.metrics.retries.labels(reason="refused")._value.get() >= 1
+    await pools.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_retry_goes_to_another_node(demo_model: Path, nursery: trio.Nursery) -> None:
+    fast = ("--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5")
+    failing = (*fast, "--sim-fault", "fail_fraction=1")
+    urls = {
+        "sick1": await start_sim(demo_model, nursery, *failing),
+        "sick2": await start_sim(demo_model, nursery, *failing),
+        "good": await start_sim(demo_model, nursery, *fast),
+    }
+    nodes = {"sick1": "sick-node", "sick2": "sick-node", "good": "well-node"}
+    cfg = ResilienceConfig(max_attempts=2, base_backoff_s=0.001, budget_ratio=1.0)
+    gateway, pools = sim_gateway(urls, demo_model, cfg, nodes)
+    results = [await _complete(gateway) for _ in range(12)]
+    # Two tries: one on the sick node at most, the other on the node not yet tried.
+    assert [status for status, _, _ in results] == [200] * 12, [(s, p) for s, p, _ in results][6:]
+    assert {pod for _, pod, _ in results} == {"good"}
+    assert gateway.metrics.retries.labels(reason="5xx")._value.get() >= 1
+    await pools.aclose()
+    nursery.cancel_scope.cancel()
