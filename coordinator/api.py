@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -133,7 +134,8 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json({"status": "ok"})
+        # Which process answered: a hot restart runs one coordinator after another.
+        return _json({"status": "ok", "pid": os.getpid(), "coordinator": coord.cfg.coordinator_id})
 
     @app.get("/readyz")
     async def readyz() -> Response:

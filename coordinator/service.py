@@ -3,13 +3,17 @@
 :class:`Coordinator` owns, in one nursery: the agent link (ZMQ ROUTER), the HTTP server
 (hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), and the httpx
 client used to reach engines. ``run()`` reports ``started()`` once the link is bound and the
-HTTP port listens, with the bound addresses. It stops on cancellation: hypercorn gets
-``grace_s`` to finish in-flight requests, then everything closes.
+HTTP port listens, with the bound addresses.
+
+It stops two ways. ``drain()`` (what ``fleet coordinator`` does on SIGTERM or SIGINT) stops
+taking connections and releases the agent link at once (a successor may bind both), lets the
+requests in flight finish for up to ``drain_s``, then returns. Cancellation stops everything at
+once.
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import logging
 import time
 import uuid
@@ -17,13 +21,14 @@ from dataclasses import dataclass, field
 
 import httpx
 import trio
+import zmq
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from fleet.protocol.errors import ConfigError
 
 from .api import create_app
 from .apikeys import ApiKeys
+from .httpserve import serve
 from .kvindex import DEFAULT_MAX_ENTRIES, KVIndex
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
@@ -59,6 +64,9 @@ class CoordinatorConfig:
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 600.0
     grace_s: float = 5.0
+    drain_s: float = 30.0  # drain(): how long requests in flight get to finish
+    http_fd: int | None = None  # serve on this listening socket (a hot restart's) over host:port
+    link_bind_wait_s: float = 10.0  # the agent endpoint in use (a draining predecessor): retry
     kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
     # No engine is placed this long after start, so every live node can report what it runs
     # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
@@ -81,8 +89,9 @@ class CoordinatorConfig:
         ):
             if not getattr(self, key) > 0:
                 raise ConfigError(key, getattr(self, key), "must be > 0")
-        if self.grace_s < 0:
-            raise ConfigError("grace_s", self.grace_s, "must be >= 0")
+        for key in ("grace_s", "drain_s", "link_bind_wait_s"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(key, getattr(self, key), "must be >= 0")
         if self.placement_settle_s is not None and self.placement_settle_s < 0:
             raise ConfigError("placement_settle_s", self.placement_settle_s, "must be >= 0")
         if self.lost_after_missed < 1:
@@ -131,6 +140,12 @@ class Coordinator:
         self._changed = trio.Event()
         self._pools: EnginePools | None = None
         self._gateway: Gateway | None = None
+        self._draining = trio.Event()
+
+    def drain(self) -> None:
+        """Stop taking connections, let the requests in flight finish, then stop (see the
+        module docstring)."""
+        self._draining.set()
 
     async def changed(self) -> None:
         """Wait until the registry or the KV index may have changed."""
@@ -172,33 +187,72 @@ class Coordinator:
             resilience=self.cfg.resilience,
             is_deployed=lambda model: model in self._deployed,
         )
+        served = trio.Event()
+
+        async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(
+                create_app(self),
+                self._hypercorn_config(),
+                drain=self._draining,
+                drain_s=self.cfg.drain_s,
+                grace_s=self.cfg.grace_s,
+                task_status=task_status,
+            )
+            served.set()  # every request in flight finished, or drain_s passed
+
         try:
             async with trio.open_nursery() as nursery:
-                endpoint = await nursery.start(self.link.run)
-                nursery.start_soon(self._upkeep)
-                nursery.start_soon(self._gateway.watch_silent)
-                if self.scheduler.profile.uses_metrics:
-                    pools = self._pools
-                    nursery.start_soon(
-                        self.scheduler.stats.run,
-                        lambda: [(e.id, e.url) for e in self.registry.routable()],
-                        pools.get,
+                async with trio.open_nursery() as control:  # what a drain stops at once
+                    endpoint = await control.start(self._run_link)
+                    control.start_soon(self._upkeep)
+                    nursery.start_soon(self._gateway.watch_silent)
+                    if self.scheduler.profile.uses_metrics:
+                        pools = self._pools
+                        nursery.start_soon(
+                            self.scheduler.stats.run,
+                            lambda: [(e.id, e.url) for e in self.registry.routable()],
+                            pools.get,
+                        )
+                    binds = await nursery.start(serve_http)
+                    url = binds[0].replace("0.0.0.0", "127.0.0.1")
+                    log.info("coordinator %s serving at %s", self.cfg.coordinator_id, url)
+                    task_status.started(
+                        CoordinatorAddresses(http_url=url, agent_endpoint=endpoint)
                     )
-                binds = await nursery.start(
-                    functools.partial(serve, create_app(self), self._hypercorn_config())
-                )
-                url = binds[0].replace("0.0.0.0", "127.0.0.1")
-                log.info("coordinator %s serving at %s", self.cfg.coordinator_id, url)
-                task_status.started(CoordinatorAddresses(http_url=url, agent_endpoint=endpoint))
+                    await self._draining.wait()
+                    log.warning(
+                        "draining: no new connections; the agent link is released; requests "
+                        "in flight get up to %s s",
+                        self.cfg.drain_s,
+                    )
+                    control.cancel_scope.cancel()
+                await served.wait()
+                log.info("drained")
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.grace_s):
                 await self._pools.aclose()
+
+    async def _run_link(self, *, task_status: trio.TaskStatus[str]) -> None:
+        """The agent link; while its endpoint is in use (a predecessor still draining after a
+        hot restart), bind again every 0.1 s for up to ``link_bind_wait_s``."""
+        deadline = trio.current_time() + self.cfg.link_bind_wait_s
+        while True:
+            try:
+                await self.link.run(task_status=task_status)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EADDRINUSE or trio.current_time() >= deadline:
+                    raise
+                await trio.sleep(0.1)
 
     def _hypercorn_config(self) -> HypercornConfig:
         config = HypercornConfig()
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         config.bind = [f"{host}:{self.cfg.port}"]
-        config.graceful_timeout = self.cfg.grace_s
+        if self.cfg.http_fd is not None:
+            config.bind = [f"fd://{self.cfg.http_fd}"]
+        config.graceful_timeout = self.cfg.drain_s
         config.accesslog = None
         config.errorlog = logging.getLogger("fleet.coordinator.http")
         config.keep_alive_timeout = 75

@@ -97,6 +97,22 @@ def _parser() -> argparse.ArgumentParser:
         help="ZMQ endpoint agents connect to (default %(default)s)",
     )
     coord.add_argument("--log-dir", type=Path, default=None)
+    coord.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, stop taking connections and give the requests in flight this long "
+        "to finish (default %(default)s)",
+    )
+    coord.add_argument(
+        "--hot-restart",
+        action="store_true",
+        help="keep the HTTP socket in a small parent process that starts the coordinator again "
+        "at once when it dies, and gracefully on SIGHUP, without refusing a connection",
+    )
+    coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
+    coord.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.set_defaults(func=_cmd_coordinator)
 
     agent = sub.add_parser("agent", help="run a node agent")
@@ -390,8 +406,36 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         scheduling=scheduling(args),
         resilience=resilience(args),
         api_keys=api_keys(args),
+        drain_s=args.drain_timeout,
+        http_fd=args.http_fd,
     )
-    return trio.run(_serve_until_signal, Coordinator(cfg).run)
+    if args.hot_restart:
+        return _hot_restart(args)
+    coordinator = Coordinator(cfg)
+    return trio.run(_serve_until_signal, coordinator.run, coordinator.drain, args.parent_fd)
+
+
+def _hot_restart(args: argparse.Namespace) -> int:
+    import trio
+
+    from fleet.coordinator.hotrestart import HotRestart, listen
+
+    try:
+        listener = listen(args.host, args.port)
+    except OSError as exc:
+        raise FleetError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    logging.getLogger("fleet").info(
+        "hot restart: listening on %s:%d; SIGHUP restarts the coordinator gracefully",
+        args.host,
+        listener.getsockname()[1],
+    )
+    argv = [a for a in sys.argv[1:] if a != "--hot-restart"]
+
+    def child(http_fd: int, parent_fd: int) -> list[str]:
+        return [sys.executable, "-m", "fleet", *argv, f"--http-fd={http_fd}",
+                f"--parent-fd={parent_fd}"]  # fmt: skip
+
+    return trio.run(HotRestart(child, listener).run)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -414,19 +458,42 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
         **kwargs,
     )
-    return trio.run(_serve_until_signal, Agent(cfg).run)
+    return trio.run(_serve_until_signal, Agent(cfg).run)  # an agent stops at once
 
 
-async def _serve_until_signal(service_run: Any) -> int:
+async def _serve_until_signal(
+    service_run: Any, drain: Any = None, parent_fd: int | None = None
+) -> int:
+    """Run a service until SIGINT or SIGTERM. With ``drain``, the first signal drains it (it
+    returns by itself once drained) and a second one stops it at once; ``parent_fd`` (a hot
+    restart's child) also drains it when its parent is gone."""
     import trio
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(service_run)
-            async for signum in signals:
-                logging.getLogger("fleet").warning("%s: stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+
+            async def stop_on_signals() -> None:
+                draining = False
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if drain is None or draining:
+                        logging.getLogger("fleet").warning("%s: stopping", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    logging.getLogger("fleet").warning("%s: draining", name)
+                    draining = True
+                    drain()
+
+            async def run(*, task_status: Any) -> None:
+                await service_run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # it returned by itself (drained)
+
+            nursery.start_soon(stop_on_signals)
+            await nursery.start(run)
+            if parent_fd is not None:
+                from fleet.coordinator.hotrestart import watch_parent
+
+                nursery.start_soon(watch_parent, parent_fd, drain)
     return 0
 
 

@@ -261,7 +261,8 @@ def test_unknown_route_and_method_get_json_errors(fleet: Fleet) -> None:
 
 
 def test_health_and_readiness(fleet: Fleet) -> None:
-    assert fleet.http.get("/healthz").json() == {"status": "ok"}
+    health = fleet.http.get("/healthz").json()
+    assert health["status"] == "ok" and health["pid"] == fleet.proc.proc.pid  # one process
     ready = fleet.http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == [MODEL]
 

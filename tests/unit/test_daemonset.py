@@ -167,6 +167,11 @@ def test_coordinator_args_parse_with_the_fleet_cli() -> None:
     assert args.model.startswith("/models/")
     assert args.replicas >= 1
     assert args.gpus_per_engine >= 1
+    assert args.hot_restart  # a crashed coordinator comes back without refusing connections
+    grace = _one("Deployment", "fleet-coordinator")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    assert args.drain_timeout + 2 <= grace  # drained before the kubelet's SIGKILL
 
 
 def test_agent_args_parse_with_the_fleet_cli() -> None:
