@@ -9,8 +9,10 @@ out). A drain here goes in steps instead:
    socket, so new connections wait for the next coordinator instead of being refused);
 2. every response from then on carries ``Connection: close``: a client finishes its request on
    its keep-alive connection, then opens a new one (to the successor);
-3. once no request is in flight (or ``drain_s`` passed), the connections left, idle since the
-   drain began, are closed, and the server stops ``grace_s`` later at the latest.
+3. a connection that stays idle is left for its client to close (httpx lets an idle connection
+   go after 5 s) rather than closed under a request the client may be sending just then; once
+   every connection is closed the server stops. After ``drain_s`` the connections left are
+   closed, and requests still in flight get ``grace_s`` more before they are cut.
 
 This is hypercorn's ``worker_serve`` (trio) with the accept loop and the connections apart;
 it uses hypercorn's connection, lifespan and worker-context classes, hence the pinned minor
@@ -96,38 +98,49 @@ async def serve(
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
+
+    async def close_the_rest(connections: trio.Nursery) -> None:
+        await trio.sleep(drain_s)  # unless every connection closed before (cancelled then)
+        if counted.in_flight:
+            log.warning("%d requests in flight after %s s: cut", counted.in_flight, drain_s)
+        else:
+            log.info("closing the idle connections left after %s s", drain_s)
+        await context.terminated.set()  # hypercorn closes idle connections
+        connections.cancel_scope.deadline = trio.current_time() + grace_s
+
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        async with trio.open_nursery() as connections:
-            sockets = config.create_sockets()
-            listeners = []
-            binds = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-            handler = partial(
-                TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
-            )
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
+        async with trio.open_nursery() as closer:
+            async with trio.open_nursery() as connections:
+                sockets = config.create_sockets()
+                listeners = []
+                binds = []
+                for sock in sockets.insecure_sockets:
+                    sock.listen(config.backlog)
+                    listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                    binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                handler = partial(
+                    TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
                 )
-                for bind in binds:
-                    log.info("Running on %s", bind)
-                task_status.started(binds)
-                await drain.wait()
-                accepting.cancel_scope.cancel()
-            for listener in listeners:
-                await listener.aclose()
-            counted.closing = True
-            with trio.move_on_after(drain_s) as waited:
-                await counted.idle()
-            if waited.cancelled_caught:
-                log.warning("%d requests in flight after %s s: cut", counted.in_flight, drain_s)
-            await context.terminated.set()  # the connections left (idle) close
-            connections.cancel_scope.deadline = trio.current_time() + grace_s
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=connections
+                        )
+                    )
+                    for bind in binds:
+                        log.info("Running on %s", bind)
+                    task_status.started(binds)
+                    await drain.wait()
+                    accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                counted.closing = True
+                closer.start_soon(close_the_rest, connections)
+            # Every connection is closed (its last response said Connection: close, or its
+            # client let it go idle and closed it): nothing is left to close.
+            closer.cancel_scope.cancel()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
