@@ -336,6 +336,8 @@ class LoadImbalanceFilter(Filter):
         self.max_lost_tokens = params.number("maxLostPrefixTokens", 0, low=0)
         # (context, limit, loads) of the request being filtered
         self._seen: tuple[SchedulingContext, float, dict[str, float]] | None = None
+        # the request's most prefix tokens an engine under the limit holds (once it is needed)
+        self._best_under: tuple[SchedulingContext, int] | None = None
 
     def served(self, engine_id: str, now: float) -> None:
         self.counts.add(engine_id, now)
@@ -363,14 +365,18 @@ class LoadImbalanceFilter(Filter):
         # history is cached here stays.
         matches = ctx.prefix_match(ctx.candidates)
         blocks, _, size = matches[c.id]
-        best = max(
-            (
-                matches[x.id][0] * matches[x.id][2]
-                for x in ctx.candidates
-                if x.id != c.id and loads.get(x.id, 0.0) <= limit
-            ),
-            default=0,
-        )
+        if self._best_under is None or self._best_under[0] is not ctx:
+            # The same for every engine over the limit (none of them is under it): once.
+            best = max(
+                (
+                    matches[x.id][0] * matches[x.id][2]
+                    for x in ctx.candidates
+                    if loads.get(x.id, 0.0) <= limit
+                ),
+                default=0,
+            )
+            self._best_under = (ctx, best)
+        best = self._best_under[1]
         return best > 0 and blocks * size - best > self.max_lost_tokens
 
 
