@@ -1,7 +1,7 @@
 """``overload``: a burst at ``burst_factor`` × the fleet's measured capacity.
 
 Capacity first: ``capacity_concurrency`` closed-loop clients, each on its own kept-alive
-connection, for ``capacity_s``; ``capacity_rps`` is their successes per second. Then the burst:
+connection, for ``capacity_s``: their successes per second. Then the burst:
 ``burst_factor × capacity_rps`` requests per second for ``burst_s``, each from a new connection
 (clients arriving, not a pool), the same non-streaming requests. Both use the bare client of
 :mod:`.rawhttp`, cheap enough that the load generator, which shares the machine's CPU with the
@@ -9,7 +9,9 @@ fleet, can offer the rate; ``offered_rps`` says what it really offered.
 
 Every rejection must be a 503 with ``Retry-After`` (admission control sheds what its queues cannot
 hold), and the fleet must keep serving meanwhile: ``goodput_rps`` is the burst's successes per
-second from its first request to its last success, ``goodput_ratio`` = goodput / capacity.
+second from its first request to its last success. Capacity is measured again after the burst
+the same way; ``capacity_rps`` is the mean of the two (``capacity_before_rps``,
+``capacity_after_rps``) and ``goodput_ratio`` = goodput / capacity.
 ``listen_overflows`` is this machine's kernel count of connections a full listen queue refused
 during the burst (``/proc/net/netstat``; None where unreadable).
 """
@@ -39,14 +41,23 @@ async def overload(target: Target, cfg: ChaosConfig) -> Figures:
         target, cfg, "overload", stream_share=0.0, deadline_s=max(cfg.deadline_s, 10.0)
     )
     clock = run_clock()
-    probe = await _closed_loop(target, spec, cfg, clock)
+    probe = await _closed_loop(target, spec, cfg, clock, until=cfg.capacity_s, first=0)
     window = [r for r in probe if r.end_s <= cfg.capacity_s]
-    capacity_rps = sum(r.outcome is Outcome.SUCCEEDED for r in window) / cfg.capacity_s
-    rate = max(cfg.burst_factor * capacity_rps, 1.0)
+    capacity_before = sum(r.outcome is Outcome.SUCCEEDED for r in window) / cfg.capacity_s
+    rate = max(cfg.burst_factor * capacity_before, 1.0)
     count = max(1, math.ceil(rate * cfg.burst_s))
     before, overflows = await target.metrics(), _listen_overflows()
     burst, t0 = await _burst(target, spec, cfg, clock, rate, count, first=len(probe))
     after, overflows_after = await target.metrics(), _listen_overflows()
+    # Capacity again once the burst is over: the ratio is against the mean of the two, so a
+    # machine (2 shared cores) busier or idler during one measurement moves it less.
+    t1 = clock()
+    again = await _closed_loop(
+        target, spec, cfg, clock, until=t1 + cfg.capacity_s, first=len(probe) + len(burst)
+    )
+    ok_after = sum(r.outcome is Outcome.SUCCEEDED for r in again if r.end_s <= t1 + cfg.capacity_s)
+    capacity_after = ok_after / cfg.capacity_s
+    capacity_rps = (capacity_before + capacity_after) / 2
     good = [r for r in burst if r.outcome is Outcome.SUCCEEDED]
     sent_span = max(r.start_s for r in burst) - t0
     span = max(r.end_s for r in good) - t0 if good else 0.0
@@ -56,6 +67,8 @@ async def overload(target: Target, cfg: ChaosConfig) -> Figures:
         "detect_s": None,
         "recover_s": None,
         "capacity_rps": round(capacity_rps, 1),
+        "capacity_before_rps": round(capacity_before, 1),
+        "capacity_after_rps": round(capacity_after, 1),
         "capacity_p50_ms": figures(window)["p50_ms"],
         "burst_rps": round(rate, 1),
         "offered_rps": round(count / sent_span, 1) if sent_span > 0 else None,
@@ -69,17 +82,23 @@ async def overload(target: Target, cfg: ChaosConfig) -> Figures:
 
 
 async def _closed_loop(
-    target: Target, spec: LoadSpec, cfg: ChaosConfig, clock: Callable[[], float]
+    target: Target,
+    spec: LoadSpec,
+    cfg: ChaosConfig,
+    clock: Callable[[], float],
+    *,
+    until: float,
+    first: int,
 ) -> list[Record]:
     host, port = address(target.url)
     records: list[Record] = []
-    counter = [0]
+    counter = [first]
 
     async def client() -> None:
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
             reader = Reader(stream)
-            while clock() < cfg.capacity_s:
+            while clock() < until:
                 index = counter[0]
                 counter[0] += 1
                 req = plan(spec, index)

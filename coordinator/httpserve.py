@@ -46,7 +46,7 @@ ASGIApp = Any  # an ASGI application (hypercorn's own type is a union of event t
 
 class Draining:
     """An ASGI wrapper that counts the HTTP requests in flight and, once ``closing``, adds
-    ``Connection: close`` to every response it starts."""
+    ``Connection: close`` to the response of every request that starts."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -61,7 +61,7 @@ class Draining:
             return
 
         async def send_closing(message: Message) -> None:
-            if self.closing and message["type"] == "http.response.start":
+            if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
@@ -70,7 +70,9 @@ class Draining:
         if self.in_flight == 1:
             self._idle = trio.Event()
         try:
-            await self.app(scope, receive, send_closing)
+            # Until a drain, the app's own send: nothing added on the hot path. A request that
+            # started before the drain keeps its connection; the next request on it is told.
+            await self.app(scope, receive, send_closing if self.closing else send)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
