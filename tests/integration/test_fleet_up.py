@@ -127,6 +127,11 @@ def test_streamed_completion_with_usage(fleet: Fleet) -> None:
     assert not chunks[-1].choices
 
 
+def _framing(events: list[str]) -> list[Any]:
+    shapes = [_shape(json.loads(e.removeprefix("data: "))) for e in events]
+    return [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]]
+
+
 def test_streamed_chat_sse_framing_matches_vllm(fleet: Fleet) -> None:
     body = {
         "model": MODEL,
@@ -148,8 +153,10 @@ def test_streamed_chat_sse_framing_matches_vllm(fleet: Fleet) -> None:
     via_fleet = events(fleet.url)
     direct = events(fleet.engine()["url"])
     assert via_fleet[-1] == direct[-1] == "data: [DONE]"
-    shapes = [_shape(json.loads(e.removeprefix("data: "))) for e in via_fleet[:-1]]
-    assert shapes == [_shape(json.loads(e.removeprefix("data: "))) for e in direct[:-1]]
+    # The framing, not the token count: a CPU engine's greedy tokens may differ between two
+    # runs (the second hits the prefix cache the first filled), and so may how many content
+    # chunks there are; runs of same-shaped chunks count once.
+    assert _framing(via_fleet[:-1]) == _framing(direct[:-1])
     usage = json.loads(via_fleet[-2].removeprefix("data: "))["usage"]
     assert usage["completion_tokens"] == 5
 
