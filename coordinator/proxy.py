@@ -223,6 +223,12 @@ class Gateway:
         now = trio.current_time()
         self.budget.request(now)
         candidates = self.breakers.routable(candidates, [c.id for c in candidates], now)
+        if not candidates:
+            raise NoCapacity(
+                f"Every engine of `{request.model}` refused connections just now (their "
+                "processes or nodes are gone); retry shortly.",
+                retry_after_s=1,
+            )
         tried: list[str] = []
         failed_nodes: set[str] = set()
         attempt = 0  # tries that reached an engine; a refused connect is not one
@@ -290,7 +296,7 @@ class Gateway:
                 # The process is gone (killed, or its node died): eject it now, so the requests
                 # behind this one do not each find that out. The request reached no engine, so
                 # its retry is free: no attempt, no budget, no backoff (it adds no load).
-                self.engine_down(engine.id, "connection refused")
+                self.engine_down(engine.id, "connection refused", refused=True)
             else:
                 attempt += 1
                 breaker.failure(trio.current_time())
@@ -469,7 +475,7 @@ class Gateway:
             except UpstreamError as exc:
                 log.warning("%s", exc)
                 if exc.reason == "refused":
-                    self.engine_down(engine.id, "connection refused")
+                    self.engine_down(engine.id, "connection refused", refused=True)
             self.breakers.get(engine.id).failure(trio.current_time())
             self.metrics.upstream_errors.labels(engine=engine.id).inc()
 
@@ -502,11 +508,17 @@ class Gateway:
         finally:
             waits.discard(scope)
 
-    def engine_down(self, engine_id: str, why: str) -> None:
+    def engine_down(self, engine_id: str, why: str, *, refused: bool = False) -> None:
         """The engine is dead or hung: eject it (its breaker opens) and end every wait on it,
-        so requests not answered yet are retried elsewhere and started streams resumed."""
+        so requests not answered yet are retried elsewhere and started streams resumed.
+        ``refused``: it refused a connection, so it is dead, not merely suspect (the ejection
+        cap never lets it back in, :meth:`Breakers.routable`)."""
         now = trio.current_time()
-        self.breakers.get(engine_id).trip(now)
+        breaker = self.breakers.get(engine_id)
+        if refused:
+            breaker.refused(now)
+        else:
+            breaker.trip(now)
         self.progress[engine_id] = now
         waits = self._waits.get(engine_id, set())
         log.warning("engine %s down (%s): %d waiting requests moved", engine_id, why, len(waits))

@@ -8,7 +8,10 @@ Breaker (per engine)::
 
 In half-open, at most ``half_open_probes`` requests are in flight to the engine at once. Ejection
 is capped: breakers never take more than ``max_ejected_share`` of a model's engines out of
-routing (default 50%); past the cap the engines whose breakers opened most recently stay in.
+routing (default 50%); past the cap the engines whose breakers opened most recently stay in. An
+engine that refused a connection (nothing listens: its process or node is gone) is not an outlier
+but dead: until its open period ends it is out of routing and out of the cap's count, so the cap
+never lets a dead engine back in while a merely suspect one waits.
 
 Retries go to a different engine, after ``base_backoff_s × 2^attempt`` with full jitter, up to
 ``max_attempts`` tries in all, and only while the retry budget allows: retries in the last
@@ -98,6 +101,7 @@ class Breaker:
     open_until: float = 0.0
     probes: int = 0
     transitions: int = 0
+    dead: bool = False  # opened by a refused connection; cleared by a success
 
     def allow(self, now: float) -> bool:
         """May a request go to this engine now? (Counts a half-open probe when it may.)"""
@@ -122,6 +126,7 @@ class Breaker:
 
     def success(self, now: float) -> None:
         self.consecutive = 0
+        self.dead = False
         if self.state == "half_open":
             self.failures.clear()
             self._to("closed")
@@ -142,6 +147,11 @@ class Breaker:
 
     def trip(self, now: float) -> None:
         """Open now, whatever the state (a stalled engine)."""
+        self._open(now)
+
+    def refused(self, now: float) -> None:
+        """Open now and mark the engine dead: it refused a connection."""
+        self.dead = True
         self._open(now)
 
     def health_ok(self, now: float) -> None:
@@ -198,23 +208,26 @@ class Breakers:
     def routable(self, engines: Sequence[E], ids: Sequence[str], now: float) -> list[E]:
         """The engines breakers let through, never ejecting more than the cap allows.
 
-        ``ids[i]`` is the engine id of ``engines[i]`` (engines of one model).
+        ``ids[i]`` is the engine id of ``engines[i]`` (engines of one model). Dead engines
+        (a refused connection, open period not over) are left out first and not counted: the
+        cap is a share of the engines that may still answer.
         """
-        ok = [e for e, i in zip(engines, ids, strict=True) if self.get(i).routable(now)]
-        ejected = len(engines) - len(ok)
-        cap = int(len(engines) * self.cfg.max_ejected_share)
+        pairs = [
+            (e, i)
+            for e, i in zip(engines, ids, strict=True)
+            if not (self.get(i).dead and not self.get(i).routable(now))
+        ]
+        ok = [e for e, i in pairs if self.get(i).routable(now)]
+        ejected = len(pairs) - len(ok)
+        cap = int(len(pairs) * self.cfg.max_ejected_share)
         if ejected <= cap:
             return ok
         # Over the cap: let back in the engines whose breakers opened most recently (the
         # longest-open are the likeliest to be really down).
-        out = [(e, i) for e, i in zip(engines, ids, strict=True) if not self.get(i).routable(now)]
+        out = [(e, i) for e, i in pairs if not self.get(i).routable(now)]
         out.sort(key=lambda pair: -self.get(pair[1]).opened_at)
         readmit = {i for _, i in out[: ejected - cap]}
-        return [
-            e
-            for e, i in zip(engines, ids, strict=True)
-            if self.get(i).routable(now) or i in readmit
-        ]
+        return [e for e, i in pairs if self.get(i).routable(now) or i in readmit]
 
 
 class RetryBudget:

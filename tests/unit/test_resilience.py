@@ -88,6 +88,26 @@ def test_ejection_never_takes_more_than_half_of_a_models_engines() -> None:
     assert breakers.routable(engines[3:], engines[3:], now=5.0) == ["d"]
 
 
+def test_the_cap_never_lets_a_dead_engine_back_in_over_a_suspect_one() -> None:
+    breakers = Breakers()
+    engines = ["a1", "a2", "a3", "b1", "b2", "b3"]
+    for engine_id in ["a1", "a2", "a3"]:  # suspect: tripped by failed health probes
+        breakers.get(engine_id).trip(1.0)
+    for engine_id in ["b1", "b2", "b3"]:  # dead: refused connections, opened last
+        breakers.get(engine_id).refused(2.0)
+    # The dead are out and not counted: of the 3 that may answer, at most 1 stays ejected.
+    routable = breakers.routable(engines, engines, now=3.0)
+    assert routable == ["a2", "a3"] or routable == ["a1", "a2"] or routable == ["a1", "a3"]
+    assert not {"b1", "b2", "b3"} & set(routable)
+    # Every engine dead: none is routable until its open period is over, then it is probed.
+    assert breakers.routable(engines[3:], engines[3:], now=3.0) == []
+    assert breakers.routable(engines[3:], engines[3:], now=62.0) == engines[3:]
+    b1 = breakers.get("b1")
+    assert b1.allow(62.0) and b1.state == "half_open"
+    b1.success(62.5)  # it answers again: not dead any more
+    assert not b1.dead and b1.state == "closed"
+
+
 def test_retry_budget_is_a_tenth_of_requests_plus_a_floor() -> None:
     cfg = ResilienceConfig(budget_min_per_s=0.3, budget_ratio=0.1, budget_window_s=10)
     budget = RetryBudget(cfg)
@@ -296,6 +316,32 @@ async def test_a_refused_connection_costs_no_try(demo_model: Path, nursery: trio
     # One try in all, no budget: only the free retries after refusals reach the good engine.
     assert [(status, pod) for status, pod, _ in results] == [(200, "good")] * 3
     assert gateway.metrics.retries.labels(reason="refused")._value.get() >= 1
+    await pools.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_dead_engines_do_not_crowd_out_suspect_ones(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    """A node dies (its engines refuse connections) while the other node's engines were
+    ejected by failed health probes (CPU-starved, not dead): requests go to the suspect
+    engines, not back to the dead ones (CI: one 503 after 3 refusals in agent-kill)."""
+    from fleet.agent.launcher import free_port
+
+    fast = ("--sim-prefill-ms-per-token", "0.01", "--sim-decode-ms-per-token", "0.5")
+    urls = {f"dead{i}": f"http://127.0.0.1:{free_port()}" for i in range(3)}
+    for i in range(3):
+        urls[f"good{i}"] = await start_sim(demo_model, nursery, *fast)
+    nodes = {e: "dead-node" if e.startswith("dead") else "good-node" for e in urls}
+    gateway, pools = sim_gateway(urls, demo_model, ResilienceConfig(), nodes)
+    for i in range(3):
+        gateway.engine_down(f"good{i}", "health probe failed with requests in flight")
+    for i in range(3):
+        gateway.engine_down(f"dead{i}", "connection refused", refused=True)
+    results = [await _complete(gateway) for _ in range(6)]
+    assert [status for status, _, _ in results] == [200] * 6
+    assert {pod for _, pod, _ in results} <= {"good0", "good1", "good2"}
+    assert gateway.metrics.retries.labels(reason="refused")._value.get() == 0
     await pools.aclose()
     nursery.cancel_scope.cancel()
 
