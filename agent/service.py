@@ -28,7 +28,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 import fleet
-from fleet.protocol import codec
+from fleet.protocol import codec, http11
 from fleet.protocol.errors import ConfigError, ProtocolError
 from fleet.protocol.messages import (
     ENGINE_KINDS,
@@ -143,6 +143,7 @@ class Agent:
                         self._engine_nursery = engines
                         engines.start_soon(self._receive, sock)
                         engines.start_soon(self._heartbeats)
+                        http11.install()  # never HTTP/2: hypercorn's can crash the server
                         binds = await engines.start(
                             functools.partial(serve, self._app(), self._hypercorn_config())
                         )

@@ -35,6 +35,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from fleet.protocol import http11
+
 log = logging.getLogger("fleet.coordinator.http")
 
 Scope = MutableMapping[str, Any]
@@ -94,6 +96,7 @@ async def serve(
 ) -> None:
     """Serve ``app`` on ``config.bind`` until ``drain`` is set, then drain (see the module
     docstring) and return. Cancellation stops it at once."""
+    http11.install()  # never HTTP/2: hypercorn's can raise out of a connection and end serving
     config.set_statsd_logger_class(StatsdLogger)
     counted = Draining(app)
     wrapped = wrap_app(cast(Any, counted), config.wsgi_max_body_size, "asgi")

@@ -26,6 +26,7 @@ import zmq
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from fleet.protocol import http11
 from fleet.protocol.vllm_tokenizer import VllmTokenizer
 
 from .api import ApiDeps, create_app
@@ -127,6 +128,7 @@ class SimServer:
                 await nursery.start(self.engine.run)
                 if self.publisher is not None:
                     await nursery.start(self.publisher.serve_replay)
+                http11.install()  # HTTP/1.1 only, as vLLM's uvicorn
                 binds = await nursery.start(
                     functools.partial(serve, create_app(deps), self._hypercorn_config())
                 )
