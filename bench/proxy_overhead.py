@@ -1,9 +1,11 @@
-"""Proxy overhead: the same workload direct to engines, through Fleet, and through vllm-router.
+"""Proxy overhead: the same workload direct to engines, through Fleet, through vllm-router and
+through sglang-router.
 
 All in one run, on the same simulated engines (fast latency settings, so the proxies and not the
 engines are what differs): ``fleet up --engine sim`` starts the engines and the coordinator;
-vllm-router (Rust, PyPI) is pointed at those same engines; "direct" sends to the engines
-themselves, spread round-robin by the client.
+vllm-router and sglang-router (Rust, PyPI), both ``round_robin``, are pointed at those same
+engines (which also serve the model as ``unknown``, as sglang-router needs); "direct" sends to
+the engines themselves, spread round-robin by the client.
 
 1. Latency under load: an open-loop Poisson schedule at ``--rate`` requests/s, identical for
    every target (non-streaming completions, and streaming for time to first token). Reported:
@@ -55,11 +57,21 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("run", "out")}
     }
-    with targets.fleet_up(args.engines, log_dir, sim_args) as (fleet_url, engine_urls):
-        with targets.vllm_router(engine_urls, log_dir, "round_robin") as router_url:
-            urls = {"direct": engine_urls, "fleet": [fleet_url], "vllm-router": [router_url]}
-            result["latency"] = _latency(args, urls)
-            result["throughput"] = _throughput(args, urls)
+    # the engines also answer to "unknown": sglang-router routes nothing else to vLLM
+    engine_args = (*sim_args, "--served-model-name", *targets.SGLANG_NAMES)
+    with (
+        targets.fleet_up(args.engines, log_dir, engine_args) as (fleet_url, engine_urls),
+        targets.vllm_router(engine_urls, log_dir, "round_robin") as router_url,
+        targets.sglang_router(engine_urls, log_dir, "round_robin") as sglang_url,
+    ):
+        urls = {
+            "direct": engine_urls,
+            "fleet": [fleet_url],
+            "vllm-router": [router_url],
+            "sglang-router": [sglang_url],
+        }
+        result["latency"] = _latency(args, urls)
+        result["throughput"] = _throughput(args, urls)
     result["logs"] = str(log_dir)
     samples_by = result["latency"].pop("_samples")
     md = _markdown(result)

@@ -6,8 +6,11 @@ waits for the previous answer, appends it, adds a user message, and is sent afte
 time. Every target gets the same conversations (same seeds) on fresh simulated engines.
 
 Targets, in one run: Fleet (``fleet up --engine sim``), vllm-router ``round_robin``,
-``cache_aware`` and ``kv_aware`` (fed the same engines' KV events), and the single-engine ceiling
-(the same workload with all traffic on one engine: the most prefix reuse any router can get).
+``cache_aware`` and ``kv_aware`` (fed the same engines' KV events), sglang-router
+``cache_aware`` (``sglang_cache_aware``: its approximate radix tree over request text; its
+engines also serve the model as ``unknown``, which sglang-router needs to route vLLM at all), and
+the single-engine ceiling (the same workload with all traffic on one engine: the most prefix
+reuse any router can get).
 
 Measured at the engines, from their own ``/metrics`` (vLLM's names): prefix-cache hit rate =
 Δ``vllm:prefix_cache_hits_total`` / Δ``vllm:prefix_cache_queries_total`` over all engines, load
@@ -64,7 +67,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--targets",
-        default="fleet,round_robin,cache_aware,kv_aware,single",
+        default="fleet,round_robin,cache_aware,kv_aware,sglang_cache_aware,single",
         help="comma-separated subset",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -127,10 +130,16 @@ def _run_target(
         ):
             return _drive(url, engine_urls, args)
     n = 1 if name == "single" else args.engines
-    with targets.sims(n, log, sim_args, kv=(name == "kv_aware"), kind=args.engine) as engines:
+    sglang = name.startswith("sglang_")
+    names = targets.SGLANG_NAMES if sglang else (targets.MODEL_NAME,)
+    kv = name == "kv_aware"
+    with targets.sims(n, log, sim_args, kv=kv, kind=args.engine, names=names) as engines:
         engine_urls = [u for u, _ in engines]
         if name == "single":
             return _drive(engine_urls[0], engine_urls, args)
+        if sglang:
+            with targets.sglang_router(engine_urls, log, name.removeprefix("sglang_")) as url:
+                return _drive(url, engine_urls, args)
         extra: list[str] = []
         if name == "kv_aware":
             for url, endpoint in engines:
@@ -333,6 +342,8 @@ def _parse_metrics(text: str) -> dict[str, float]:
 def _label(name: str) -> str:
     if name == "single":
         return "single engine (ceiling)"
+    if name.startswith("sglang_"):
+        return f"sglang-router {name.removeprefix('sglang_')}"
     return "Fleet" if name == "fleet" else f"vllm-router {name}"
 
 

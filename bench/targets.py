@@ -114,10 +114,15 @@ def coordinator_argv(
 
 
 def sim_argv(
-    port: int, kv_endpoint: str | None, sim_args: Sequence[str], *, kind: str = "sim"
+    port: int,
+    kv_endpoint: str | None,
+    sim_args: Sequence[str],
+    *,
+    kind: str = "sim",
+    names: Sequence[str] = (MODEL_NAME,),
 ) -> list[str]:
     """The same argv the agent gives an engine: a simulated one, or (``kind="vllm"``) a real
-    vLLM CPU engine (``sim_args`` are then extra vLLM flags)."""
+    vLLM CPU engine (``sim_args`` are then extra vLLM flags), serving the model as ``names``."""
     if kind == "vllm":
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     else:
@@ -127,7 +132,7 @@ def sim_argv(
         "--model",
         str(demo_model()),
         "--served-model-name",
-        MODEL_NAME,
+        *names,
         "--host",
         "127.0.0.1",
         "--port",
@@ -168,18 +173,18 @@ def sims(
     *,
     kv: bool = False,
     kind: str = "sim",
+    names: Sequence[str] = (MODEL_NAME,),
 ) -> Iterator[list[tuple[str, str]]]:
-    """``n`` engines (simulated, or real vLLM with ``kind="vllm"``) started directly; yields
-    (url, kv endpoint) pairs."""
+    """``n`` engines (simulated, or real vLLM with ``kind="vllm"``) started directly, serving
+    the model as ``names``; yields (url, kv endpoint) pairs."""
     procs: list[Proc] = []
     out: list[tuple[str, str]] = []
     try:
         for i in range(n):
             port = free_port()
             kv_endpoint = f"tcp://127.0.0.1:{free_port()}" if kv else ""
-            argv = sim_argv(
-                port, kv_endpoint.replace("127.0.0.1", "*") if kv else None, sim_args, kind=kind
-            )
+            endpoint = kv_endpoint.replace("127.0.0.1", "*") if kv else None
+            argv = sim_argv(port, endpoint, sim_args, kind=kind, names=names)
             procs.append(start(f"{kind}-{i}", argv, log_dir, env=engine_env(kind)))
             out.append((f"http://127.0.0.1:{port}", kv_endpoint))
         for proc, (url, _) in zip(procs, out, strict=True):
@@ -252,29 +257,9 @@ def ensure_peer(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def vllm_router(
-    worker_urls: Sequence[str], log_dir: Path, policy: str, extra: Sequence[str] = ()
-) -> Iterator[str]:
-    """vllm-router (Rust, from PyPI) in front of ``worker_urls``; yields its URL."""
-    bin_dir = ensure_peer("vllm-router")
-    port = free_port()
-    argv = [
-        str(bin_dir / "vllm-router"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--worker-urls",
-        *worker_urls,
-        "--policy",
-        policy,
-        "--log-level",
-        "warning",
-        "--prometheus-port",
-        str(free_port()),
-        *extra,
-    ]
-    proc = start(f"vllm-router-{policy}", argv, log_dir)
+def _router(name: str, argv: Sequence[str], port: int, log_dir: Path) -> Iterator[str]:
+    """Start a peer router listening on ``port``; yield its URL once ``/health`` answers."""
+    proc = start(name, argv, log_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, proc, path="/health")
@@ -283,12 +268,49 @@ def vllm_router(
         proc.stop()
 
 
+def vllm_router(
+    worker_urls: Sequence[str], log_dir: Path, policy: str, extra: Sequence[str] = ()
+) -> contextlib.AbstractContextManager[str]:
+    """vllm-router (Rust, from PyPI) in front of ``worker_urls``; yields its URL."""
+    bin_dir = ensure_peer("vllm-router")
+    port = free_port()
+    argv = [
+        str(bin_dir / "vllm-router"),
+        *("--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls),
+        *("--policy", policy, "--log-level", "warning", "--prometheus-port", str(free_port())),
+        *extra,
+    ]
+    return _router(f"vllm-router-{policy}", argv, port, log_dir)
+
+
+# sglang-router 0.3.2 asks its workers SGLang-only routes, names their model "unknown" and 404s
+# any other model name unless a worker also serves "unknown" (shared/REFERENCE.md, section 5).
+SGLANG_NAMES = (MODEL_NAME, "unknown")
+
+
+def sglang_router(
+    worker_urls: Sequence[str], log_dir: Path, policy: str
+) -> contextlib.AbstractContextManager[str]:
+    """sglang-router (Rust, from PyPI) in front of ``worker_urls``, which must serve the model
+    also as ``unknown`` (:data:`SGLANG_NAMES`); yields its URL."""
+    bin_dir = ensure_peer("sglang-router")
+    port = free_port()
+    argv = [
+        *(str(bin_dir / "python"), "-m", "sglang_router.launch_router"),
+        *("--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls),
+        *("--policy", policy, "--log-level", "warn", "--prometheus-port", str(free_port())),
+    ]
+    return _router(f"sglang-router-{policy}", argv, port, log_dir)
+
+
 __all__ = [
+    "SGLANG_NAMES",
     "coordinator_argv",
     "demo_model",
     "ensure_peer",
     "fleet_up",
     "free_port",
+    "sglang_router",
     "sims",
     "vllm_router",
 ]
