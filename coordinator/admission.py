@@ -58,6 +58,45 @@ def priority_of(headers: dict[str, str], tier: int | None = None) -> int:
     return value if tier is None else max(value, tier)
 
 
+@dataclass
+class WaitEstimate:
+    """How long a response takes to start, and how far that wanders: a smoothed mean and mean
+    deviation of observed waits (Jacobson's estimator, TCP's retransmission timeout in RFC 6298).
+
+    Sans-I/O: :meth:`record` each observed wait; :meth:`allows` says whether a request with so
+    much time left before its deadline should still be sent. The mean alone lags a queue that is
+    growing and says nothing of a jittery engine; the deviation term widens the bound exactly
+    when waits wander.
+    """
+
+    mean_s: float | None = None
+    deviation_s: float = 0.0
+    gain: float = 0.2  # weight of a new sample in the mean
+    deviation_gain: float = 0.25  # ... and in the deviation
+    deviations: float = 4.0  # how many deviations the bound adds to the mean
+    margin: float = 1.5  # ... and the bound is at least this many means
+
+    def record(self, took_s: float) -> None:
+        """Take one observed wait (seconds)."""
+        if self.mean_s is None:
+            self.mean_s, self.deviation_s = took_s, took_s / 2
+            return
+        error = took_s - self.mean_s
+        self.deviation_s += self.deviation_gain * (abs(error) - self.deviation_s)
+        self.mean_s += self.gain * error
+
+    def bound_s(self) -> float:
+        """The wait to allow for: the mean plus ``deviations`` deviations, at least ``margin``
+        means (0 before any sample)."""
+        if self.mean_s is None:
+            return 0.0
+        return max(self.margin * self.mean_s, self.mean_s + self.deviations * self.deviation_s)
+
+    def allows(self, remaining_s: float) -> bool:
+        """Whether a response started now would likely start within ``remaining_s``."""
+        return remaining_s >= self.bound_s()
+
+
 @dataclass(order=True)
 class _Waiter:
     priority: int
@@ -201,4 +240,11 @@ class Admission:
             self.on_change(model, len(q.waiters))
 
 
-__all__ = ["PRIORITIES", "PRIORITY_HEADER", "Admission", "Overloaded", "priority_of"]
+__all__ = [
+    "PRIORITIES",
+    "PRIORITY_HEADER",
+    "Admission",
+    "Overloaded",
+    "WaitEstimate",
+    "priority_of",
+]

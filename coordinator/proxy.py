@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from .admission import Admission, Overloaded, priority_of
+from .admission import Admission, Overloaded, WaitEstimate, priority_of
 from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 # Headers worth passing to the engine; everything else (host, cookies, auth) stays here.
 FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate")
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the engine gets what is left of it
-# A request that waited in the queue is shed when less than this many typical first-byte waits
-# are left before its deadline (waits grow while a queue drains: the average lags).
-QUEUED_MARGIN = 1.5
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -98,8 +95,10 @@ class Gateway:
         scheduler: the scheduling pipeline.
         tokenizer: tokenizes prompts for prefix matching.
         resilience: breaker, retry and budget settings.
-        admission: per-model slots and priority queues (default: 64 slots per engine, 500
-            waiting).
+        admission: per-model slots and priority queues (default: ``slots_per_engine`` slots
+            per engine, ``max_queue`` waiting).
+        slots_per_engine: requests in flight per engine before requests queue.
+        max_queue: waiters per model before new requests are shed.
         is_deployed: whether a model is deployed (its requests wait for engines to start).
         max_queue_wait_s: longest wait for a slot when the request has no deadline.
     """
@@ -114,6 +113,8 @@ class Gateway:
         tokenizer: PromptTokenizer,
         resilience: ResilienceConfig | None = None,
         admission: Admission | None = None,
+        slots_per_engine: int = 64,
+        max_queue: int = 500,
         is_deployed: Callable[[str], bool] = lambda model: False,
         max_queue_wait_s: float = 30.0,
         rng: random.Random | None = None,
@@ -132,11 +133,13 @@ class Gateway:
         self.progress: dict[str, float] = {}
         self._waits: dict[str, set[trio.CancelScope]] = {}  # cancelled when the engine is down
         self._incarnation: dict[str, tuple[str, int]] = {}  # engine -> (url, pid) seen last
-        # (model, stream) -> moving average of the wait for a response's first byte: a request
-        # whose deadline is closer than that when it leaves the queue is shed, not sent
-        self._first_byte_s: dict[tuple[str, bool], float] = {}
+        # (model, stream) -> the wait for a response's first byte: a request whose deadline is
+        # closer than its bound when it leaves the queue is shed, not sent
+        self._first_byte: dict[tuple[str, bool], WaitEstimate] = {}
         self.admission = admission or Admission(
             lambda m: len(self.registry.routable(m)),
+            slots_per_engine=slots_per_engine,
+            max_queue=max_queue,
             on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
         )
         self.is_deployed = is_deployed
@@ -181,8 +184,9 @@ class Gateway:
         except Overloaded:
             self.metrics.shed.labels(model=request.model).inc()
             raise
-        expected = self._first_byte_s.get((request.model, request.stream), 0.0)
-        if queued and deadline - trio.current_time() < QUEUED_MARGIN * expected:
+        wait = self._first_byte.get((request.model, request.stream)) or WaitEstimate()
+        expected = wait.mean_s or 0.0
+        if queued and not wait.allows(deadline - trio.current_time()):
             # Its response would start after its deadline (it waited in the queue): the
             # engine's time is better spent on a request that can still make it.
             await slot.aclose()
@@ -695,8 +699,7 @@ class Gateway:
         self.metrics.ttfb.labels(model=request.model).observe(took)
         if response.status_code == 200:
             key = (request.model, request.stream)
-            before = self._first_byte_s.get(key)
-            self._first_byte_s[key] = took if before is None else before + 0.2 * (took - before)
+            self._first_byte.setdefault(key, WaitEstimate()).record(took)
         self.progress[engine.id] = trio.current_time()
         out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers["x-request-id"] = request_id

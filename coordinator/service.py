@@ -68,6 +68,10 @@ class CoordinatorConfig:
     http_fd: int | None = None  # serve on this listening socket (a hot restart's) over host:port
     link_bind_wait_s: float = 10.0  # the agent endpoint in use (a draining predecessor): retry
     kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
+    # Admission: requests in flight per routable engine before requests queue, and waiters per
+    # model before new ones are shed (503).
+    slots_per_engine: int = 64
+    max_queue: int = 500
     # No engine is placed this long after start, so every live node can report what it runs
     # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
     placement_settle_s: float | None = None
@@ -96,6 +100,9 @@ class CoordinatorConfig:
             raise ConfigError("placement_settle_s", self.placement_settle_s, "must be >= 0")
         if self.lost_after_missed < 1:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
+        for key in ("slots_per_engine", "max_queue"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "must be >= 1")
         if self.kv_index_max_entries < 1:
             raise ConfigError("kv_index_max_entries", self.kv_index_max_entries, "must be >= 1")
         if self.max_body_bytes < 1024:
@@ -185,6 +192,8 @@ class Coordinator:
             scheduler=self.scheduler,
             tokenizer=self.prompt_tokenizer,
             resilience=self.cfg.resilience,
+            slots_per_engine=self.cfg.slots_per_engine,
+            max_queue=self.cfg.max_queue,
             is_deployed=lambda model: model in self._deployed,
         )
         served = trio.Event()

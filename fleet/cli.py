@@ -240,6 +240,19 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="most (block, engine) entries the KV index holds (default %(default)s, ~380 B each)",
     )
     p.add_argument(
+        "--engine-slots",
+        type=int,
+        default=64,
+        help="requests in flight per engine before requests queue in the coordinator "
+        "(default %(default)s; see docs/RESILIENCE.md)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=500,
+        help="requests waiting per model before new ones get 503 (default %(default)s)",
+    )
+    p.add_argument(
         "--scheduler-config",
         default=None,
         metavar="FILE",
@@ -403,6 +416,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         deployments=(_deployment(args),),
         max_body_bytes=args.max_body_bytes,
         kv_index_max_entries=args.kv_index_max_entries,
+        slots_per_engine=args.engine_slots,
+        max_queue=args.max_queue,
         scheduling=scheduling(args),
         resilience=resilience(args),
         api_keys=api_keys(args),

@@ -47,6 +47,8 @@ async def run_up(
             deployments=(deployment,),
             max_body_bytes=args.max_body_bytes,
             kv_index_max_entries=args.kv_index_max_entries,
+            slots_per_engine=args.engine_slots,
+            max_queue=args.max_queue,
             scheduling=scheduling,
             resilience=resilience or ResilienceConfig(),
             api_keys=api_keys or ApiKeys(),

@@ -8,7 +8,22 @@ are ready). The simulators hold 128 KV blocks each, so the kv-events load evicts
 index's removals are checked too. Their decode step grows in proportion to the batch
 (``--sim-decode-batch-slope=1.0``: a fixed token throughput per engine), so the engines, not the
 coordinator, bound the fleet's capacity, as GPUs do: the overload burst measures shedding, not
-how fast one Python process on a shared 2-core machine can refuse connections.
+how fast one Python process on a shared 2-core machine can refuse connections. Two settings keep
+it so (measured on this 2-core machine, overload scenario):
+
+- 16 ms a decode step per sequence, not the default 8: six engines then serve ~46 req/s, so the
+  10x burst is ~460 req/s. At 8 ms (~90 req/s, a ~900 req/s burst) the coordinator process spent
+  9.6 s of CPU in 13.4 s serving the burst, completions ran at ~30% of capacity for the burst's
+  first 2 s while it worked through the arrivals, and goodput was 0.84-0.93 of capacity.
+- 8 slots per engine (``--engine-slots 8``): an engine whose throughput does not grow with its
+  batch gains nothing from more requests in flight; with the default 64 each engine held
+  64 x 8 tokens x 16 ms = 8 s of work committed to it, and under a one-core CPU hog some
+  requests then missed their deadline at the engine (504 after engine time spent for nothing)
+  instead of being shed from the queue with 503 (4 runs of 5 missed a target).
+
+With both (and the admission's deadline bound, :class:`fleet.coordinator.admission.WaitEstimate`):
+goodput 1.03-1.15 of capacity in 4 runs, 1.005-1.12 in 5 runs beside a one-core CPU hog, every
+failure a 503.
 """
 
 from __future__ import annotations
@@ -35,7 +50,12 @@ def chaos_fleet(
 ) -> Iterator[FleetProcess]:
     log_dir = tmp_path_factory.mktemp("chaos-fleet-logs")
     args = ["--engine", "sim", "--replicas", str(REPLICAS), "--model", str(demo_model)]
-    sims = ["--engine-arg=--sim-num-blocks=128", "--engine-arg=--sim-decode-batch-slope=1.0"]
+    sims = [
+        "--engine-slots=8",
+        "--engine-arg=--sim-num-blocks=128",
+        "--engine-arg=--sim-decode-batch-slope=1.0",
+        "--engine-arg=--sim-decode-ms-per-token=16",
+    ]
     proc = FleetProcess([*args, *sims], log_dir)
     pids: set[int] = set()
     try:

@@ -8,7 +8,13 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from fleet.coordinator.admission import PRIORITIES, Admission, Overloaded, priority_of
+from fleet.coordinator.admission import (
+    PRIORITIES,
+    Admission,
+    Overloaded,
+    WaitEstimate,
+    priority_of,
+)
 from fleet.coordinator.errors import InvalidRequest
 
 CRITICAL, HIGH, STANDARD, BATCH = (PRIORITIES[p] for p in ("critical", "high", "standard", "batch"))
@@ -147,3 +153,40 @@ def test_an_api_keys_tier_is_the_default_and_the_most_urgent_a_request_may_ask()
     assert high == 1
     assert priority_of({"x-priority": "critical"}, tier=1) == 1  # never above the tier
     assert priority_of({"x-priority": "batch"}, tier=1) == BATCH  # lower is allowed
+
+
+def test_the_wait_bound_starts_wide_and_narrows_while_waits_are_steady() -> None:
+    wait = WaitEstimate()
+    assert wait.bound_s() == 0.0 and wait.allows(0.0)  # nothing seen yet: nothing to shed for
+    wait.record(1.0)
+    assert wait.bound_s() == 3.0  # mean 1 + 4 deviations of 0.5 (RFC 6298's first sample)
+    for _ in range(40):
+        wait.record(1.0)
+    assert wait.bound_s() == 1.5  # steady: the margin of 1.5 means is the floor
+    assert wait.allows(1.5) and not wait.allows(1.49)
+
+
+def test_the_wait_bound_widens_when_waits_wander() -> None:
+    """A mean that lags growing waits would send requests that miss their deadline at the
+    engine; the deviation term keeps the bound above the waits actually seen."""
+    steady, jittery = WaitEstimate(), WaitEstimate()
+    for i in range(40):
+        steady.record(1.0)
+        jittery.record(0.5 if i % 2 else 1.5)  # the same mean, waits off by 0.5 s
+    assert jittery.mean_s is not None and abs(jittery.mean_s - 1.0) < 0.15
+    assert jittery.bound_s() > 2.5 > steady.bound_s()
+    growing = WaitEstimate()
+    for took in (1.0, 2.0, 3.0, 4.0, 5.0):
+        growing.record(took)
+    assert growing.mean_s is not None and growing.mean_s < 3.5  # the mean lags...
+    assert growing.bound_s() > 5.0  # ...the bound covers the latest wait
+
+
+@pytest.mark.parametrize("key", ["slots_per_engine", "max_queue"])
+def test_coordinator_admission_settings_are_checked(key: str) -> None:
+    from fleet.coordinator.service import CoordinatorConfig
+    from fleet.protocol.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        CoordinatorConfig(**{key: 0})  # type: ignore[arg-type]
+    assert key in str(err.value)
