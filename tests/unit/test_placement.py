@@ -175,6 +175,19 @@ def test_reconcile_assigns_every_replica_spread_over_nodes() -> None:
         assert p.assign.spec == deployment("m", replicas=6).spec(p.assign.spec.engine_id, ())
 
 
+def test_nothing_is_placed_while_settling_then_every_registered_node_shares() -> None:
+    """A (re)started coordinator waits until every live node could have registered: placing
+    at the first registration would put every engine on the first node to speak."""
+    fleet = Fleet()
+    placer = Placer((deployment("m", replicas=4),), assign_timeout_s=TIMEOUT_S, settle_until=3.0)
+    fleet.node("a", now=0.5)
+    assert placer.reconcile(fleet.registry, now=0.5) == []
+    fleet.node("b", now=2.9)
+    assert placer.reconcile(fleet.registry, now=2.999) == []
+    out = placer.reconcile(fleet.registry, now=3.0)
+    assert Counter(placed(out).values()) == {"a": 2, "b": 2}
+
+
 def test_spread_counts_engines_nodes_already_run() -> None:
     fleet = Fleet()
     fleet.node("a", status("other-0", model="other"), status("other-1", model="other"))
