@@ -98,7 +98,7 @@ class FleetProcess:
 
     def descendants(self) -> set[int]:
         """Every live process below ``fleet up`` (zombies excluded)."""
-        return {pid for pid in _children_tree(self.proc.pid) if _alive(pid)}
+        return {pid for pid in children_tree(self.proc.pid) if _alive(pid)}
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         """Signal ``fleet up`` and wait for it; kill the group if it does not exit in time."""
@@ -114,7 +114,7 @@ class FleetProcess:
         return self.proc.returncode
 
 
-def _children_tree(root: int) -> set[int]:
+def children_tree(root: int) -> set[int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():

@@ -38,7 +38,7 @@ from fleet.chaos.outcomes import figures
 from fleet.chaos.scenarios import load_spec
 from fleet.chaos.target import total
 
-from .fleetproc import _children_tree, alive
+from .fleetproc import alive, children_tree
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -154,7 +154,7 @@ def fleet(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         finally:
             pids: set[int] = set()
             for proc in procs:
-                pids |= _children_tree(proc.pid)
+                pids |= children_tree(proc.pid)
                 if proc.poll() is None:
                     proc.terminate()
             for proc in procs:

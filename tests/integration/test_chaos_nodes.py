@@ -181,9 +181,9 @@ def topology(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _descendants(root: int) -> set[int]:
-    from .fleetproc import _children_tree
+    from .fleetproc import children_tree
 
-    return _children_tree(root)
+    return children_tree(root)
 
 
 def test_a_restarted_coordinator_gets_engines_and_a_full_index_back(

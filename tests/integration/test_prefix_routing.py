@@ -8,6 +8,7 @@ as text) and for chat (the prefix is a system prompt, through vLLM's chat templa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from .fleetproc import FleetProcess, alive
+from .fleetproc import FleetProcess, alive, children_tree
 
 pytestmark = pytest.mark.engine
 
@@ -116,12 +117,54 @@ def test_a_shared_prefix_goes_back_to_the_engine_that_holds_it(
 # -- mid-stream resume (last: it kills an engine) -------------------------------------------------
 
 
+def _generated(url: str) -> float:
+    """The tokens an engine has generated (its own counter, kept by its API server)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = re.findall(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)", text, re.M)
+    return sum(float(v) for v in found)
+
+
+def _resumed(http: httpx.Client) -> float:
+    text = http.get("/metrics").text
+    found = re.search(r'^fleet_stream_resumes_total\{outcome="resumed"\} (\S+)', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _step_until_generated(url: str, core: set[int], tokens: float, deadline: float) -> float:
+    """Let a frozen engine core run in 5 ms slices until its API server counts ``tokens``
+    generated; it is frozen again on return. Returns the count, once steady."""
+    count = _generated(url)
+    while count < tokens:
+        assert time.monotonic() < deadline, f"the engine generated {count} tokens, not {tokens}"
+        _signal(core, signal.SIGCONT)
+        time.sleep(0.005)
+        _signal(core, signal.SIGSTOP)
+        count = _generated(url)
+    while (again := _generated(url)) != count:  # outputs still on their way to the API server
+        count = again
+    return count
+
+
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
     fleet2: httpx.Client, kind: str
 ) -> None:
-    """SIGKILL the real engine serving a stream after 5 chunks: the client's stream goes on
-    (one id, one role, the full token budget, truthful usage) from the other engine."""
+    """SIGKILL the real engine serving a stream while it is still generating, after a few
+    tokens: the client's stream goes on (one id, one role, the full token budget, truthful
+    usage) from the other engine.
+
+    Deterministic, not a race against the engine: the tiny model makes 400 tokens in ~1.8 s
+    on CPU, and a client slowed by a busy machine once read its 5th chunk after the engine
+    had finished (nothing left to resume). So the victim's engine core is frozen (SIGSTOP)
+    as soon as the response starts, run in 5 ms slices until it has generated a few tokens,
+    and killed while frozen with fewer tokens generated than the budget (the engine's own
+    counter)."""
     # The first parametrization's victim restarts; until then the registry may still list it
     # ready for up to a heartbeat: wait for two ready engines whose processes are alive.
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -130,9 +173,9 @@ def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
         time.sleep(0.5)
         engines = {e: v for e, v in _ready(fleet2).items() if alive({v["pid"]})}
     assert len(engines) == 2
-    # Long enough that the engine is still generating when it is killed after 5 chunks (with
-    # 120, a slow reader in CI once got the whole answer first: there was nothing to resume).
     budget = 400
+    before = {e: _generated(v["url"]) for e, v in engines.items()}
+    resumed_before = _resumed(fleet2)
     client = openai.OpenAI(base_url=str(fleet2.base_url) + "/v1", api_key="none", max_retries=0)
     common: dict[str, Any] = {
         "model": MODEL,
@@ -147,12 +190,20 @@ def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
         )
     else:
         stream = client.completions.with_raw_response.create(prompt="Once upon a time", **common)
-    victim = stream.headers["x-selected-pod"]
+    victim_id = stream.headers["x-selected-pod"]
+    victim = engines[victim_id]
+    core = children_tree(victim["pid"])  # its EngineCore and worker processes
+    _signal(core, signal.SIGSTOP)
+    try:
+        start = before[victim_id]
+        generated = _step_until_generated(victim["url"], core, start + 5, time.monotonic() + 60)
+        assert generated - start < budget  # still generating: a resume is due
+        os.kill(victim["pid"], signal.SIGKILL)
+    finally:
+        _signal(core, signal.SIGCONT)  # they see their API server gone
     pieces, ids, roles, finishes, usage = [], set(), 0, [], None
-    for i, chunk in enumerate(stream.parse()):
+    for chunk in stream.parse():
         ids.add(chunk.id)
-        if i == 5:
-            os.kill(engines[victim]["pid"], signal.SIGKILL)
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -166,5 +217,4 @@ def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
     assert len(ids) == 1 and finishes == ["length"] and (kind != "chat" or roles == 1)
     assert usage is not None and usage.completion_tokens == budget
     assert usage.total_tokens == usage.prompt_tokens + budget and usage.prompt_tokens > 0
-    metrics = fleet2.get("/metrics").text
-    assert re.search(r'^fleet_stream_resumes_total\{outcome="resumed"\} [1-9]', metrics, re.M)
+    assert _resumed(fleet2) == resumed_before + 1
