@@ -9,13 +9,17 @@
         ├── PayloadTooLarge    413: the body is over the configured limit
         └── NoCapacity         503: the model exists but no engine can take the request now
     UpstreamError              an engine failed to answer (translated from httpx, ``from exc``)
+    ModelFormatError           a model folder's files cannot be read as a model (safetensors)
+    ConfigError (fleet.protocol.errors)
+    ├── DeploymentError        a FleetModel document is invalid (names deployment and fields)
+    └── DeploymentsError       a folder of deployments has problems (lists every one, by file)
 """
 
 from __future__ import annotations
 
 import json
 
-from fleet.protocol.errors import FleetError
+from fleet.protocol.errors import ConfigError, FleetError
 
 
 class ApiError(FleetError):
@@ -119,6 +123,58 @@ class UpstreamError(FleetError):
         self.reason = reason
 
 
+class DeploymentError(ConfigError):
+    """Raised when a FleetModel deployment document is invalid.
+
+    Args:
+        deployment: the deployment's ``metadata.name`` (``"?"`` when it has none).
+        problems: ``(field path, what is wrong)`` pairs, at least one; the message puts each on
+            its own line as ``deployment 'NAME': FIELD: PROBLEM``.
+    """
+
+    def __init__(self, deployment: str, problems: list[tuple[str, str]]) -> None:
+        field, reason = problems[0]
+        lines = [f"deployment {deployment!r}: {f}: {r}" for f, r in problems]
+        FleetError.__init__(self, "\n".join(lines))
+        self.key = field
+        self.value = deployment
+        self.reason = reason
+        self.deployment = deployment
+        self.problems = tuple(problems)
+        self.lines = tuple(lines)
+
+
+class DeploymentsError(ConfigError):
+    """Raised when a set of deployments (a folder of YAML files) has problems.
+
+    Args:
+        where: the folder or source the documents came from.
+        lines: every problem, each prefixed with its file (and document number in the file).
+    """
+
+    def __init__(self, where: str, lines: list[str]) -> None:
+        count = f"{len(lines)} problem{'s' if len(lines) != 1 else ''}"
+        FleetError.__init__(self, f"{where}: {count}:\n" + "\n".join(f"  {x}" for x in lines))
+        self.key = where
+        self.value = where
+        self.reason = lines[0]
+        self.lines = tuple(lines)
+
+
+class ModelFormatError(FleetError):
+    """Raised when a model's weight files cannot be read (bad safetensors header, a tensor whose
+    byte range disagrees with its dtype and shape, a file size that disagrees with the header).
+
+    Args:
+        path: the file at fault.
+        message: what is wrong.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
 def error_body(
     message: str,
     *,
@@ -143,7 +199,10 @@ def render(err: ApiError) -> tuple[bytes, int, dict[str, str]]:
 
 __all__ = [
     "ApiError",
+    "DeploymentError",
+    "DeploymentsError",
     "InvalidRequest",
+    "ModelFormatError",
     "ModelNotFound",
     "NoCapacity",
     "PayloadTooLarge",
