@@ -126,8 +126,9 @@ class FleetModel:
         """The engines this deployment wants, as ``(slot id, role)``.
 
         Args:
-            count: the replica count the autoscaler chose (clamped to min..max); default
-                ``replicas``, else ``min_replicas``. Ignored with ``roles``.
+            count: the replica count the autoscaler chose, clamped to ``minReplicas`` ..
+                ``maxReplicas`` (default ``minReplicas``); ignored with fixed ``replicas`` or
+                ``roles``.
 
         Returns:
             ``("NAME-0", "both"), ...``, or with roles ``("NAME-prefill-0", "prefill"), ...,
@@ -137,8 +138,10 @@ class FleetModel:
             return tuple(
                 (f"{self.name}-prefill-{i}", "prefill") for i in range(self.roles.prefill)
             ) + tuple((f"{self.name}-decode-{i}", "decode") for i in range(self.roles.decode))
-        if count is None:
-            count = self.replicas if self.replicas is not None else self.min_replicas or 0
+        if self.replicas is not None:
+            count = self.replicas
+        elif count is None:
+            count = self.min_replicas or 0
         elif self.min_replicas is not None and self.max_replicas is not None:
             count = max(self.min_replicas, min(self.max_replicas, count))
         return tuple((f"{self.name}-{i}", "both") for i in range(count))

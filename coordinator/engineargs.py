@@ -90,6 +90,7 @@ class EngineArgs:
         block_size: ``--block-size``.
         dtype: ``--dtype``.
         kv_cache_dtype: ``--kv-cache-dtype``.
+        enforce_eager: ``--enforce-eager`` (no CUDA graphs, so no graph memory).
     """
 
     gpu_memory_utilization: float | None = None
@@ -100,6 +101,7 @@ class EngineArgs:
     block_size: int | None = None
     dtype: str | None = None
     kv_cache_dtype: str | None = None
+    enforce_eager: bool = False
 
     @classmethod
     def parse(cls, args: tuple[str, ...]) -> EngineArgs:
@@ -121,6 +123,8 @@ class EngineArgs:
             raise ConfigError(f"engineArgs{where}", args, reason)
         values: dict[str, object] = {}
         for _, flag, value in _flags(args):
+            if flag in ("--enforce-eager", "--no-enforce-eager"):
+                values["enforce_eager"] = flag == "--enforce-eager"
             parser = _VALUED.get(flag)
             if parser is not None and value is not None:
                 values[parser[0]] = parser[1](value)

@@ -360,8 +360,10 @@ def test_engine_args_forms() -> None:
         block_size=16,
         dtype="bfloat16",
         kv_cache_dtype="fp8",
+        enforce_eager=True,
     )
     assert EngineArgs.parse(("--max-model-len", "auto")).max_model_len == -1
+    assert not EngineArgs.parse(("--enforce-eager", "--no-enforce-eager")).enforce_eager
     assert check_engine_args(("--max-model-len=1k", "--max-model-len=2k")) == [
         ("[1]", "--max-model-len is given twice (first at [0])")
     ]
