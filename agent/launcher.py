@@ -116,7 +116,7 @@ def engine_command(
     argv = [
         cfg.python, "-m", module,
         "--model", spec.model_path,
-        "--served-model-name", spec.model,
+        "--served-model-name", spec.model, *spec.aliases,
         "--host", cfg.host,
         "--port", str(port),
         "--max-model-len", str(spec.max_model_len),

@@ -117,7 +117,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
         _authorize({k.lower(): v for k, v in request.headers.items()}, spend=False)
         created = int(coord.started_at)
         data = []
-        for model in coord.registry.models():
+        for model in coord.served_models():
             deployment = coord.placer.deployment(model)
             entry: dict[str, Any] = {
                 "id": model,

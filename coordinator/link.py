@@ -126,6 +126,13 @@ class AgentLink:
             # Both copies' KV events went under one id: start its index entry again.
             self.kvindex.drop_engine(engine_id)
             self.send(node_id, UnassignEngine(engine_id))
+        for node_id, engine_id in self.placer.unwanted(self.registry, self.clock()):
+            if engine_id in self._unassigned.get(node_id, set()):
+                continue
+            log.warning("engine %s on node %s: no deployment wants it now, stopping it",
+                        engine_id, node_id)  # fmt: skip
+            self._unassigned.setdefault(node_id, set()).add(engine_id)
+            self.send(node_id, UnassignEngine(engine_id))
 
     # -- receiving ---------------------------------------------------------------------------
 

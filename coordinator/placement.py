@@ -25,6 +25,10 @@ from .registry import FleetRegistry, NodeRecord
 class Deployment:
     """A model the fleet should serve: how many engines of which kind.
 
+    ``name`` (default: ``model``) names the deployment and its engines (``NAME-0``, ...);
+    ``model`` is the served name clients ask for, ``aliases`` more served names. Deployments
+    serving one name split its new sessions by ``traffic_weight`` (versions, canaries).
+
     Raises:
         ConfigError: on a bad value (names the key).
     """
@@ -38,10 +42,17 @@ class Deployment:
     block_size: int = 32
     max_model_len: int = 1024
     extra_args: tuple[str, ...] = ()
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    traffic_weight: int = 100
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("model", self.model, "must be a non-empty name")
+        if not self.name:
+            object.__setattr__(self, "name", self.model)
+        if self.traffic_weight < 0:
+            raise ConfigError("traffic_weight", self.traffic_weight, "must be >= 0")
         if self.replicas < 0:
             raise ConfigError("replicas", self.replicas, "must be >= 0")
         if self.kind not in ENGINE_KINDS:
@@ -55,8 +66,12 @@ class Deployment:
         if self.max_model_len <= 0:
             raise ConfigError("max_model_len", self.max_model_len, "must be > 0")
 
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.model, *self.aliases)
+
     def engine_ids(self) -> list[str]:
-        return [f"{self.model}-{i}" for i in range(self.replicas)]
+        return [f"{self.name}-{i}" for i in range(self.replicas)]
 
     def spec(self, engine_id: str, gpus: tuple[int, ...]) -> EngineSpec:
         return EngineSpec(
@@ -69,6 +84,7 @@ class Deployment:
             block_size=self.block_size,
             max_model_len=self.max_model_len,
             extra_args=self.extra_args,
+            aliases=self.aliases,
         )
 
 
@@ -99,21 +115,58 @@ class Placer:
         assign_timeout_s: float,
         settle_until: float = -math.inf,
     ) -> None:
-        names = [d.model for d in deployments]
-        if len(set(names)) != len(names):
-            raise ConfigError("model", names, "each deployment needs its own model name")
-        self.deployments = deployments
         self.assign_timeout_s = assign_timeout_s
         self.settle_until = settle_until
         # engine id -> (node id, spec, time sent)
         self._pending: dict[str, tuple[str, EngineSpec, float]] = {}
         self._placed: dict[str, str] = {}  # engine id -> the node this coordinator put it on
+        self.deployments: tuple[Deployment, ...] = ()
+        self._owner: dict[str, Deployment] = {}  # engine id -> its deployment
+        self.replace(deployments)
+
+    def replace(self, deployments: tuple[Deployment, ...]) -> None:
+        """Serve ``deployments`` from now on: engines no longer wanted are forgotten here and
+        reported by :meth:`unwanted`; new and scaled-up ones are placed by :meth:`reconcile`.
+
+        Raises:
+            ConfigError: two deployments with one name.
+        """
+        names = [d.name for d in deployments]
+        if len(set(names)) != len(names):
+            raise ConfigError("name", names, "each deployment needs its own name")
+        self.deployments = tuple(deployments)
+        self._owner = {e: d for d in self.deployments for e in d.engine_ids()}
+        for engine_id in [e for e in self._pending if e not in self._owner]:
+            del self._pending[engine_id]
 
     def deployment(self, model: str) -> Deployment | None:
+        """The first deployment serving ``model`` (a served name)."""
         for d in self.deployments:
-            if d.model == model:
+            if model in d.served_names:
                 return d
         return None
+
+    def serving(self, model: str) -> list[Deployment]:
+        """Every deployment serving ``model`` (a served name), by name."""
+        return sorted(
+            (d for d in self.deployments if model in d.served_names), key=lambda d: d.name
+        )
+
+    def owner(self, engine_id: str) -> Deployment | None:
+        """The deployment an engine id belongs to (None: no deployment wants it)."""
+        return self._owner.get(engine_id)
+
+    def unwanted(self, registry: FleetRegistry, now: float) -> list[tuple[str, str]]:
+        """Engines live nodes run that no deployment wants (deleted, scaled down), as (node id,
+        engine id); none while settling."""
+        if now < self.settle_until:
+            return []
+        return [
+            (node.node_id, engine_id)
+            for node in registry.live_nodes()
+            for engine_id in node.engines
+            if engine_id not in self._owner
+        ]
 
     def context_len(self, model: str) -> int | None:
         """The context length engines of ``model`` run with, if Fleet deploys it."""

@@ -50,6 +50,7 @@ from .resume import (
 from .router.prompt import PromptTokenizer, RoutingRequest
 from .router.scheduler import Decision, Scheduler
 from .validation import ParsedRequest
+from .versions import session_key
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class Gateway:
         slots_per_engine: int = 64,
         max_queue: int = 500,
         is_deployed: Callable[[str], bool] = lambda model: False,
+        engines_for: Callable[[str, str | None], list[EngineView]] | None = None,
         max_queue_wait_s: float = 30.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -136,8 +138,10 @@ class Gateway:
         # (model, stream) -> the wait for a response's first byte: a request whose deadline is
         # closer than its bound when it leaves the queue is shed, not sent
         self._first_byte: dict[tuple[str, bool], WaitEstimate] = {}
+        # (served name, session key or None) -> the engines that may serve it (versions)
+        self.engines_for = engines_for or (lambda model, session: self.registry.routable(model))
         self.admission = admission or Admission(
-            lambda m: len(self.registry.routable(m)),
+            lambda m: len(self.engines_for(m, None)),
             slots_per_engine=slots_per_engine,
             max_queue=max_queue,
             on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
@@ -212,14 +216,14 @@ class Gateway:
         timeout_s: float | None,
         deadline: float,
     ) -> Forwarded:
-        candidates = self.registry.routable(request.model)
+        request_id = headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}"
+        candidates = self.engines_for(request.model, session_key(headers, request_id))
         if not candidates:
             raise NoCapacity(
                 f"The model `{request.model}` has no ready engine right now "
                 "(starting or restarting); retry shortly.",
                 retry_after_s=5,
             )
-        request_id = headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}"
         upstream_headers = {k: v for k, v in headers.items() if k in FORWARD_HEADERS}
         upstream_headers["x-request-id"] = request_id
         upstream_headers.setdefault("content-type", "application/json")
@@ -450,7 +454,8 @@ class Gateway:
         upstream = dict(headers)
         while True:
             now = trio.current_time()
-            candidates = [c for c in self.registry.routable(model) if c.id not in failed]
+            session = session_key(routing.headers, headers.get("x-request-id", ""))
+            candidates = [c for c in self.engines_for(model, session) if c.id not in failed]
             candidates = self.breakers.routable(candidates, [c.id for c in candidates], now)
             if not candidates or now >= deadline:
                 return end("no_engine", "The engine serving this stream failed and no other "

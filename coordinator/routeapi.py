@@ -48,7 +48,7 @@ async def routing_request(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise InvalidRequest("`headers` must map header names to strings.", param="headers")
-    engines = coord.registry.routable(model)
+    engines = coord.engines_for(model, None)
     if not engines:
         raise ModelNotFound(model)
     wanted = body.get("engines")

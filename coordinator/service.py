@@ -35,11 +35,12 @@ from .metrics import CoordinatorMetrics
 from .placement import Deployment, Placer
 from .pools import EnginePools
 from .proxy import Gateway
-from .registry import FleetRegistry
+from .registry import EngineView, FleetRegistry
 from .resilience import STATE_VALUES, ResilienceConfig
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Profile, Scheduler
+from .versions import engines_for
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,15 @@ class CoordinatorConfig:
             raise ConfigError("agent_endpoint", self.agent_endpoint, "must be a ZMQ endpoint")
 
 
+def _model_paths(deployments: tuple[Deployment, ...]) -> dict[str, str]:
+    """Served name -> model folder (its tokenizer), the first deployment's for a shared name."""
+    out: dict[str, str] = {}
+    for d in deployments:
+        for name in d.served_names:
+            out.setdefault(name, d.model_path)
+    return out
+
+
 @dataclass(frozen=True)
 class CoordinatorAddresses:
     """Where a running coordinator listens."""
@@ -129,10 +139,9 @@ class Coordinator:
         self.registry = FleetRegistry(lost_after_s=cfg.heartbeat_interval_s * cfg.lost_after_missed)
         self.placer = Placer(cfg.deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
-        self._deployed = {d.model for d in cfg.deployments}
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
-        self.prompt_tokenizer = PromptTokenizer({d.model: d.model_path for d in cfg.deployments})
+        self.prompt_tokenizer = PromptTokenizer(_model_paths(cfg.deployments))
         self._index_stats_seen: dict[str, int] = {}
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
@@ -164,6 +173,32 @@ class Coordinator:
         if self._gateway is not None:  # engines may have become ready: admit who waits
             self._gateway.admission.wake_all()
 
+    def set_deployments(self, deployments: tuple[Deployment, ...]) -> None:
+        """Serve ``deployments`` from now on: new engines are placed, engines no deployment
+        wants are stopped, requests route by the new served names and weights.
+
+        Raises:
+            ConfigError: two deployments with one name (nothing changes then).
+        """
+        self.placer.replace(deployments)
+        for name, path in _model_paths(deployments).items():
+            self.prompt_tokenizer.model_paths.setdefault(name, path)
+        self.link.reconcile()
+        self._bump()
+
+    def engines_for(self, model: str, session: str | None) -> list[EngineView]:
+        """The routable engines a request for ``model`` may go to (:mod:`.versions`)."""
+        return engines_for(self.placer, self.registry.routable(), model, session)
+
+    def served_models(self) -> list[str]:
+        """Every served name with a routable engine (a deployment's names, or what an engine
+        reports when no deployment owns it)."""
+        names: set[str] = set()
+        for engine in self.registry.routable():
+            owner = self.placer.owner(engine.id)
+            names.update(owner.served_names if owner is not None else (engine.model,))
+        return sorted(names)
+
     @property
     def gateway(self) -> Gateway:
         if self._gateway is None:
@@ -194,7 +229,8 @@ class Coordinator:
             resilience=self.cfg.resilience,
             slots_per_engine=self.cfg.slots_per_engine,
             max_queue=self.cfg.max_queue,
-            is_deployed=lambda model: model in self._deployed,
+            is_deployed=lambda model: bool(self.placer.serving(model)),
+            engines_for=self.engines_for,
         )
         served = trio.Event()
 
@@ -225,9 +261,7 @@ class Coordinator:
                     binds = await nursery.start(serve_http)
                     url = binds[0].replace("0.0.0.0", "127.0.0.1")
                     log.info("coordinator %s serving at %s", self.cfg.coordinator_id, url)
-                    task_status.started(
-                        CoordinatorAddresses(http_url=url, agent_endpoint=endpoint)
-                    )
+                    task_status.started(CoordinatorAddresses(http_url=url, agent_endpoint=endpoint))
                     await self._draining.wait()
                     log.warning(
                         "draining: no new connections; the agent link is released; requests "

@@ -20,8 +20,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 from .deployspec import FleetModel
+
+
+class Weighted(Protocol):
+    """A deployment as traffic splitting sees it (a FleetModel, a placement Deployment)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def traffic_weight(self) -> int: ...
+
+
+W = TypeVar("W", bound=Weighted)
 
 
 def session_point(session_key: str) -> float:
@@ -35,13 +49,13 @@ def serving(models: Sequence[FleetModel], served_name: str) -> list[FleetModel]:
     return sorted((m for m in models if served_name in m.served_model_names), key=lambda m: m.name)
 
 
-def traffic_shares(versions: Sequence[FleetModel]) -> dict[str, float]:
+def traffic_shares(versions: Sequence[Weighted]) -> dict[str, float]:
     """Each deployment's share of new sessions (0..1), by name; all 0 when every weight is 0."""
     total = sum(m.traffic_weight for m in versions)
     return {m.name: (m.traffic_weight / total if total else 0.0) for m in versions}
 
 
-def pick_version(versions: Sequence[FleetModel], session_key: str) -> FleetModel | None:
+def pick_version(versions: Sequence[W], session_key: str) -> W | None:
     """Pick the deployment a new session goes to.
 
     Args:
@@ -64,4 +78,4 @@ def pick_version(versions: Sequence[FleetModel], session_key: str) -> FleetModel
     return next(m for m in reversed(ordered) if m.traffic_weight > 0)  # float rounding at 1.0
 
 
-__all__ = ["pick_version", "serving", "session_point", "traffic_shares"]
+__all__ = ["Weighted", "pick_version", "serving", "session_point", "traffic_shares"]

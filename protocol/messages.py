@@ -67,6 +67,7 @@ class EngineSpec:
     block_size: int = 32
     max_model_len: int = 1024
     extra_args: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # more served model names
 
 
 @dataclass(frozen=True)

@@ -145,11 +145,38 @@ def test_deployment_engine_ids_and_spec() -> None:
     )
 
 
-def test_duplicate_model_names_are_rejected() -> None:
+def test_duplicate_deployment_names_are_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         Placer((deployment("a"), deployment("b"), deployment("a")), assign_timeout_s=TIMEOUT_S)
-    assert info.value.key == "model"
-    assert "own model name" in str(info.value)
+    assert info.value.key == "name"
+    assert "own name" in str(info.value)
+
+
+def test_versions_of_one_served_name_are_deployments_of_their_own() -> None:
+    v1 = deployment("chat", name="chat-v1", replicas=2, traffic_weight=90)
+    v2 = deployment("chat", name="chat-v2", aliases=("chat-latest",), traffic_weight=10)
+    placer = Placer((v1, v2), assign_timeout_s=TIMEOUT_S)
+    assert v1.engine_ids() == ["chat-v1-0", "chat-v1-1"] and v2.engine_ids() == ["chat-v2-0"]
+    assert placer.serving("chat") == [v1, v2] and placer.serving("chat-latest") == [v2]
+    assert placer.owner("chat-v1-1") is v1 and placer.owner("chat-v2-0") is v2
+    assert placer.owner("chat-v2-1") is None
+    assert v2.spec("chat-v2-0", ()).aliases == ("chat-latest",)
+
+
+def test_replaced_deployments_leave_their_engines_unwanted() -> None:
+    fleet = Fleet()
+    fleet.node("a", status("m-0"), status("m-1"), status("gone-0", model="gone"))
+    placer = Placer(
+        (deployment("m", replicas=2), deployment("gone")), assign_timeout_s=TIMEOUT_S,
+        settle_until=1.0,
+    )  # fmt: skip
+    assert placer.unwanted(fleet.registry, now=2.0) == []
+    placer.replace((deployment("m", replicas=1),))  # "gone" deleted, m scaled down
+    assert placer.unwanted(fleet.registry, now=0.5) == []  # settling: nothing known yet
+    assert sorted(placer.unwanted(fleet.registry, now=2.0)) == [("a", "gone-0"), ("a", "m-1")]
+    placer.replace((deployment("m", replicas=3),))  # scaled up: a new engine to place
+    assert placed(placer.reconcile(fleet.registry, now=2.0)) == {"m-2": "a"}
+    assert sorted(placer.unwanted(fleet.registry, now=2.0)) == [("a", "gone-0")]
 
 
 def test_deployment_lookup_by_model() -> None:
