@@ -26,12 +26,22 @@ from fleet.protocol.messages import EngineSpec, EngineStatus, Register
 
 async def start_sim(demo_model: Path, nursery: trio.Nursery, *extra: str) -> str:
     """Start a simulated engine (no KV events) in ``nursery``; its URL."""
+    _, url = await start_sim_server(demo_model, nursery, *extra)
+    return url
+
+
+async def start_sim_server(
+    demo_model: Path, nursery: trio.Nursery, *extra: str
+) -> tuple[SimServer, str]:
+    """Start a simulated engine (no KV events) in ``nursery``; the server (whose ``engine`` a
+    test can watch: it runs in this process) and its URL."""
     spec = EngineSpec(engine_id="s", model="demo", model_path=str(demo_model), kind="sim")
     argv = engine_command(spec, LaunchConfig(), port=0, kv_endpoint="tcp://127.0.0.1:9")
     i = argv.index("--kv-events-config")
     argv[i + 1] = json.dumps({"enable_kv_cache_events": False})
-    url: str = await nursery.start(SimServer(parse_args([*argv[3:], *extra]), grace_s=0.2).run)
-    return url
+    server = SimServer(parse_args([*argv[3:], *extra]), grace_s=0.2)
+    url: str = await nursery.start(server.run)
+    return server, url
 
 
 def sim_gateway(

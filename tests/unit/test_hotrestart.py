@@ -56,6 +56,7 @@ async def test_a_drain_finishes_requests_in_flight_then_closes_connections(
 
     url = (await nursery.start(run))[0]
     responses: list[httpx.Response] = []
+    answered = trio.Event()
     idle = httpx.AsyncClient(base_url=url)  # keeps an idle keep-alive connection open
     before = await idle.get("/fast")
     assert before.status_code == 200 and "connection" not in before.headers  # keep-alive
@@ -63,16 +64,20 @@ async def test_a_drain_finishes_requests_in_flight_then_closes_connections(
 
         async def slow() -> None:
             responses.append(await client.get("/slow"))
+            answered.set()
 
         nursery.start_soon(slow)
         await app.slow_started.wait()
         drain.set()
-        await trio.sleep(0.1)
+        # The server stops accepting in a few steps of this process, no I/O involved: done
+        # once every task here waits (a real-time sleep raced those steps on a busy machine).
+        await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(httpx.ConnectError):  # no longer accepting (no parent holds it)
             await httpx.AsyncClient().get(url + "/fast")
         assert not served.is_set()  # a request is in flight: the server waits for it
         app.release.set()
-        await trio.sleep(0.3)
+        with trio.fail_after(10):  # a safety bound: the answer takes milliseconds
+            await answered.wait()
         [answer] = responses
         assert answer.status_code == 200 and answer.text == "/slow"
         # Its connection stays for the next request, which is told to close it.

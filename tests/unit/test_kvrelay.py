@@ -4,6 +4,11 @@ The publisher is an XPUB that connects to the relay's SUB, like vLLM's PUB does,
 the relay's subscription before sending, so nothing is lost to a slow join. The replay server is
 a ROUTER answering like vLLM's (REFERENCE.md section 1) from a buffer the test controls, so a
 batch that is "dropped" is simply buffered but not published.
+
+Real sockets and ZMQ's I/O thread make real time pass, so a timeout is either the subject of a
+test (which then runs on a ``MockClock`` and moves it explicitly) or far longer than any step can
+take on a loaded machine: a test whose replay server answers must not see that answer taken for
+a silence because the machine was busy.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from fleet.protocol.vllm_events import REPLAY_END_SEQ, encode_vllm_message
 from fleet.protocol.zmqio import open_socket, recv_batch
 
 ENGINE = "e0"
-WAIT_S = 1.5  # the longest any step here may take; each takes milliseconds
+# The longest any step here may take: a safety bound only (each takes milliseconds on an idle
+# machine), so generous that a loaded CI machine never reaches it.
+WAIT_S = 10.0
+# The replay timeout of every test that is not about it: a replay that answers is never late.
+ANSWERED_S = 60.0
 
 
 def _frames(seq: int) -> list[bytes]:
@@ -48,7 +57,13 @@ class ReplayServer:
     garbage: bool = False
     requests: list[int] = field(default_factory=list)
     requested: trio.Event = field(default_factory=trio.Event)
+    arrived: trio.Event = field(default_factory=trio.Event)  # set and renewed per request
     endpoint: str = ""
+
+    async def until_requests(self, n: int) -> None:
+        """Wait until ``n`` replay requests have arrived in all."""
+        while len(self.requests) < n:
+            await self.arrived.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         with open_socket(zmq.Context.instance(), zmq.ROUTER) as sock:
@@ -59,6 +74,8 @@ class ReplayServer:
                 for identity, _, start in await recv_batch(sock):
                     self.requests.append(int.from_bytes(start, "big"))
                     self.requested.set()
+                    self.arrived.set()
+                    self.arrived = trio.Event()
                     if self.silent:
                         continue
                     if self.garbage:
@@ -110,7 +127,7 @@ class Harness:
 
 @asynccontextmanager
 async def relay_harness(
-    *, replay: bool = True, timeout_s: float = 0.3, tail_probe_s: float = 60.0
+    *, replay: bool = True, timeout_s: float = ANSWERED_S, tail_probe_s: float = 60.0
 ) -> AsyncIterator[Harness]:
     metrics = AgentMetrics()
     send, receive = trio.open_memory_channel[KVEventBatch](1000)
@@ -165,10 +182,10 @@ async def test_a_lost_last_batch_is_fetched_after_a_quiet_spell() -> None:
         h.drop(2)  # the engine's last batches: no later one reveals the gap
         assert await h.received(2) == [(1, False), (2, False)]
         assert h.count("tail_repaired_total") == 2 and h.count("resyncs_total") == 0
-        with trio.move_on_after(0.5):  # quiet and nothing lost: probes forward nothing
-            await h.out.receive()
-            raise AssertionError("a probe forwarded a batch that was not lost")
-        assert len(h.replay.requests) >= 2
+        # Quiet and nothing lost: the next probe forwards nothing. The relay handles one thing
+        # at a time, so a batch that probe forwarded would come out before the marker.
+        with trio.fail_after(WAIT_S):
+            await h.replay.until_requests(len(h.replay.requests) + 1)
         await h.nothing_more()
 
 
@@ -203,15 +220,30 @@ async def test_gap_older_than_the_replay_buffer_resyncs() -> None:
         assert h.count("resyncs_total") == 1 and h.count("replayed_batches_total") == 0
 
 
-async def test_silent_replay_socket_resyncs_after_the_timeout() -> None:
-    async with relay_harness(timeout_s=0.2) as h:
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Real time plus explicit jumps: sockets work as ever, and a test moves time past a
+    timeout when it chooses (pytest-trio runs the test on this clock)."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+async def test_silent_replay_socket_resyncs_after_the_timeout(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with relay_harness(timeout_s=30) as h:
         h.replay.silent = True
         h.publish(0)
+        assert await h.received(1) == [(0, False)]
         h.drop(1)
         h.publish(2)
-        t0 = trio.current_time()
-        assert await h.received(2) == [(0, False), (2, True)]
-        assert 0.2 <= trio.current_time() - t0 < 1.0
+        with trio.fail_after(WAIT_S):
+            await h.replay.requested.wait()  # the relay waits for the replay from here on
+        clock.jump(25)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.WouldBlock):  # 25 s (plus real time, well under 5 s): waiting
+            h.out.receive_nowait()
+        clock.jump(5)  # 30 s: given up; with a longer timeout it would not come within WAIT_S
+        assert await h.received(1) == [(2, True)]
         assert h.count("replays_total") == 1 and h.count("resyncs_total") == 1
         await h.nothing_more()
 
@@ -273,15 +305,18 @@ async def test_cancelled_replay_forwards_nothing_and_closes() -> None:
         h.out.receive_nowait()
 
 
-async def test_engine_restart_during_a_replay_expects_seq_zero_next() -> None:
-    async with relay_harness(timeout_s=0.2) as h:
+async def test_engine_restart_during_a_replay_expects_seq_zero_next(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with relay_harness(timeout_s=30) as h:
         h.replay.silent = True
         h.publish(0)
         h.drop(1)
         h.publish(2)
         with trio.fail_after(WAIT_S):
             await h.replay.requested.wait()
-        h.relay.engine_started()
+        h.relay.engine_started()  # surely during the replay: it ends only when time is moved
+        clock.jump(30)
         assert await h.received(1) == [(0, False)]
         assert await h.received(1) == [(2, True)]  # the old process's last batch
         assert h.relay.next_seq == 0

@@ -26,7 +26,7 @@ from fleet.coordinator.validation import validate
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineStatus, Register
 
-from .simgateway import sim_gateway, start_hung_listener, start_sim
+from .simgateway import sim_gateway, start_hung_listener, start_sim, start_sim_server
 
 CFG = ResilienceConfig()
 
@@ -215,23 +215,29 @@ async def test_a_deadline_bounds_the_wait_for_a_hung_engine(pair: Pair) -> None:
         assert bad_err.value.param == "x-request-timeout"
 
 
-async def test_an_engine_that_stops_producing_is_reported_stalled(pair: Pair) -> None:
-    async with httpx.AsyncClient() as http:
-        await http.post(pair.urls["bad"] + "/sim/faults", json={"fail_fraction": 0, "hang": True})
-    registry = FleetRegistry(lost_after_s=60)
-    hung = EngineStatus(engine_id="bad", model="demo", url=pair.urls["bad"], state="ready")
-    registry.register(Register("n3", "", "test", (), (hung,)), trio.current_time())
-    gateway = pair.gateway
-    gateway.registry = registry
+async def test_an_engine_that_stops_producing_is_reported_stalled(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    """Explicit times after the request is provably in flight: a real-time sleep raced the
+    request's way there (the gateway's first request loads the tokenizer) and the stall clock."""
+    server, url = await start_sim_server(demo_model, nursery, "--sim-fault", "hang")
+    gateway, pools = sim_gateway({"bad": url}, demo_model, ResilienceConfig())
     assert gateway.stalled(trio.current_time(), 0.5) == []  # nothing in flight: no stall
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_complete, gateway)
-        await trio.sleep(1.0)
+    async with trio.open_nursery() as requests:
+        requests.start_soon(_complete, gateway)
+        with trio.fail_after(30):  # a safety bound: it takes milliseconds
+            while not server.engine.scheduler.waiting:  # at the engine, which makes nothing
+                await server.engine.wait_activity()
         assert gateway.inflight.get("bad") == 1
-        assert gateway.stalled(trio.current_time(), 0.5) == ["bad"]
-        assert gateway.stalled(trio.current_time(), 0.5) == []  # reported once per stall
-        nursery.cancel_scope.cancel()
+        opened = gateway.progress["bad"]  # silent since the request was sent
+        assert gateway.stalled(opened + 0.4, 0.5) == []
+        assert gateway.stalled(opened + 0.6, 0.5) == ["bad"]
+        assert gateway.stalled(opened + 0.6, 0.5) == []  # reported once per stall...
+        assert gateway.stalled(opened + 1.0, 0.5) == []
+        assert gateway.stalled(opened + 1.2, 0.5) == ["bad"]  # ...and its clock restarts
+        requests.cancel_scope.cancel()
     assert gateway.inflight.get("bad") == 0
+    await pools.aclose()
 
 
 async def test_requests_waiting_on_a_hung_engine_move_when_its_health_probe_fails(

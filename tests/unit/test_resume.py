@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
+from fleet.agent.sim.server import SimServer
 from fleet.coordinator.proxy import Gateway
 from fleet.coordinator.registry import FleetRegistry
 from fleet.coordinator.resilience import ResilienceConfig
@@ -26,7 +26,7 @@ from fleet.coordinator.resume import (
 from fleet.coordinator.validation import validate
 from fleet.protocol.messages import EngineStatus, Register
 
-from .simgateway import sim_gateway, start_sim
+from .simgateway import sim_gateway, start_sim_server
 
 
 def _event(obj: dict[str, Any]) -> bytes:
@@ -145,17 +145,19 @@ def test_the_continuation_is_rewritten_into_the_first_stream_with_truthful_usage
 class Two:
     gateway: Gateway
     urls: dict[str, str]
+    servers: dict[str, SimServer]
 
 
 @pytest.fixture
 async def two(demo_model: Path, nursery: trio.Nursery) -> AsyncIterator[Two]:
     slow = ("--sim-decode-ms-per-token", "20")  # a 30-token stream lasts 0.6 s
-    urls = {
-        "a": await start_sim(demo_model, nursery, *slow, "--sim-seed", "1"),
-        "b": await start_sim(demo_model, nursery, *slow, "--sim-seed", "2"),
-    }
+    servers, urls = {}, {}
+    for name, seed in (("a", "1"), ("b", "2")):
+        servers[name], urls[name] = await start_sim_server(
+            demo_model, nursery, *slow, "--sim-seed", seed
+        )
     gateway, pools = sim_gateway(urls, demo_model, ResilienceConfig(stream_idle_s=0.5))
-    yield Two(gateway, urls)
+    yield Two(gateway, urls, servers)
     await pools.aclose()
     nursery.cancel_scope.cancel()
 
@@ -175,8 +177,10 @@ async def _stream_with_hang(two: Two, kind: str, body: dict[str, Any]) -> tuple[
             data = event[6:].strip()
             events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
             if len(events) == 3:
-                async with httpx.AsyncClient() as http:
-                    await http.post(two.urls[pod] + "/sim/faults", json={"hang": True})
+                # At once, in this process: a hang sent over HTTP let the engine go on making
+                # tokens meanwhile, and a slow enough request on a busy machine let it finish.
+                engine = two.servers[pod].engine
+                engine.set_faults(engine.faults.updated({"hang": True}))
     return pod, events
 
 

@@ -23,11 +23,14 @@ from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineSpec
 
 ROOT = Path(__file__).resolve().parents[2]
+# Fast probes, but a probe of a healthy engine never times out on a busy machine: with 0.3 s
+# and 2 misses, a loaded CI machine could restart a healthy engine (and reorder the states a
+# test expects). The hung-API test sets its own short timeout: a hang is its subject.
 FAST = SupervisorConfig(
     startup_timeout_s=20,
     health_interval_s=0.1,
     startup_poll_s=0.05,
-    health_timeout_s=0.3,
+    health_timeout_s=5.0,
     unhealthy_after=2,
     backoff_base_s=0.05,
     backoff_max_s=0.2,
@@ -102,8 +105,9 @@ async def test_exit_with_status_zero_counts_as_a_crash(tmp_path: Path) -> None:
 
 
 async def test_hung_api_is_killed_and_restarted(tmp_path: Path) -> None:
+    cfg = SupervisorConfig(**{**FAST.__dict__, "health_timeout_s": 0.3})
     async with httpx.AsyncClient() as client:
-        sup = _supervisor(client, "hang", tmp_path)
+        sup = _supervisor(client, "hang", tmp_path, cfg)
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
             await _wait_state(sup, "ready")
