@@ -17,7 +17,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import routeapi
+from . import adminapi, routeapi
 from .apikeys import ApiKey, RateLimited
 from .errors import ApiError, PayloadTooLarge, error_body, render
 from .proxy import relay
@@ -188,6 +188,40 @@ def create_app(coord: Coordinator) -> QuartTrio:
                 "stats": dict(index.stats),
             }
         )
+
+    def _admin() -> dict[str, str]:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        adminapi.authorize(coord, headers)
+        return headers
+
+    @app.get("/admin/v1/deployments")
+    async def deployments_list() -> Response:
+        _admin()
+        return _json(adminapi.listing(coord))
+
+    @app.post("/admin/v1/deployments")
+    async def deployments_create() -> Response:
+        _admin()
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        return _json(*await adminapi.put(coord, raw, None))
+
+    @app.get("/admin/v1/deployments/<name>")
+    async def deployments_get(name: str) -> Response:
+        _admin()
+        return _json(adminapi.one(coord, name))
+
+    @app.put("/admin/v1/deployments/<name>")
+    async def deployments_put(name: str) -> Response:
+        _admin()
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        return _json(*await adminapi.put(coord, raw, name))
+
+    @app.delete("/admin/v1/deployments/<name>")
+    async def deployments_delete(name: str) -> Response:
+        _admin()
+        return _json(await adminapi.delete(coord, name))
 
     @app.post("/api/v1/route/explain")
     async def route_explain() -> Response:

@@ -100,6 +100,15 @@ def load_folder(folder: Path) -> tuple[FleetModel, ...]:
         DeploymentsError: the folder cannot be read, or any document has problems; lists all of
             them with their files.
     """
+    return load_folder_files(folder)[0]
+
+
+def load_folder_files(folder: Path) -> tuple[tuple[FleetModel, ...], dict[str, str]]:
+    """:func:`load_folder`, and the file (name within the folder) declaring each deployment.
+
+    Raises:
+        DeploymentsError: as :func:`load_folder`.
+    """
     try:
         files = sorted(
             p
@@ -132,7 +141,30 @@ def load_folder(folder: Path) -> tuple[FleetModel, ...]:
         problems.append(f"{origins.get(name, '?')}: {problem}")
     if problems:
         raise DeploymentsError(str(folder), problems)
-    return tuple(models)
+    return tuple(models), origins
 
 
-__all__ = ["SUFFIXES", "check_fleet", "load_folder", "parse_documents"]
+def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a deployment file is added, removed or written: (name, size,
+    mtime in ns) of each file :func:`load_folder` reads; empty when the folder is unreadable."""
+    try:
+        return tuple(
+            sorted(
+                (p.name, st.st_size, st.st_mtime_ns)
+                for p in folder.iterdir()
+                if p.suffix in SUFFIXES and not p.name.startswith(".")
+                for st in [p.stat()]
+            )
+        )
+    except OSError:
+        return ()
+
+
+__all__ = [
+    "SUFFIXES",
+    "check_fleet",
+    "folder_signature",
+    "load_folder",
+    "load_folder_files",
+    "parse_documents",
+]

@@ -156,6 +156,28 @@ class Placer:
         """The deployment an engine id belongs to (None: no deployment wants it)."""
         return self._owner.get(engine_id)
 
+    def pending(self) -> dict[str, tuple[str, float]]:
+        """Engines assigned and not reported yet: engine id -> (node id, when sent)."""
+        return {e: (node, sent) for e, (node, _, sent) in self._pending.items()}
+
+    def why_unplaced(self, deployment: Deployment, registry: FleetRegistry, now: float) -> str:
+        """Why an engine of ``deployment`` has no node (for status)."""
+        if now < self.settle_until:
+            return "waiting for every node to report what it runs before placing"
+        live = registry.live_nodes()
+        if not live:
+            return "no live node"
+        healthy = [n for n in live if n.healthy]
+        if not healthy:
+            return "no healthy node"
+        need = deployment.gpus_per_engine
+        if need:
+            best = max(healthy, key=lambda n: len(self._free_gpus(n, n.node_id)))
+            free = len(self._free_gpus(best, best.node_id))
+            if free < need:
+                return f"needs {need} free GPUs on one node; most: node {best.node_id} has {free}"
+        return "being placed"
+
     def unwanted(self, registry: FleetRegistry, now: float) -> list[tuple[str, str]]:
         """Engines live nodes run that no deployment wants (deleted, scaled down), as (node id,
         engine id); none while settling."""

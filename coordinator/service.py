@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import trio
@@ -28,6 +29,8 @@ from fleet.protocol.errors import ConfigError
 
 from .api import create_app
 from .apikeys import ApiKeys
+from .deploybook import DeploymentBook, EngineDefaults
+from .deployload import folder_signature, load_folder_files
 from .httpserve import serve
 from .kvindex import DEFAULT_MAX_ENTRIES, KVIndex
 from .link import AgentLink
@@ -69,6 +72,14 @@ class CoordinatorConfig:
     http_fd: int | None = None  # serve on this listening socket (a hot restart's) over host:port
     link_bind_wait_s: float = 10.0  # the agent endpoint in use (a draining predecessor): retry
     kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
+    # A folder of FleetModel YAML files, re-read on change (docs/DEPLOYMENTS.md); None: none.
+    deployments_dir: str | None = None
+    deployments_poll_s: float = 1.0
+    # What a declared deployment does not say (engine kind, settings); the --model shorthand
+    # is ``deployments``.
+    engine_defaults: EngineDefaults = field(default_factory=EngineDefaults)
+    # Bearer key the admin API (/admin/v1/...) requires; "" leaves it open.
+    admin_key: str = ""
     # Admission: requests in flight per routable engine before requests queue, and waiters per
     # model before new ones are shed (503).
     slots_per_engine: int = 64
@@ -101,6 +112,8 @@ class CoordinatorConfig:
             raise ConfigError("placement_settle_s", self.placement_settle_s, "must be >= 0")
         if self.lost_after_missed < 1:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
+        if not self.deployments_poll_s > 0:
+            raise ConfigError("deployments_poll_s", self.deployments_poll_s, "must be > 0")
         for key in ("slots_per_engine", "max_queue"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be >= 1")
@@ -137,11 +150,22 @@ class Coordinator:
         self.started_at = time.time()
         self.metrics = CoordinatorMetrics()
         self.registry = FleetRegistry(lost_after_s=cfg.heartbeat_interval_s * cfg.lost_after_missed)
-        self.placer = Placer(cfg.deployments, assign_timeout_s=cfg.assign_timeout_s)
+        self.book = DeploymentBook(
+            defaults=cfg.engine_defaults,
+            shorthand=cfg.deployments,
+            folder=Path(cfg.deployments_dir) if cfg.deployments_dir else None,
+        )
+        self._folder_seen: tuple[tuple[str, int, int], ...] = ()
+        if self.book.folder is not None:
+            models, files = load_folder_files(self.book.folder)  # a bad folder stops the start
+            self.book.set_folder(models, files)
+            self._folder_seen = folder_signature(self.book.folder)
+        deployments, self.deployment_notes = self.book.deployments()
+        self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
-        self.prompt_tokenizer = PromptTokenizer(_model_paths(cfg.deployments))
+        self.prompt_tokenizer = PromptTokenizer(_model_paths(deployments))
         self._index_stats_seen: dict[str, int] = {}
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
@@ -185,6 +209,36 @@ class Coordinator:
             self.prompt_tokenizer.model_paths.setdefault(name, path)
         self.link.reconcile()
         self._bump()
+
+    def apply_declared(self) -> None:
+        """Place what the deployment book declares now."""
+        deployments, self.deployment_notes = self.book.deployments()
+        self.set_deployments(deployments)
+
+    async def reload_folder(self) -> bool:
+        """Re-read the deployments folder; False (the error kept for status, the deployments
+        unchanged) if it has problems."""
+        folder = self.book.folder
+        if folder is None:
+            return True
+        self._folder_seen = folder_signature(folder)
+        try:
+            models, files = await trio.to_thread.run_sync(load_folder_files, folder)
+            self.book.set_folder(models, files)
+        except ConfigError as exc:
+            self.book.folder_error = str(exc)
+            log.error("deployments folder not applied: %s", exc)
+            return False
+        log.info("deployments folder applied: %s", ", ".join(m.name for m in models) or "none")
+        self.apply_declared()
+        return True
+
+    async def _watch_folder(self, folder: Path) -> None:
+        """Re-read the deployments folder whenever its files change."""
+        while True:
+            await trio.sleep(self.cfg.deployments_poll_s)
+            if folder_signature(folder) != self._folder_seen:
+                await self.reload_folder()
 
     def engines_for(self, model: str, session: str | None) -> list[EngineView]:
         """The routable engines a request for ``model`` may go to (:mod:`.versions`)."""
@@ -250,6 +304,8 @@ class Coordinator:
                 async with trio.open_nursery() as control:  # what a drain stops at once
                     endpoint = await control.start(self._run_link)
                     control.start_soon(self._upkeep)
+                    if self.book.folder is not None:
+                        control.start_soon(self._watch_folder, self.book.folder)
                     nursery.start_soon(self._gateway.watch_silent)
                     if self.scheduler.profile.uses_metrics:
                         pools = self._pools

@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=_cmd_list, what=what)
 
+    from fleet import deploycli
+
+    deploycli.add_parser(sub, DEFAULT_COORDINATOR)
+
     route = sub.add_parser("route", help="ask the coordinator's scheduling pipeline")
     route_sub = route.add_subparsers(dest="route_cmd", required=True, metavar="COMMAND")
     explain = route_sub.add_parser(
@@ -216,8 +220,20 @@ def _parser() -> argparse.ArgumentParser:
 def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help="model folder the engines serve (default %(default)s)",
+        default=None,
+        help=f"model folder the engines serve (default {DEFAULT_MODEL}, none with --deployments)",
+    )
+    p.add_argument(
+        "--deployments",
+        default=None,
+        metavar="DIR",
+        help="a folder of FleetModel YAML files to serve, re-read on change (docs/DEPLOYMENTS.md)",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get("FLEET_ADMIN_KEY", ""),
+        help="bearer key the admin API (/admin/v1/...) requires (default $FLEET_ADMIN_KEY; "
+        "empty: open)",
     )
     p.add_argument(
         "--model-name", default=None, help="the name clients use (default: the folder's name)"
@@ -361,6 +377,47 @@ def api_keys(args: argparse.Namespace) -> Any:
     return load_api_keys(args.api_keys) if args.api_keys else ApiKeys()
 
 
+def _deployments(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The command line's one-model shorthand, if it is used: ``--model``, or no
+    ``--deployments`` folder (then the default model)."""
+    if args.model is None and args.deployments:
+        return ()
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+    return (_deployment(args),)
+
+
+def _engine_defaults(args: argparse.Namespace) -> Any:
+    from fleet.coordinator.deploybook import EngineDefaults
+
+    return EngineDefaults(
+        kind=args.engine,
+        gpus_per_engine=args.gpus_per_engine,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        extra_args=tuple(args.engine_arg),
+    )
+
+
+def declared(args: argparse.Namespace) -> dict[str, Any]:
+    """The CoordinatorConfig settings of declared deployments, from ``up``/``coordinator``
+    flags.
+
+    Raises:
+        ConfigError: the deployments folder is not a folder.
+    """
+    from fleet.protocol.errors import ConfigError
+
+    if args.deployments and not Path(args.deployments).is_dir():
+        raise ConfigError("--deployments", args.deployments, "must be an existing folder")
+    return {
+        "deployments": _deployments(args),
+        "deployments_dir": str(Path(args.deployments).resolve()) if args.deployments else None,
+        "engine_defaults": _engine_defaults(args),
+        "admin_key": args.admin_key,
+    }
+
+
 def _deployment(args: argparse.Namespace) -> Any:
     from fleet.coordinator.placement import Deployment
 
@@ -388,9 +445,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_dir, verbose_stderr=False)
     # bad flags fail before anything starts
-    settings = (_deployment(args), scheduling(args), resilience(args), api_keys(args))
-    model = Path(args.model)
-    if not (model / "config.json").exists():
+    settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
+    model = Path(args.model) if args.model is not None else None
+    if model is not None and not (model / "config.json").exists():
         if not args.build_demo_model:
             raise FleetError(
                 f"no model at {model} (build one with `fleet demo-model {model}`, "
@@ -413,7 +470,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         agent_endpoint=args.agent_endpoint,
-        deployments=(_deployment(args),),
+        **declared(args),
         max_body_bytes=args.max_body_bytes,
         kv_index_max_entries=args.kv_index_max_entries,
         slots_per_engine=args.engine_slots,

@@ -19,7 +19,6 @@ from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
 from fleet.coordinator.apikeys import ApiKeys
-from fleet.coordinator.placement import Deployment
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.router.scheduler import Profile
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
@@ -33,7 +32,7 @@ def _say(text: str) -> None:
 
 async def run_up(
     args: argparse.Namespace,
-    deployment: Deployment,
+    declared: dict[str, Any],
     scheduling: Profile | None = None,
     resilience: ResilienceConfig | None = None,
     api_keys: ApiKeys | None = None,
@@ -44,7 +43,7 @@ async def run_up(
             host=args.host,
             port=args.port,
             agent_endpoint="tcp://127.0.0.1:*",
-            deployments=(deployment,),
+            **declared,
             max_body_bytes=args.max_body_bytes,
             kv_index_max_entries=args.kv_index_max_entries,
             slots_per_engine=args.engine_slots,
@@ -72,7 +71,7 @@ async def run_up(
             )
             agent_url = await nursery.start(agent.run)
             _say(f"• agent 'local' up ({agent_url}); engine logs in {args.log_dir}/")
-            nursery.start_soon(_report_progress, coord, deployment, addrs, args)
+            nursery.start_soon(_report_progress, coord, addrs)
     _say("• stopped: every engine process has exited")
     return 0
 
@@ -84,14 +83,13 @@ async def _stop_on_signal(signals: Any, scope: trio.CancelScope) -> None:
         return
 
 
-async def _report_progress(
-    coord: Coordinator, deployment: Deployment, addrs: CoordinatorAddresses, args: Any
-) -> None:
-    """Print engine state changes and a waiting line until the model is served, then the URL."""
+async def _report_progress(coord: Coordinator, addrs: CoordinatorAddresses) -> None:
+    """Print engine state changes and a waiting line until a model is served, then the URL
+    and examples once for each served name as it gets its first ready engine."""
     seen: dict[str, tuple[str, int]] = {}
     started = time.monotonic()
     last_line = 0.0
-    announced = False
+    announced: set[str] = set()
     while True:
         for engine in coord.registry.engines():
             key = (engine.state, engine.pid)
@@ -107,12 +105,12 @@ async def _report_progress(
                     f"• [{elapsed:5.1f} s] engine {engine.id}: {engine.state}"
                     + (f" ({detail.strip(', ')})" if detail else "")
                 )
-        ready = [e for e in coord.registry.routable(deployment.model)]
-        if ready and not announced:
-            announced = True
-            _say(_banner(addrs.http_url, deployment.model))
-        if not ready:
-            announced = False
+        served = coord.served_models()
+        for model in served:
+            if model not in announced:
+                _say(_banner(addrs.http_url, model))
+        announced = set(served)
+        if not served:
             now = time.monotonic()
             if now - last_line >= STATUS_EVERY_S:
                 last_line = now

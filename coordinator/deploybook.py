@@ -1,0 +1,255 @@
+"""The declared deployments of a fleet and what placement makes of them: sans-I/O.
+
+Deployments come from three places, kept apart so that each can change without the others:
+the ``--model`` shorthand of ``fleet up``/``fleet coordinator`` (fixed), a ``--deployments``
+folder of FleetModel YAML files (replaced whole on every change), and the admin API (one
+deployment at a time; kept in memory when there is no folder). :class:`DeploymentBook` holds
+them, refuses a name two places claim, and turns each FleetModel into the
+:class:`~.placement.Deployment` placement works with (:func:`to_deployment`), higher priority
+first. :func:`status` says, per deployment, how many engines are wanted, placed and ready, and
+why each engine that is not ready is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.protocol.errors import ConfigError
+
+from .deployspec import FleetModel
+from .placement import Deployment, Placer
+from .registry import FleetRegistry
+
+API = "api"  # the origin of deployments made through the admin API
+SHORTHAND = "--model"  # ... and of the command line's one-model shorthand
+# Flags the Deployment carries as fields; taken out of the engine arguments so the engine
+# gets them once.
+_FIELD_FLAGS = ("--max-model-len", "--block-size")
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    """What a deployment does not say: the fleet's engine kind and settings."""
+
+    kind: str = "vllm"
+    gpus_per_engine: int = 0
+    block_size: int = 32
+    max_model_len: int = 1024
+    extra_args: tuple[str, ...] = ()
+
+
+def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployment, list[str]]:
+    """The placement view of a FleetModel, and why it places fewer engines than declared.
+
+    ``source`` must be a local path (or ``file://``) until the model store fetches the others;
+    a tensor-parallel size above 1 waits for tensor-parallel groups; replicas given as
+    ``minReplicas``/``maxReplicas`` run ``minReplicas`` (at least 1) until the autoscaler.
+    """
+    notes: list[str] = []
+    args = model.engine
+    replicas = len(model.engine_slots())
+    if model.replicas is None and model.roles is None:
+        replicas = max(model.min_replicas or 0, 1)
+        notes.append(f"autoscaling is not built yet: runs {replicas} (minReplicas, at least 1)")
+    if model.roles is not None:
+        notes.append("prefill/decode roles are not built yet: every engine does both")
+    if model.tensor_parallel_size > 1:
+        notes.append(
+            f"tensorParallelSize {model.tensor_parallel_size}: tensor-parallel groups are "
+            "not placed yet"
+        )
+        replicas = 0
+    path = model.source.location
+    if model.source.scheme == "path":
+        path = str(Path(path).resolve())  # relative to where Fleet was started
+    if model.source.scheme not in ("path", "file"):
+        notes.append(f"source {model.source.uri}: only local paths are served (no model store yet)")
+        replicas = 0
+    deployment = Deployment(
+        model=model.served_model_names[0],
+        aliases=model.served_model_names[1:],
+        name=model.name,
+        model_path=path,
+        replicas=replicas,
+        kind=defaults.kind,
+        gpus_per_engine=defaults.gpus_per_engine * model.tensor_parallel_size,
+        block_size=args.block_size or defaults.block_size,
+        max_model_len=args.max_model_len
+        if args.max_model_len is not None and args.max_model_len > 0
+        else defaults.max_model_len,
+        extra_args=(*defaults.extra_args, *_without(model.engine_args, _FIELD_FLAGS)),
+        traffic_weight=model.traffic_weight,
+    )
+    return deployment, notes
+
+
+def _without(args: tuple[str, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` less ``flags`` (``--flag=value`` or ``--flag value``, dashes or underscores)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0].replace("_", "-")
+        if name in flags:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return tuple(out)
+
+
+@dataclass
+class DeploymentBook:
+    """Every declared deployment, by origin (see the module docstring)."""
+
+    defaults: EngineDefaults = field(default_factory=EngineDefaults)
+    shorthand: tuple[Deployment, ...] = ()
+    folder: Path | None = None
+    _models: dict[str, tuple[str, FleetModel]] = field(default_factory=dict)  # name -> origin
+    folder_error: str = ""  # the folder's last load problem ("" when it loaded)
+
+    def models(self) -> list[tuple[str, FleetModel]]:
+        """(origin, model) of every declared FleetModel, by name."""
+        return [self._models[name] for name in sorted(self._models)]
+
+    def get(self, name: str) -> tuple[str, FleetModel] | None:
+        return self._models.get(name)
+
+    def set_folder(self, models: tuple[FleetModel, ...], files: dict[str, str]) -> None:
+        """Replace every folder deployment with ``models`` (``files``: name -> file).
+
+        Raises:
+            ConfigError: a name the shorthand or the admin API holds already (nothing changes).
+        """
+        self._check_free([m.name for m in models])
+        kept = {n: v for n, v in self._models.items() if v[0] == API}
+        for m in models:
+            if m.name in kept:
+                raise ConfigError("metadata.name", m.name, "is declared through the admin API")
+        kept.update({m.name: (files.get(m.name, str(self.folder)), m) for m in models})
+        self._models = kept
+        self.folder_error = ""
+
+    def put(self, model: FleetModel, origin: str = API) -> bool:
+        """Add or replace one deployment; True if it is new.
+
+        Raises:
+            ConfigError: the name belongs to the shorthand, or to a file when ``origin`` is the
+                admin API without a folder.
+        """
+        held = self._models.get(model.name)
+        if held is not None and held[0] != origin:
+            raise ConfigError("metadata.name", model.name, f"is declared by {held[0]}")
+        self._check_free([model.name])
+        self._models[model.name] = (origin, model)
+        return held is None
+
+    def delete(self, name: str, origin: str = API) -> bool:
+        """Remove one deployment of ``origin``; False if there is none by that name.
+
+        Raises:
+            ConfigError: it is declared elsewhere (a file, the shorthand).
+        """
+        held = self._models.get(name)
+        if held is None:
+            if any(d.name == name for d in self.shorthand):
+                raise ConfigError("name", name, f"is declared by {SHORTHAND}")
+            return False
+        if held[0] != origin:
+            raise ConfigError("name", name, f"is declared by {held[0]}")
+        del self._models[name]
+        return True
+
+    def deployments(self) -> tuple[tuple[Deployment, ...], dict[str, list[str]]]:
+        """What placement should run, higher priority first, and each deployment's notes."""
+        notes: dict[str, list[str]] = {}
+        ranked: list[tuple[int, str, Deployment]] = []
+        for d in self.shorthand:
+            ranked.append((0, d.name, d))
+        for _, model in self._models.values():
+            deployment, why = to_deployment(model, self.defaults)
+            notes[model.name] = why
+            ranked.append((-model.effective_priority, model.name, deployment))
+        ranked.sort(key=lambda r: (r[0], r[1]))
+        return tuple(d for _, _, d in ranked), notes
+
+    def _check_free(self, names: list[str]) -> None:
+        taken = {d.name for d in self.shorthand}
+        for name in names:
+            if name in taken:
+                raise ConfigError("metadata.name", name, f"is declared by {SHORTHAND}")
+
+
+def status(
+    placer: Placer,
+    registry: FleetRegistry,
+    book: DeploymentBook,
+    notes: dict[str, list[str]],
+    now: float,
+) -> list[dict[str, Any]]:
+    """Each deployment's state, as ``GET /admin/v1/deployments`` shows it.
+
+    Per deployment: ``name``, ``servedModelNames``, ``version``, ``trafficWeight``, ``origin``,
+    ``desired`` (engines wanted), ``placed`` (engines a live node runs or was asked to run),
+    ``ready`` (routable), ``engines`` (id, node, state) and ``reasons``: engine id -> why it is
+    not ready, plus ``"deployment"`` -> why fewer engines are wanted than declared.
+    """
+    running: dict[str, tuple[str, str, str]] = {}  # engine id -> (node, state, last error)
+    for node in registry.live_nodes():
+        for engine_id, engine in node.engines.items():
+            running[engine_id] = (node.node_id, engine.state, engine.last_error)
+    routable = {e.id for e in registry.routable()}
+    pending = placer.pending()
+    declared = {name: (origin, model) for origin, model in book.models() for name in [model.name]}
+    out: list[dict[str, Any]] = []
+    for d in placer.deployments:
+        origin, model = declared.get(d.name, (SHORTHAND, None))
+        reasons: dict[str, str] = {}
+        if notes.get(d.name):
+            reasons["deployment"] = "; ".join(notes[d.name])
+        engines: list[dict[str, str]] = []
+        placed = ready = 0
+        for engine_id in d.engine_ids():
+            where = running.get(engine_id)
+            if where is not None:
+                node_id, state, error = where
+                placed += 1
+                engines.append({"id": engine_id, "node": node_id, "state": state})
+                if engine_id in routable:
+                    ready += 1
+                else:
+                    reasons[engine_id] = f"{state} on node {node_id}" + (
+                        f": {error}" if error else ""
+                    )
+            elif engine_id in pending:
+                node_id, sent = pending[engine_id]
+                placed += 1
+                engines.append({"id": engine_id, "node": node_id, "state": "assigned"})
+                reasons[engine_id] = (
+                    f"assigned to node {node_id} {now - sent:.0f} s ago, not reported yet"
+                )
+            else:
+                engines.append({"id": engine_id, "node": "", "state": "unplaced"})
+                reasons[engine_id] = placer.why_unplaced(d, registry, now)
+        out.append(
+            {
+                "name": d.name,
+                "servedModelNames": list(d.served_names),
+                "version": model.version if model is not None else "",
+                "trafficWeight": d.traffic_weight,
+                "origin": origin,
+                "source": model.source.uri if model is not None else d.model_path,
+                "desired": d.replicas,
+                "placed": placed,
+                "ready": ready,
+                "engines": engines,
+                "reasons": reasons,
+            }
+        )
+    return out
+
+
+__all__ = ["API", "SHORTHAND", "DeploymentBook", "EngineDefaults", "status", "to_deployment"]

@@ -1,0 +1,192 @@
+"""Declared deployments behind ``fleet up --engine sim --deployments DIR``.
+
+Two files: ``alpha`` (the demo model under its own name) and ``chat`` in two versions weighted
+90/10. Requests route by served name and version (sticky per ``x-session-id``); edits of the
+folder (scale up, new weights, a file deleted) and the admin API (create, replace, delete) are
+reflected while the fleet runs. Session ids are fixed strings, so which version each one gets
+is fixed too (a hash), not a sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from .fleetproc import FleetProcess, alive
+
+SETTLE_TIMEOUT_S = 60.0  # a safety bound: the figures printed are what these tests measure
+SESSIONS = [f"session-{i}" for i in range(300)]
+
+
+def _doc(name: str, served: str, model: Path, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "fleet.dev/v1alpha1",
+        "kind": "FleetModel",
+        "metadata": {"name": name},
+        "spec": {"servedModelNames": [served], "source": str(model), **spec},
+    }
+
+
+def _write(path: Path, *docs: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    tmp.replace(path)  # the watcher never reads half a file
+
+
+def _chat(model: Path, v1: dict[str, Any], v2: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        _doc("chat-v1", "chat", model, version="v1", **v1),
+        _doc("chat-v2", "chat", model, version="v2", **v2),
+    ]
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[httpx.Client, Path]]:
+    folder = tmp_path_factory.mktemp("deployments")
+    _write(folder / "alpha.yaml", _doc("alpha", "alpha", demo_model, replicas=1))
+    _write(
+        folder / "chat.yaml",
+        *_chat(demo_model, {"trafficWeight": 90, "replicas": 1}, {"trafficWeight": 10}),
+    )
+    proc = FleetProcess(
+        ["--engine", "sim", "--deployments", str(folder)], tmp_path_factory.mktemp("logs")
+    )
+    pids: set[int] = set()
+    try:
+        proc.wait_for(r"Fleet is serving `alpha`", 120)
+        proc.wait_for(r"Fleet is serving `chat`", 120)
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            _until(lambda: _status(http, "chat-v2")["ready"] == 1, "chat-v2 ready")
+            yield http, folder
+    finally:
+        pids = proc.descendants()
+        if proc.proc.poll() is None:
+            proc.stop(signal.SIGTERM)
+    assert not alive(pids), f"left running: {sorted(alive(pids))}"
+
+
+def _until(predicate: Callable[[], bool], what: str) -> float:
+    """Poll the fleet's API until ``predicate`` holds; the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < SETTLE_TIMEOUT_S, f"not within {SETTLE_TIMEOUT_S}: {what}"
+        time.sleep(0.1)
+    took = time.monotonic() - start
+    print(f"{what}: {took:.2f} s")
+    return took
+
+
+def _status(http: httpx.Client, name: str) -> dict[str, Any]:
+    response = http.get(f"/admin/v1/deployments/{name}")
+    return response.json() if response.status_code == 200 else {"ready": -1, "desired": -1}
+
+
+def _models(http: httpx.Client) -> set[str]:
+    return {m["id"] for m in http.get("/v1/models").json()["data"]}
+
+
+def _versions(http: httpx.Client, sessions: list[str]) -> collections.Counter[str]:
+    """Which deployment served each session's request (engine ids are NAME-i)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for session in sessions:
+        response = http.post(
+            "/v1/completions",
+            json={"model": "chat", "prompt": "Hello", "max_tokens": 2},
+            headers={"x-session-id": session},
+        )
+        assert response.status_code == 200, response.text
+        seen[response.headers["x-selected-pod"].rsplit("-", 1)[0]] += 1
+    return seen
+
+
+def test_requests_route_by_served_name_and_version_weight(
+    fleet: tuple[httpx.Client, Path],
+) -> None:
+    http, _ = fleet
+    assert _models(http) == {"alpha", "chat"}
+    split = _versions(http, SESSIONS)
+    assert set(split) == {"chat-v1", "chat-v2"}
+    assert 0.06 <= split["chat-v2"] / len(SESSIONS) <= 0.14  # 10% of new sessions
+    sticky = _versions(http, ["one-session"] * 5)
+    assert len(sticky) == 1  # a session stays on its version
+    alpha = http.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2})
+    assert alpha.status_code == 200 and alpha.headers["x-selected-pod"].startswith("alpha-")
+    listing = http.get("/admin/v1/deployments").json()
+    assert {d["name"]: (d["desired"], d["ready"]) for d in listing["deployments"]} == {
+        "alpha": (1, 1),
+        "chat-v1": (1, 1),
+        "chat-v2": (1, 1),
+    }
+    assert listing["folderError"] == ""
+
+
+def test_folder_edits_scale_reweigh_and_delete(
+    fleet: tuple[httpx.Client, Path], demo_model: Path
+) -> None:
+    http, folder = fleet
+    _write(
+        folder / "chat.yaml",
+        *_chat(demo_model, {"trafficWeight": 50, "replicas": 2}, {"trafficWeight": 50}),
+    )
+    _until(lambda: _status(http, "chat-v1")["ready"] == 2, "scaled up chat-v1 to 2 ready")
+    split = _versions(http, SESSIONS)
+    assert 0.4 <= split["chat-v2"] / len(SESSIONS) <= 0.6  # now half
+    (folder / "alpha.yaml").unlink()
+    _until(lambda: "alpha" not in _models(http), "alpha deleted: gone from /v1/models")
+    _until(
+        lambda: not any(e["id"].startswith("alpha-") for e in _engines(http)),
+        "alpha's engine stopped",
+    )
+    gone = http.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    # A broken file is not applied: the fleet keeps what it runs and says why.
+    (folder / "broken.yaml").write_text("apiVersion: fleet.dev/v1alpha1\nkind: FleetModel\n")
+    _until(lambda: bool(http.get("/admin/v1/deployments").json()["folderError"]), "error shown")
+    assert "broken.yaml" in http.get("/admin/v1/deployments").json()["folderError"]
+    assert _status(http, "chat-v1")["ready"] == 2
+    (folder / "broken.yaml").unlink()
+    _until(lambda: not http.get("/admin/v1/deployments").json()["folderError"], "error cleared")
+
+
+def _engines(http: httpx.Client) -> list[dict[str, Any]]:
+    engines: list[dict[str, Any]] = http.get("/api/v1/engines").json()["engines"]
+    return engines
+
+
+def test_the_admin_api_creates_replaces_and_deletes(
+    fleet: tuple[httpx.Client, Path], demo_model: Path
+) -> None:
+    http, folder = fleet
+    beta = _doc("beta", "beta", demo_model, replicas=1)
+    created = http.post("/admin/v1/deployments", json=beta)
+    assert created.status_code == 201, created.text
+    assert (folder / "beta.yaml").exists()  # the folder stays the one truth
+    _until(lambda: "beta" in _models(http), "beta created: served")
+    again = http.post("/admin/v1/deployments", json=beta)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "exists"
+    beta["spec"]["replicas"] = 2
+    replaced = http.put("/admin/v1/deployments/beta", json=beta)
+    assert replaced.status_code == 200, replaced.text
+    _until(lambda: _status(http, "beta")["ready"] == 2, "beta replaced: 2 ready")
+    wrong = http.put("/admin/v1/deployments/other", json=beta)
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "metadata.name"
+    bad = http.put(
+        "/admin/v1/deployments/beta", json={**beta, "spec": {**beta["spec"], "replicas": -1}}
+    )
+    assert bad.status_code == 400 and "spec.replicas" in bad.json()["error"]["message"]
+    assert http.delete("/admin/v1/deployments/chat-v1").status_code == 409  # chat.yaml's
+    assert http.delete("/admin/v1/deployments/beta").status_code == 200
+    assert not (folder / "beta.yaml").exists()
+    _until(lambda: "beta" not in _models(http), "beta deleted: not served")
+    assert http.get("/admin/v1/deployments/beta").status_code == 404
+    assert http.delete("/admin/v1/deployments/beta").status_code == 404

@@ -1,0 +1,123 @@
+"""Declared deployments (fleet.coordinator.deploybook): FleetModel to Deployment, status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fleet.coordinator.adminapi import Unauthorized, authorize
+from fleet.coordinator.deploybook import API, DeploymentBook, EngineDefaults, status, to_deployment
+from fleet.coordinator.deployspec import parse_model
+from fleet.coordinator.placement import Deployment, Placer
+from fleet.coordinator.registry import FleetRegistry
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.messages import EngineStatus, Heartbeat, Register
+
+
+def model(name: str, **spec: Any) -> Any:
+    body = {"servedModelNames": [name.split("-")[0]], "source": "/models/m", **spec}
+    body = {k: v for k, v in body.items() if v is not None}  # None: leave the field out
+    return parse_model(
+        {"apiVersion": "fleet.dev/v1alpha1", "kind": "FleetModel", "metadata": {"name": name},
+         "spec": body}
+    )  # fmt: skip
+
+
+def test_a_fleet_model_becomes_a_named_deployment_with_its_engine_settings() -> None:
+    args = ["--max-model-len=512", "--block-size", "16", "--enforce-eager"]
+    m = model("chat-v2", servedModelNames=["chat", "chat-latest"], trafficWeight=10, replicas=3,
+              engineArgs=args)  # fmt: skip
+    d, notes = to_deployment(m, EngineDefaults(kind="sim", extra_args=("--seed=1",)))
+    assert (d.name, d.model, d.aliases, d.replicas, d.traffic_weight) == (
+        "chat-v2", "chat", ("chat-latest",), 3, 10,
+    )  # fmt: skip
+    assert (d.kind, d.max_model_len, d.block_size, d.model_path) == ("sim", 512, 16, "/models/m")
+    assert d.extra_args == ("--seed=1", "--enforce-eager")  # the fields' flags go once
+    assert notes == []
+
+
+def test_what_cannot_run_yet_is_said_not_silently_dropped() -> None:
+    tp, notes = to_deployment(model("big", tensorParallelSize=2), EngineDefaults())
+    assert tp.replicas == 0 and "tensor-parallel groups are not placed yet" in notes[0]
+    hf, notes = to_deployment(model("hub", source="hf://org/name@main"), EngineDefaults())
+    assert hf.replicas == 0 and "hf://org/name@main" in notes[0]
+    auto, notes = to_deployment(
+        model("auto", replicas=None, minReplicas=0, maxReplicas=4), EngineDefaults()
+    )
+    assert auto.replicas == 1 and "autoscaling" in notes[0]
+
+
+def test_higher_priority_deployments_are_placed_first() -> None:
+    book = DeploymentBook(shorthand=(Deployment("demo", "/m"),))
+    book.put(model("low-a", priority=-5))
+    book.put(model("high-a", priorityClassName="critical"))
+    deployments, _ = book.deployments()
+    assert [d.name for d in deployments] == ["high-a", "demo", "low-a"]
+
+
+def test_each_name_has_one_origin() -> None:
+    book = DeploymentBook(shorthand=(Deployment("demo", "/m"),))
+    with pytest.raises(ConfigError, match="--model"):
+        book.put(model("demo"))
+    assert book.put(model("a")) is True and book.put(model("a", replicas=2)) is False
+    with pytest.raises(ConfigError, match="admin API"):
+        book.set_folder((model("a"),), {"a": "a.yaml"})
+    book.set_folder((model("b"),), {"b": "b.yaml"})
+    assert [(o, m.name) for o, m in book.models()] == [(API, "a"), ("b.yaml", "b")]
+    with pytest.raises(ConfigError, match="b.yaml"):
+        book.delete("b")
+    assert book.delete("a") is True and book.delete("a") is False
+
+
+def _node(registry: FleetRegistry, node: str, *engines: EngineStatus, now: float = 0.0) -> None:
+    registry.register(Register(node, "", "0", ()), now)
+    registry.heartbeat(Heartbeat(node, 1, True, (), engines), now)
+
+
+def test_status_counts_engines_and_says_why_each_is_not_ready() -> None:
+    book = DeploymentBook()
+    book.put(model("chat-v1", replicas=3))
+    book.put(model("big", tensorParallelSize=2))
+    deployments, notes = book.deployments()
+    placer = Placer(deployments, assign_timeout_s=30)
+    registry = FleetRegistry(lost_after_s=10)
+    ready = EngineStatus("chat-v1-0", "chat", "http://127.0.0.1:1", "ready")
+    failing = EngineStatus("chat-v1-1", "chat", "http://127.0.0.1:2", "backoff",
+                           last_error="exited with 1")  # fmt: skip
+    _node(registry, "n1", ready, failing)
+    by_name = {s["name"]: s for s in status(placer, registry, book, notes, now=1.0)}
+    chat = by_name["chat-v1"]
+    assert (chat["desired"], chat["placed"], chat["ready"]) == (3, 2, 1)
+    assert chat["reasons"]["chat-v1-1"] == "backoff on node n1: exited with 1"
+    assert chat["reasons"]["chat-v1-2"] == "being placed"
+    assert "chat-v1-0" not in chat["reasons"]
+    placer.reconcile(registry, now=1.0)  # chat-v1-2 is assigned now
+    chat = {s["name"]: s for s in status(placer, registry, book, notes, now=3.0)}["chat-v1"]
+    assert chat["reasons"]["chat-v1-2"] == "assigned to node n1 2 s ago, not reported yet"
+    big = by_name["big"]
+    assert big["desired"] == 0 and "tensor-parallel" in big["reasons"]["deployment"]
+
+
+def test_status_of_an_engine_with_no_node() -> None:
+    book = DeploymentBook()
+    book.put(model("solo"))
+    deployments, notes = book.deployments()
+    placer = Placer(deployments, assign_timeout_s=30, settle_until=5.0)
+    registry = FleetRegistry(lost_after_s=10)
+    (solo,) = status(placer, registry, book, notes, now=1.0)
+    assert solo["reasons"]["solo-0"].startswith("waiting for every node to report")
+    (solo,) = status(placer, registry, book, notes, now=6.0)
+    assert solo["reasons"]["solo-0"] == "no live node"
+
+
+class _Coord:
+    class cfg:  # noqa: N801 - the shape adminapi reads
+        admin_key = "s3cret"
+
+
+def test_the_admin_key_is_required_when_set() -> None:
+    authorize(_Coord(), {"authorization": "Bearer s3cret"})  # type: ignore[arg-type]
+    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "s3cret"}):
+        with pytest.raises(Unauthorized):
+            authorize(_Coord(), headers)  # type: ignore[arg-type]
