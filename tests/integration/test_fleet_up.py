@@ -306,9 +306,11 @@ def test_sigkilled_engine_is_restarted(fleet: Fleet) -> None:
     while alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(group)
-    # Requests succeed again within the engine's start time plus 5 s (plus a margin for a
-    # busy 2-core machine: the first start measured here ran with nothing else loading).
-    budget = fleet.start_s * 1.25 + 5
+    # Requests succeed again within about the engine's start time (a restart is a start, after
+    # a first backoff of 1 s: test_backoff_grows_and_caps, plain calls). The first start was
+    # measured on a machine doing nothing else; vLLM's start is CPU-bound and, beside a one-core
+    # CPU hog on 2 cores, gets about half the CPU: 2.5 starts + 5 s is the bound.
+    budget = fleet.start_s * 2.5 + 5
     while True:
         try:
             fleet.client.completions.create(model=MODEL, prompt="back?", max_tokens=2)

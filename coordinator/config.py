@@ -1,0 +1,95 @@
+"""The coordinator's settings: one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from fleet.protocol.errors import ConfigError
+
+from .apikeys import ApiKeys
+from .deploybook import EngineDefaults
+from .kvindex import DEFAULT_MAX_ENTRIES
+from .placement import Deployment
+from .resilience import ResilienceConfig
+from .router.scheduler import Profile
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator needs, validated once.
+
+    Raises:
+        ConfigError: a key with a bad value.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    agent_endpoint: str = "tcp://127.0.0.1:5555"
+    deployments: tuple[Deployment, ...] = ()
+    heartbeat_interval_s: float = 1.0
+    lost_after_missed: int = 3
+    assign_timeout_s: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 60.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 600.0
+    grace_s: float = 5.0
+    drain_s: float = 30.0  # drain(): how long requests in flight get to finish
+    http_fd: int | None = None  # serve on this listening socket (a hot restart's) over host:port
+    link_bind_wait_s: float = 10.0  # the agent endpoint in use (a draining predecessor): retry
+    kv_index_max_entries: int = DEFAULT_MAX_ENTRIES
+    # A folder of FleetModel YAML files, re-read on change (docs/DEPLOYMENTS.md); None: none.
+    deployments_dir: str | None = None
+    deployments_poll_s: float = 1.0
+    # What a declared deployment does not say (engine kind, settings); the --model shorthand
+    # is ``deployments``.
+    engine_defaults: EngineDefaults = field(default_factory=EngineDefaults)
+    # Bearer key the admin API (/admin/v1/...) requires; "" leaves it open.
+    admin_key: str = ""
+    # Admission: requests in flight per routable engine before requests queue, and waiters per
+    # model before new ones are shed (503).
+    slots_per_engine: int = 64
+    max_queue: int = 500
+    # No engine is placed this long after start, so every live node can report what it runs
+    # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
+    placement_settle_s: float | None = None
+    # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
+    scheduling: Profile | None = None
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
+    coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", self.port, "must be 0..65535")
+        for key in (
+            "heartbeat_interval_s",
+            "assign_timeout_s",
+            "body_timeout_s",
+            "upstream_connect_timeout_s",
+            "upstream_read_timeout_s",
+        ):
+            if not getattr(self, key) > 0:
+                raise ConfigError(key, getattr(self, key), "must be > 0")
+        for key in ("grace_s", "drain_s", "link_bind_wait_s"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(key, getattr(self, key), "must be >= 0")
+        if self.placement_settle_s is not None and self.placement_settle_s < 0:
+            raise ConfigError("placement_settle_s", self.placement_settle_s, "must be >= 0")
+        if self.lost_after_missed < 1:
+            raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
+        if not self.deployments_poll_s > 0:
+            raise ConfigError("deployments_poll_s", self.deployments_poll_s, "must be > 0")
+        for key in ("slots_per_engine", "max_queue"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "must be >= 1")
+        if self.kv_index_max_entries < 1:
+            raise ConfigError("kv_index_max_entries", self.kv_index_max_entries, "must be >= 1")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes", self.max_body_bytes, "must be >= 1024")
+        if not self.agent_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError("agent_endpoint", self.agent_endpoint, "must be a ZMQ endpoint")
+
+
+__all__ = ["CoordinatorConfig"]
