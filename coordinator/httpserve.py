@@ -138,10 +138,12 @@ async def serve(
                         log.info("Running on %s", bind)
                     task_status.started(binds)
                     await drain.wait()
+                    # Before any await: a request starting while the listeners close must
+                    # already be told Connection: close.
+                    counted.closing = True
                     accepting.cancel_scope.cancel()
                 for listener in listeners:
                     await listener.aclose()
-                counted.closing = True
                 closer.start_soon(close_the_rest, connections)
             # Every connection is closed (its last response said Connection: close, or its
             # client let it go idle and closed it): nothing is left to close.
