@@ -82,6 +82,7 @@ class NodeRecord:
                     "healthy": g.healthy,
                     "xids": list(g.xids),
                     "reason": g.reason,
+                    "fake": g.fake,
                 }
                 for g in self.gpus
             ],
