@@ -183,6 +183,8 @@ class NvmlReader:
         self._event_set: Any = None
         self._event_uuids: frozenset[str] = frozenset()
         self._degraded: set[tuple[int, str]] = set()
+        # A fake inventory (fleet.agent.fakenvml) says so; every reading is then marked fake.
+        self.fake = bool(getattr(nvml, "FLEET_FAKE", False))
 
     def open(self) -> None:
         """Start the NVML session (``nvmlInit``).
@@ -238,6 +240,7 @@ class NvmlReader:
                 ecc_uncorrected=0,
                 healthy=False,
                 reason=f"nvml: {exc}",
+                fake=self.fake,
             )
         problems: list[str] = []
 
@@ -279,6 +282,7 @@ class NvmlReader:
             ),
             healthy=not problems,
             reason="; ".join(dict.fromkeys(problems)),
+            fake=self.fake,
         )
 
     def open_events(self) -> bool:

@@ -39,6 +39,9 @@ class LaunchConfig:
         host: the address engines listen on (the coordinator must reach it).
         env: extra environment for every engine (overrides the defaults).
         cpu_args: flags added for engines without GPUs.
+        fake_gpus: this node's GPUs are fake (``--fake-gpus``): engines placed on them are
+            launched as CPU engines (``cpu_args``, an empty ``CUDA_VISIBLE_DEVICES``, no
+            ``--tensor-parallel-size``), which simulators and CPU vLLM can take.
     """
 
     python: str = sys.executable
@@ -47,6 +50,7 @@ class LaunchConfig:
     cpu_args: tuple[str, ...] = ("--dtype", "float32", "--enforce-eager")
     kv_topic: str = "kv"
     module: str = VLLM_MODULE  # the server module run with ``python -m``
+    fake_gpus: bool = False
 
     def __post_init__(self) -> None:
         if not self.python:
@@ -124,7 +128,7 @@ def engine_command(
         "--enable-prefix-caching",
         "--kv-events-config", json.dumps(kv_config),
     ]  # fmt: skip
-    if not spec.gpus:
+    if not spec.gpus or cfg.fake_gpus:
         argv += list(cfg.cpu_args)
     else:
         argv += ["--tensor-parallel-size", str(len(spec.gpus))]
@@ -142,7 +146,7 @@ def engine_env(
     """Return the environment of an engine process.
 
     GPUs are named by UUID in ``CUDA_VISIBLE_DEVICES`` (NVML indices need not match CUDA's order);
-    a CPU engine gets an empty ``CUDA_VISIBLE_DEVICES``.
+    a CPU engine, or one on fake GPUs (``cfg.fake_gpus``), gets an empty ``CUDA_VISIBLE_DEVICES``.
 
     Raises:
         ConfigError: the spec names a GPU this node does not have.
@@ -151,7 +155,7 @@ def engine_env(
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
-    if spec.gpus:
+    if spec.gpus and not cfg.fake_gpus:
         missing = [g for g in spec.gpus if g not in gpu_uuids]
         if missing:
             raise ConfigError("gpus", list(spec.gpus), f"this node has no GPU {missing}")

@@ -3,7 +3,8 @@
 :class:`Agent` owns, in one nursery: the GPU monitor (NVML, or none), the DEALER socket to the
 coordinator (register, heartbeats, KV batches out; assignments in), one supervisor and one KV
 relay per assigned engine, and a small HTTP server (``/healthz``, ``/metrics``,
-``/api/v1/engines``, ``/api/v1/gpus``). ``run()`` reports ``started()`` once the HTTP port
+``/api/v1/engines``, ``/api/v1/gpus``, and ``POST /api/v1/gpus/{index}/xid``, which injects an
+XID into a fake GPU). ``run()`` reports ``started()`` once the HTTP port
 listens and the first Register is queued. It stops on cancellation: every engine's process group
 gets SIGTERM, its grace period, then SIGKILL (see :mod:`fleet.agent.supervisor`).
 """
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ import trio
 import zmq
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 
 import fleet
@@ -46,6 +47,7 @@ from fleet.protocol.messages import (
 )
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
+from .fakenvml import DEFAULT_FAULT_XID, FakeGpuSpec, FakeNvml
 from .gpus import GpuConfig, GpuMonitor
 from .kvrelay import KVRelay
 from .launcher import LaunchConfig
@@ -75,6 +77,7 @@ class AgentConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
+    fake_gpus: tuple[FakeGpuSpec, ...] = ()  # ``--fake-gpus``: no NVML, these GPUs instead
 
     def __post_init__(self) -> None:
         if not self.node_id or len(self.node_id) > 253:
@@ -101,11 +104,17 @@ class Agent:
 
     Args:
         cfg: the agent's configuration.
-        nvml_module: an NVML module to use instead of importing ``pynvml`` (tests).
+        nvml_module: an NVML module to use instead of importing ``pynvml`` (tests); with
+            ``cfg.fake_gpus`` and none given, a :class:`FakeNvml` over them.
     """
 
     def __init__(self, cfg: AgentConfig, *, nvml_module: object | None = None) -> None:
+        if cfg.fake_gpus and nvml_module is None:
+            nvml_module = FakeNvml(cfg.fake_gpus, node=cfg.node_id)
+        if getattr(nvml_module, "FLEET_FAKE", False) and not cfg.launch.fake_gpus:
+            cfg = replace(cfg, launch=replace(cfg.launch, fake_gpus=True))
         self.cfg = cfg
+        self.nvml_module = nvml_module
         self.metrics = AgentMetrics()
         self.gpus = GpuMonitor(cfg.gpu, nvml_module=nvml_module)
         self.engines: dict[str, _EngineHandle] = {}
@@ -384,6 +393,20 @@ class Agent:
             return as_json(
                 {"gpus": [g.__dict__ | {"xids": list(g.xids)} for g in self.gpus.snapshot()]}
             )
+
+        @app.post("/api/v1/gpus/<int:index>/xid")
+        async def inject_xid(index: int) -> Response:  # body: {"xid": N}, optional
+            body = await request.get_json(force=True, silent=True) or {}
+            xid = body.get("xid", DEFAULT_FAULT_XID) if isinstance(body, dict) else None
+            if not isinstance(xid, int) or isinstance(xid, bool):
+                return as_json({"error": 'body must be {"xid": <integer>}'}, 400)
+            fake = self.nvml_module
+            if not isinstance(fake, FakeNvml):
+                return as_json({"error": "faults go to fake GPUs only (--fake-gpus)"}, 409)
+            if not 0 <= index < fake.count:
+                return as_json({"error": f"no GPU {index} on this node"}, 404)
+            fake.inject_xid(index, xid)
+            return as_json({"gpu": index, "xid": xid}, 202)
 
         return app
 

@@ -116,14 +116,29 @@ class AgentLink:
         for node_id, engine_id in self.placer.surplus(self.registry):
             if engine_id in self._unassigned.get(node_id, set()):
                 continue  # asked already; its node reports it gone with the next heartbeat
+            kept = self.registry.engine(engine_id)
             log.warning(
-                "engine %s runs on node %s and elsewhere (the node was lost and came back): "
-                "stopping this copy",
+                "engine %s runs on node %s and on %s (moved off an unhealthy GPU, or its node "
+                "was lost and came back): stopping the copy on %s",
                 engine_id,
+                node_id,
+                kept.node if kept is not None else "?",
                 node_id,
             )
             self._unassigned.setdefault(node_id, set()).add(engine_id)
             # Both copies' KV events went under one id: start its index entry again.
+            self.kvindex.drop_engine(engine_id)
+            self.send(node_id, UnassignEngine(engine_id))
+        for node_id, engine_id in self.placer.relocate(self.registry, self.clock()):
+            if engine_id in self._unassigned.get(node_id, set()):
+                continue
+            log.warning(
+                "engine %s on node %s runs on an unhealthy GPU and no other node has room: "
+                "stopping it to place it again on the node's healthy GPUs",
+                engine_id,
+                node_id,
+            )
+            self._unassigned.setdefault(node_id, set()).add(engine_id)
             self.kvindex.drop_engine(engine_id)
             self.send(node_id, UnassignEngine(engine_id))
         for node_id, engine_id in self.placer.unwanted(self.registry, self.clock()):
@@ -221,8 +236,12 @@ class AgentLink:
 
     def _on_kv(self, msg: KVEventBatch) -> None:
         model = msg.model
+        view = self.registry.engine(msg.engine_id)
+        if view is not None and view.node != msg.node_id:
+            # Two copies of the id (one being moved): only the routed copy's blocks count.
+            self.metrics.link_rejected.labels(reason="other_copy").inc()
+            return
         if not model:
-            view = self.registry.engine(msg.engine_id)
             if view is None:
                 self._reject("unknown_engine", f"KV batch for unknown engine {msg.engine_id!r}")
                 return

@@ -8,6 +8,15 @@ engines of a lost node are placed anew on a live one.
 This first placer spreads engines over nodes by count and gives each engine the GPUs it asks for
 from the node's healthy, unused GPUs. Later work (tensor-parallel groups, bin packing by memory)
 replaces the choice, not the reconcile loop.
+
+Moves, make-before-break. An engine whose every copy runs on a GPU its node reports unhealthy
+(an XID or ECC error, a lost GPU) gets a second copy, under the same id, on another node's
+healthy GPUs; the old copy keeps serving. Once two live nodes report the id, :meth:`surplus`
+stops the copies not kept (the one placed last, on healthy GPUs) only when the kept copy is
+ready, so a served name keeps a ready engine while capacity allows. Engine ids are unique on a
+node, so a move onto a free healthy GPU of the same node cannot overlap: only when no other node
+has room does :meth:`relocate` stop the old copy, and :meth:`reconcile` places it again there.
+A copy on healthy GPUs is never moved.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from dataclasses import dataclass
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, AssignEngine, EngineSpec
 
-from .registry import FleetRegistry, NodeRecord
+from .registry import FleetRegistry, NodeRecord, on_healthy_gpus
 
 
 @dataclass(frozen=True)
@@ -196,21 +205,28 @@ class Placer:
         return deployment.max_model_len if deployment is not None else None
 
     def reconcile(self, registry: FleetRegistry, now: float) -> list[Placement]:
-        """Return the assignments to send now (none while settling)."""
+        """Return the assignments to send now (none while settling): engines no live node
+        runs, and a second copy of engines whose every copy is on an unhealthy GPU."""
         if now < self.settle_until:
             return []
         live = {n.node_id: n for n in registry.live_nodes()}
         running: dict[str, str] = {}
+        copies: dict[str, list[str]] = {}
         for node in live.values():
             for engine_id in node.engines:
                 running[engine_id] = node.node_id
+                copies.setdefault(engine_id, []).append(node.node_id)
         out: list[Placement] = []
         for deployment in self.deployments:
             for engine_id in deployment.engine_ids():
-                if engine_id in running:
+                nodes = copies.get(engine_id, [])
+                pending = self._pending.get(engine_id)
+                if pending is not None and pending[0] in nodes:
+                    del self._pending[engine_id]  # its node runs it now
+                    pending = None
+                if any(on_healthy_gpus(live[n], live[n].engines[engine_id]) for n in nodes):
                     self._pending.pop(engine_id, None)
                     continue
-                pending = self._pending.get(engine_id)
                 if pending is not None:
                     node_id, spec, sent = pending
                     if node_id in live and now - sent < self.assign_timeout_s:
@@ -219,7 +235,8 @@ class Placer:
                         self._pending[engine_id] = (node_id, spec, now)
                         out.append(Placement(node_id, AssignEngine(spec)))
                         continue
-                placed = self._choose(deployment, engine_id, live, running)
+                # Not running, or running on unhealthy GPUs only: a copy elsewhere.
+                placed = self._choose(deployment, engine_id, live, running, exclude=set(nodes))
                 if placed is None:
                     continue
                 node_id, spec = placed
@@ -230,16 +247,64 @@ class Placer:
         return out
 
     def surplus(self, registry: FleetRegistry) -> list[tuple[str, str]]:
-        """Copies of an engine to stop, as (node id, engine id): where live nodes report one
-        engine id twice (its node was lost, the engine placed again elsewhere, and the node
-        came back), the copy this coordinator placed last stays (the lowest node id when it
-        placed neither); the others go."""
+        """Copies of an engine to stop, as (node id, engine id), where live nodes report one
+        engine id twice: it was moved off an unhealthy GPU, or its node was lost, the engine
+        placed again elsewhere, and the node came back.
+
+        One copy is kept: the one this coordinator placed last if it runs on healthy GPUs, else
+        the first (by node id) on healthy GPUs, else the one placed last, else the first. The
+        others stop once the kept copy is ready; a copy that is not ready itself stops at once
+        (it serves nothing), a ready one keeps serving until then (make-before-break)."""
         out: list[tuple[str, str]] = []
         for engine_id, nodes in registry.duplicates().items():
-            keep = self._placed.get(engine_id)
-            if keep not in nodes:
-                keep = nodes[0]
-            out.extend((node_id, engine_id) for node_id in nodes if node_id != keep)
+            status = {}
+            for node_id in nodes:
+                record = registry.node(node_id)
+                assert record is not None  # duplicates() names known, live nodes only
+                status[node_id] = (record, record.engines[engine_id])
+            healthy = [n for n in nodes if on_healthy_gpus(*status[n])]
+            placed = self._placed.get(engine_id)
+            if placed in healthy:
+                keep = placed
+            elif healthy:
+                keep = healthy[0]
+            else:
+                keep = placed if placed in nodes else nodes[0]
+            keep_ready = status[keep][1].state == "ready"
+            out.extend(
+                (node_id, engine_id)
+                for node_id in nodes
+                if node_id != keep and (keep_ready or status[node_id][1].state != "ready")
+            )
+        return out
+
+    def relocate(self, registry: FleetRegistry, now: float) -> list[tuple[str, str]]:
+        """Engines to stop so they can be placed again on their own node, as (node id, engine
+        id): the only copy runs on an unhealthy GPU, no other node has room for it, and its node
+        has enough healthy GPUs (its own healthy ones included) once it stops. None while
+        settling. :meth:`reconcile` places it again once its node stops reporting it."""
+        if now < self.settle_until:
+            return []
+        live = {n.node_id: n for n in registry.live_nodes()}
+        running = {e: n.node_id for n in live.values() for e in n.engines}
+        copies: dict[str, list[str]] = {}
+        for node in live.values():
+            for engine_id in node.engines:
+                copies.setdefault(engine_id, []).append(node.node_id)
+        out: list[tuple[str, str]] = []
+        for engine_id, nodes in copies.items():
+            deployment = self._owner.get(engine_id)
+            if deployment is None or len(nodes) != 1 or engine_id in self._pending:
+                continue
+            node = live[nodes[0]]
+            engine = node.engines[engine_id]
+            if on_healthy_gpus(node, engine) or not node.healthy:
+                continue
+            if self._choose(deployment, engine_id, live, running, exclude={node.node_id}):
+                continue  # reconcile moves it there, make-before-break
+            own = {g.index for g in node.gpus if g.healthy} & set(engine.gpus)
+            if len(self._free_gpus(node, node.node_id)) + len(own) >= deployment.gpus_per_engine:
+                out.append((node.node_id, engine_id))
         return out
 
     def _choose(
@@ -248,6 +313,8 @@ class Placer:
         engine_id: str,
         live: dict[str, NodeRecord],
         running: dict[str, str],
+        *,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> tuple[str, EngineSpec] | None:
         load = {node_id: 0 for node_id in live}
         # Assignments sent earlier and not yet reported count too, or a node whose engines are
@@ -258,7 +325,7 @@ class Placer:
                 load[node_id] += 1
         for node_id in sorted(live, key=lambda n: (load[n], n)):
             node = live[node_id]
-            if not node.healthy:
+            if not node.healthy or node_id in exclude:
                 continue
             gpus = self._free_gpus(node, node_id)
             if len(gpus) < deployment.gpus_per_engine:

@@ -82,11 +82,19 @@ class NodeRecord:
                     "healthy": g.healthy,
                     "xids": list(g.xids),
                     "reason": g.reason,
+                    "fake": g.fake,
                 }
                 for g in self.gpus
             ],
             "engines": sorted(self.engines),
         }
+
+
+def on_healthy_gpus(node: NodeRecord, status: EngineStatus) -> bool:
+    """Whether every GPU ``status`` runs on is one its node reports, healthy (True for a CPU
+    engine)."""
+    healthy = {g.index for g in node.gpus if g.healthy}
+    return all(i in healthy for i in status.gpus)
 
 
 class FleetRegistry:
@@ -160,8 +168,15 @@ class FleetRegistry:
         return sorted(out, key=lambda e: (e.id, not e.routable))
 
     def routable(self, model: str | None = None) -> list[EngineView]:
-        """Engines that may take traffic now, optionally for one model."""
-        return [e for e in self.engines() if e.routable and (model is None or e.model == model)]
+        """Engines that may take traffic now, optionally for one model: one view per engine id,
+        the copy :meth:`engine` prefers when live nodes report two (an engine being moved)."""
+        return [
+            view
+            for engine_id in sorted({e.id for e in self.engines()})
+            if (view := self.engine(engine_id)) is not None
+            and view.routable
+            and (model is None or view.model == model)
+        ]
 
     def models(self) -> list[str]:
         """Models with at least one routable engine."""
@@ -169,15 +184,27 @@ class FleetRegistry:
 
     def engine(self, engine_id: str) -> EngineView | None:
         """The engine as its live node reports it; a lost node's stale entry only when no live
-        node reports it (an engine of a lost node is placed again under the same id)."""
+        node reports it (an engine of a lost node is placed again under the same id).
+
+        Where two live nodes report the id (a copy placed again elsewhere, the old one not
+        stopped yet), the copy that is ready on healthy GPUs wins, then a ready one, then the
+        lowest node id."""
+        live: list[tuple[NodeRecord, EngineStatus]] = []
         stale = None
-        for record in self._nodes.values():
+        for record in self.nodes():
             status = record.engines.get(engine_id)
             if status is not None:
                 if not record.lost:
-                    return self._view(record, status)
-                stale = stale or self._view(record, status)
-        return stale
+                    live.append((record, status))
+                else:
+                    stale = stale or self._view(record, status)
+        if not live:
+            return stale
+        best = min(
+            live,
+            key=lambda rs: (rs[1].state != "ready", not on_healthy_gpus(rs[0], rs[1])),
+        )
+        return self._view(*best)
 
     def duplicates(self) -> dict[str, list[str]]:
         """Engine ids that more than one live node reports (a node that was lost came back
@@ -211,4 +238,4 @@ class FleetRegistry:
         )
 
 
-__all__ = ["EngineView", "FleetRegistry", "NodeRecord"]
+__all__ = ["EngineView", "FleetRegistry", "NodeRecord", "on_healthy_gpus"]

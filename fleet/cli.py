@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="restart an engine not healthy this long after its start (default %(default)s)",
     )
+    _fake_gpus_arg(up, "the local agent reports")
     up.set_defaults(func=_cmd_up)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
@@ -137,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="restart an engine not healthy this long after its start (default %(default)s)",
     )
+    _fake_gpus_arg(agent, "report")
     agent.set_defaults(func=_cmd_agent)
 
     for name, what in (("engines", "engines"), ("nodes", "nodes")):
@@ -204,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
 
     gpus = sub.add_parser("gpus", help="this machine's GPUs through NVML")
     gpus.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    _fake_gpus_arg(gpus, "show")
     gpus.set_defaults(func=_cmd_gpus)
 
     bench = sub.add_parser("bench", help="run a benchmark (see bench/README.md)", add_help=False)
@@ -215,6 +218,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo_model)
     return parser
+
+
+def _fake_gpus_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--fake-gpus",
+        metavar="SPEC",
+        default=None,
+        help=f"{what} these GPUs instead of NVML's, for tests: NxSIZE[:unhealthy] items, "
+        "comma-separated (4x80GiB,2x24GiB:unhealthy); engines on them run as CPU engines, "
+        "so use --engine sim or CPU vLLM",
+    )
+
+
+def _fake_gpus(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The parsed ``--fake-gpus`` (``()`` without it); a bad SPEC raises ConfigError."""
+    from fleet.agent.fakenvml import parse_fake_gpus
+
+    return parse_fake_gpus(args.fake_gpus) if args.fake_gpus is not None else ()
 
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
@@ -446,6 +467,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _setup_logging(args.log_dir, verbose_stderr=False)
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
+    args.fake_gpus = _fake_gpus(args)
     model = Path(args.model) if args.model is not None else None
     if model is not None and not (model / "config.json").exists():
         if not args.build_demo_model:
@@ -528,6 +550,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         launch=LaunchConfig(host=args.engine_host),
         supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
+        fake_gpus=_fake_gpus(args),
         **kwargs,
     )
     return trio.run(_serve_until_signal, Agent(cfg).run)  # an agent stops at once
@@ -602,9 +625,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "engines":
         columns = ["id", "node", "model", "state", "role", "pid", "restarts", "url"]
     else:
-        columns = ["id", "agent_url", "healthy", "lost", "engines"]
+        columns = ["id", "agent_url", "healthy", "lost", "gpus", "engines"]
+        rows = [r | {"gpus": _gpu_summary(r.get("gpus", []))} for r in rows]
     _table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
     return 0
+
+
+def _gpu_summary(gpus: list[dict[str, Any]]) -> str:
+    """A node's GPUs in one cell: ``0 1 2!`` (``!``: unhealthy), ``(fake)`` after fake ones."""
+    marks = " ".join(f"{g.get('index')}{'' if g.get('healthy') else '!'}" for g in gpus)
+    return marks + (" (fake)" if any(g.get("fake") for g in gpus) else "") if gpus else "-"
 
 
 def _cmd_route_explain(args: argparse.Namespace) -> int:
@@ -653,9 +683,11 @@ def _cmd_route_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_gpus(args: argparse.Namespace) -> int:
+    from fleet.agent.fakenvml import FakeNvml
     from fleet.agent.gpus import discover
 
-    gpus = discover()
+    fake = _fake_gpus(args)
+    gpus = discover(FakeNvml(fake) if fake else None)
     if args.output == "json":
         print(json.dumps({"gpus": [g.__dict__ | {"xids": list(g.xids)} for g in gpus]}, indent=2))
         return 0
@@ -669,8 +701,11 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
         "temperature_c",
         "power_w",
         "healthy",
+        "fake",
     ]
     _table(columns, [[_cell(getattr(g, c)) for c in columns] for g in gpus])
+    if any(g.fake for g in gpus):
+        print("fake=True: a GPU from --fake-gpus, not NVML's; its engines run on CPU")
     if not gpus:
         print("no GPUs found through NVML: this node runs CPU engines only")
     return 0

@@ -67,6 +67,7 @@ async def run_up(
                     log_dir=args.log_dir,
                     launch=LaunchConfig(),
                     supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
+                    fake_gpus=args.fake_gpus,  # parsed by the CLI: a tuple of FakeGpuSpec
                 )
             )
             agent_url = await nursery.start(agent.run)

@@ -38,7 +38,11 @@ ENGINE_KINDS: tuple[str, ...] = ("vllm", "sim")
 
 @dataclass(frozen=True)
 class GpuInfo:
-    """One GPU as the agent last read it through NVML."""
+    """One GPU as the agent last read it through NVML.
+
+    ``fake`` marks a GPU the agent pretends to have (``--fake-gpus``): its engines run as
+    simulators or CPU vLLM. Senders that predate the field send none, which decodes as False.
+    """
 
     index: int
     uuid: str
@@ -52,6 +56,7 @@ class GpuInfo:
     healthy: bool
     xids: tuple[int, ...] = ()
     reason: str = ""
+    fake: bool = False
 
 
 @dataclass(frozen=True)

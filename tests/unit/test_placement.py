@@ -394,3 +394,148 @@ def test_several_deployments_are_all_placed() -> None:
     out = placed(placer.reconcile(fleet.registry, now=0.0))
     assert sorted(out) == ["x-0", "y-0", "y-1", "y-2"]
     assert Counter(out.values()) == {"a": 2, "b": 2}
+
+
+# -- Moves off unhealthy GPUs (make-before-break) ----------------------------------------------
+
+
+def ready(engine_id: str, *, gpus: tuple[int, ...] = ()) -> EngineStatus:
+    return EngineStatus(engine_id=engine_id, model="m", url="http://e", state="ready", gpus=gpus)
+
+
+def two_gpu_nodes(fleet: Fleet, *, bad: tuple[str, int] | None = None, now: float = 0.0) -> None:
+    """Nodes a and b with GPUs 0 and 1 each, one of them unhealthy if ``bad`` says so."""
+    for node_id in ("a", "b"):
+        gpus = tuple(gpu(i, healthy=(node_id, i) != bad) for i in (0, 1))
+        record = fleet.registry.node(node_id)
+        engines = list(record.engines.values()) if record is not None else []
+        if record is None:
+            fleet.node(node_id, gpus=gpus, now=now)
+        hb = Heartbeat(node_id=node_id, seq=2, healthy=True, gpus=gpus, engines=tuple(engines))
+        assert fleet.registry.heartbeat(hb, now)
+
+
+def moving_fleet() -> tuple[Fleet, Placer]:
+    """m-0 on a's GPU 0 and m-1 on b's GPU 0, both ready; then a's GPU 0 turns unhealthy."""
+    fleet = Fleet()
+    two_gpu_nodes(fleet)
+    placer = Placer((deployment("m", replicas=2, gpus_per_engine=1),), assign_timeout_s=TIMEOUT_S)
+    first = placer.reconcile(fleet.registry, now=0.0)
+    assert {(p.node_id, p.assign.spec.gpus) for p in first} == {("a", (0,)), ("b", (0,))}
+    fleet.report("a", ready("m-0", gpus=(0,)), now=1.0)
+    fleet.report("b", ready("m-1", gpus=(0,)), now=1.0)
+    two_gpu_nodes(fleet, bad=("a", 0), now=2.0)
+    return fleet, placer
+
+
+def test_an_engine_on_an_unhealthy_gpu_gets_a_copy_on_another_node() -> None:
+    fleet, placer = moving_fleet()
+
+    out = placer.reconcile(fleet.registry, now=2.0)
+
+    assert [(p.node_id, p.assign.spec.engine_id, p.assign.spec.gpus) for p in out] == [
+        ("b", "m-0", (1,))
+    ]
+    # Only the engine on the bad GPU moves; nothing is stopped before the copy is ready.
+    assert placer.reconcile(fleet.registry, now=3.0) == []
+    assert placer.surplus(fleet.registry) == []
+    assert placer.relocate(fleet.registry, now=3.0) == []
+
+
+def test_the_old_copy_stops_only_once_the_new_one_is_ready() -> None:
+    fleet, placer = moving_fleet()
+    placer.reconcile(fleet.registry, now=2.0)
+    starting = EngineStatus("m-0", "m", "http://new", state="starting", gpus=(1,))
+    fleet.report("b", ready("m-1", gpus=(0,)), starting, now=3.0)
+    fleet.report("a", ready("m-0", gpus=(0,)), now=3.0)  # heartbeats keep the GPU readings
+    two_gpu_nodes(fleet, bad=("a", 0), now=3.0)
+
+    assert placer.reconcile(fleet.registry, now=3.0) == []  # the copy runs: nothing pending
+    assert placer.pending() == {}
+    assert placer.surplus(fleet.registry) == []  # the old copy still serves
+    view = fleet.registry.engine("m-0")
+    assert view is not None and view.node == "a"
+
+    fleet.report("b", ready("m-1", gpus=(0,)), ready("m-0", gpus=(1,)), now=4.0)
+    two_gpu_nodes(fleet, bad=("a", 0), now=4.0)
+    assert placer.surplus(fleet.registry) == [("a", "m-0")]
+    view = fleet.registry.engine("m-0")
+    assert view is not None and view.node == "b"
+
+    fleet.report("a", now=5.0)  # the old copy stopped
+    two_gpu_nodes(fleet, bad=("a", 0), now=5.0)
+    assert placer.reconcile(fleet.registry, now=5.0) == []
+    assert placer.surplus(fleet.registry) == []
+
+
+def test_an_old_copy_that_is_not_ready_stops_at_once() -> None:
+    fleet, placer = moving_fleet()
+    placer.reconcile(fleet.registry, now=2.0)
+    broken = EngineStatus("m-0", "m", "http://old", state="backoff", gpus=(0,))
+    fleet.report("a", broken, now=3.0)
+    starting = EngineStatus("m-0", "m", "http://new", state="starting", gpus=(1,))
+    fleet.report("b", ready("m-1", gpus=(0,)), starting, now=3.0)
+    two_gpu_nodes(fleet, bad=("a", 0), now=3.0)
+
+    assert placer.surplus(fleet.registry) == [("a", "m-0")]
+
+
+def test_a_healthy_engine_is_never_moved() -> None:
+    fleet, placer = moving_fleet()
+    # b's idle GPU 1 turns unhealthy: m-1 runs on GPU 0 and stays.
+    two_gpu_nodes(fleet, bad=("b", 1), now=2.0)
+    assert placer.reconcile(fleet.registry, now=2.0) == []
+    assert placer.relocate(fleet.registry, now=2.0) == []
+    assert placer.surplus(fleet.registry) == []
+
+
+def test_a_copy_that_fails_to_appear_is_resent_and_a_lost_target_is_replaced() -> None:
+    fleet, placer = moving_fleet()
+    assert placed(placer.reconcile(fleet.registry, now=2.0)) == {"m-0": "b"}
+    again = placer.reconcile(fleet.registry, now=2.0 + TIMEOUT_S)
+    assert placed(again) == {"m-0": "b"}  # b may have missed it
+
+
+def test_no_room_elsewhere_moves_the_engine_on_its_own_node_break_before_make() -> None:
+    """Ids are unique on a node, so the old copy stops first; it is placed again on a's free
+    healthy GPU once a no longer reports it."""
+    fleet = Fleet()
+    fleet.node("a", ready("m-0", gpus=(0,)), gpus=(gpu(0, healthy=False), gpu(1)))
+    placer = Placer((deployment("m", gpus_per_engine=1),), assign_timeout_s=TIMEOUT_S)
+
+    assert placer.reconcile(fleet.registry, now=0.0) == []  # no other node
+    assert placer.relocate(fleet.registry, now=0.0) == [("a", "m-0")]
+    fleet.report("a", now=1.0)
+    out = placer.reconcile(fleet.registry, now=1.0)
+    assert [(p.node_id, p.assign.spec.gpus) for p in out] == [("a", (1,))]
+
+
+def test_no_healthy_gpu_anywhere_leaves_the_engine_where_it_is() -> None:
+    fleet = Fleet()
+    fleet.node("a", ready("m-0", gpus=(0,)), gpus=(gpu(0, healthy=False),))
+    fleet.node("b", ready("x-0", gpus=(0,)), gpus=(gpu(0),))
+    placer = Placer((deployment("m", gpus_per_engine=1),), assign_timeout_s=TIMEOUT_S)
+
+    assert placer.reconcile(fleet.registry, now=0.0) == []
+    assert placer.relocate(fleet.registry, now=0.0) == []
+    assert placer.surplus(fleet.registry) == []
+    view = fleet.registry.engine("m-0")
+    assert view is not None and view.routable  # it keeps serving
+
+
+def test_a_lost_node_that_comes_back_keeps_serving_until_the_kept_copy_is_ready() -> None:
+    fleet = Fleet()
+    fleet.node("a")
+    fleet.node("b")
+    placer = Placer((deployment("m"),), assign_timeout_s=TIMEOUT_S)
+    assert placed(placer.reconcile(fleet.registry, now=0.0)) == {"m-0": "a"}
+    fleet.report("a", ready("m-0"), now=1.0)
+    fleet.report("b", now=9.0)
+    fleet.registry.expire(now=11.5)
+    assert placed(placer.reconcile(fleet.registry, now=11.5)) == {"m-0": "b"}
+    fleet.report("b", status("m-0"), now=12.0)  # starting
+    fleet.node("a", ready("m-0"), now=12.0)  # a is back, its copy ready
+
+    assert placer.surplus(fleet.registry) == []
+    fleet.report("b", ready("m-0"), now=13.0)
+    assert placer.surplus(fleet.registry) == [("a", "m-0")]

@@ -52,9 +52,13 @@ def register(node_id: str, *engines: EngineStatus, gpus: tuple[GpuInfo, ...] = (
 
 
 def heartbeat(
-    node_id: str, *engines: EngineStatus, healthy: bool = True, seq: int = 1
+    node_id: str,
+    *engines: EngineStatus,
+    healthy: bool = True,
+    seq: int = 1,
+    gpus: tuple[GpuInfo, ...] = (),
 ) -> Heartbeat:
-    return Heartbeat(node_id=node_id, seq=seq, healthy=healthy, engines=engines)
+    return Heartbeat(node_id=node_id, seq=seq, healthy=healthy, gpus=gpus, engines=engines)
 
 
 def test_register_records_the_node_and_its_engines() -> None:
@@ -276,6 +280,7 @@ def test_node_record_as_json_shape() -> None:
                 "healthy": True,
                 "xids": [],
                 "reason": "",
+                "fake": False,
             },
             {
                 "index": 1,
@@ -289,6 +294,7 @@ def test_node_record_as_json_shape() -> None:
                 "healthy": False,
                 "xids": [79],
                 "reason": "xid 79",
+                "fake": False,
             },
         ],
         "engines": ["e1", "e2"],
@@ -296,3 +302,22 @@ def test_node_record_as_json_shape() -> None:
     assert json.loads(json.dumps(data)) == data
     reg.expire(now=LOST_AFTER_S + 1)
     assert record.as_json()["lost"] is True
+
+
+def test_two_copies_of_an_engine_route_to_the_ready_one_on_healthy_gpus() -> None:
+    """An engine being moved off an unhealthy GPU runs on two nodes under one id: lookups and
+    routing see one copy, the old one until the new one is ready, then the new one."""
+    reg = FleetRegistry(lost_after_s=LOST_AFTER_S)
+    reg.register(register("a", engine("m-0", gpus=(0,)), gpus=(gpu(0, healthy=False),)), 0.0)
+    reg.register(register("b", engine("m-0", state="starting", gpus=(1,)), gpus=(gpu(1),)), 0.0)
+
+    assert [(e.id, e.node) for e in reg.routable("m")] == [("m-0", "a")]
+    view = reg.engine("m-0")
+    assert view is not None and view.node == "a"
+    assert len(reg.engines()) == 2  # both copies are listed
+
+    reg.heartbeat(heartbeat("b", engine("m-0", gpus=(1,)), gpus=(gpu(1),)), 1.0)
+    assert [(e.id, e.node) for e in reg.routable("m")] == [("m-0", "b")]
+    assert reg.models() == ["m"]
+    view = reg.engine("m-0")
+    assert view is not None and view.node == "b"
