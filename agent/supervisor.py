@@ -9,10 +9,17 @@ backoff starts over once an engine has stayed ready for ``stable_s``.
 Stopping is cancellation: the process group gets SIGTERM, ``grace_s`` to exit, then SIGKILL.
 The engine is also started with ``PR_SET_PDEATHSIG`` so it dies with the agent even when the
 agent is killed outright.
+
+A rank of a tensor-parallel group spread over nodes (``spec.is_rank``) is not restarted: a rank
+started alone cannot join the group the others formed, and rank 0 outlives a dead peer while
+answering 503. A crashed rank is reaped and reported ``failed``, and the coordinator tears the
+whole group down. Rank 0 picks the group's master port when the spec leaves it 0 (reported in
+its status); ranks above 0 have no API, so they count as ready while their process runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import subprocess
@@ -103,6 +110,11 @@ class EngineSupervisor:
         replay_host: str = "127.0.0.1",
         reaper: Reaper | None = None,
     ) -> None:
+        if spec.is_rank and spec.node_rank == 0 and not spec.master_port:
+            # The group's rendezvous: rank 0's agent knows which of its ports are free.
+            spec = dataclasses.replace(
+                spec, master_addr=launch.host, master_port=free_port(launch.host)
+            )
         self.spec = spec
         self.launch = launch
         self.cfg = cfg
@@ -143,6 +155,11 @@ class EngineSupervisor:
             block_size=self.spec.block_size,
             kv_events=self.kv_events,
             last_error=self.last_error,
+            group=self.spec.group,
+            node_rank=self.spec.node_rank,
+            nnodes=self.spec.nnodes,
+            master_addr=self.spec.master_addr,
+            master_port=self.spec.master_port,
         )
 
     def _set(self, state: str, error: str = "") -> None:
@@ -168,6 +185,9 @@ class EngineSupervisor:
             while True:
                 reason = await self._run_once(task_status if first else None)
                 first = False
+                if self.spec.is_rank:  # its group is broken: the coordinator restarts it whole
+                    self._set("failed", f"{reason}; a tensor-parallel rank is not restarted")
+                    await trio.sleep_forever()
                 if self.ready_since is not None and trio.current_time() - self.ready_since >= (
                     self.cfg.stable_s
                 ):
@@ -254,6 +274,10 @@ class EngineSupervisor:
         return f"process exited with status {code}"
 
     async def _watch_health(self, proc: ChildProcess) -> str:
+        if self.spec.is_rank and self.spec.node_rank > 0:  # headless: no API to probe
+            self.ready_since = trio.current_time()
+            self._set("ready")
+            await trio.sleep_forever()
         deadline = trio.current_time() + self.cfg.startup_timeout_s
         while not await self._healthy():
             if trio.current_time() > deadline:

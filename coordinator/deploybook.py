@@ -44,7 +44,7 @@ def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployme
     """The placement view of a FleetModel, and why it places fewer engines than declared.
 
     ``source`` must be a local path (or ``file://``) until the model store fetches the others;
-    a tensor-parallel size above 1 waits for tensor-parallel groups; replicas given as
+    a tensor-parallel size above 1 makes each engine a group (:mod:`.tpgroups`); replicas given as
     ``minReplicas``/``maxReplicas`` run ``minReplicas`` (at least 1) until the autoscaler.
     """
     notes: list[str] = []
@@ -55,12 +55,6 @@ def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployme
         notes.append(f"autoscaling is not built yet: runs {replicas} (minReplicas, at least 1)")
     if model.roles is not None:
         notes.append("prefill/decode roles are not built yet: every engine does both")
-    if model.tensor_parallel_size > 1:
-        notes.append(
-            f"tensorParallelSize {model.tensor_parallel_size}: tensor-parallel groups are "
-            "not placed yet"
-        )
-        replicas = 0
     path = model.source.location
     if model.source.scheme == "path":
         path = str(Path(path).resolve())  # relative to where Fleet was started
@@ -81,6 +75,8 @@ def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployme
         else defaults.max_model_len,
         extra_args=(*defaults.extra_args, *_without(model.engine_args, _FIELD_FLAGS)),
         traffic_weight=model.traffic_weight,
+        tensor_parallel_size=model.tensor_parallel_size,
+        tp_layout=model.tensor_parallel_layout,
     )
     return deployment, notes
 

@@ -41,6 +41,7 @@ _SPEC = (
     "minReplicas",
     "maxReplicas",
     "tensorParallelSize",
+    "tensorParallelLayout",
     "engineArgs",
     "roles",
     "priorityClassName",
@@ -56,6 +57,7 @@ _MOVED = {
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _TIER = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+TP_LAYOUTS = ("auto", "spread", "pack")  # docs/DEPLOYMENTS.md, "Tensor-parallel groups"
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,10 @@ class FleetModel:
             ``roles``.
         min_replicas: the autoscaler's lower bound (None unless set).
         max_replicas: the autoscaler's upper bound (None unless set).
-        tensor_parallel_size: GPUs per engine.
+        tensor_parallel_size: ranks per engine (a tensor-parallel group above 1).
+        tensor_parallel_layout: how a group's ranks sit on nodes: ``pack`` (one node),
+            ``spread`` (one rank per node) or ``auto`` (GPU groups pack when a node has the
+            GPUs, else spread; CPU groups spread).
         engine_args: extra ``vllm serve`` arguments.
         roles: prefill/decode engine counts; None = every engine does both.
         priority_class_name: a key of :data:`PRIORITY_CLASSES`, or None.
@@ -101,6 +106,7 @@ class FleetModel:
     min_replicas: int | None = None
     max_replicas: int | None = None
     tensor_parallel_size: int = 1
+    tensor_parallel_layout: str = "auto"
     engine_args: tuple[str, ...] = ()
     roles: Roles | None = None
     priority_class_name: str | None = None
@@ -173,6 +179,8 @@ class FleetModel:
             spec["minReplicas"] = self.min_replicas
             spec["maxReplicas"] = self.max_replicas
         spec["tensorParallelSize"] = self.tensor_parallel_size
+        if self.tensor_parallel_layout != "auto":
+            spec["tensorParallelLayout"] = self.tensor_parallel_layout
         spec["engineArgs"] = list(self.engine_args)
         if self.priority_class_name is not None:
             spec["priorityClassName"] = self.priority_class_name
@@ -263,6 +271,11 @@ def parse_model(doc: object) -> FleetModel:
         hi=MAX_TRAFFIC_WEIGHT,
     )
     tp = f.integer(spec, "tensorParallelSize", "spec.tensorParallelSize", default=1, lo=1)
+    layout = f.string(spec, "tensorParallelLayout", "spec.tensorParallelLayout", default="auto")
+    if layout not in TP_LAYOUTS:
+        f.bad(
+            "spec.tensorParallelLayout", f"must be one of {', '.join(TP_LAYOUTS)}, got {layout!r}"
+        )
     args = f.strings(spec, "engineArgs", "spec.engineArgs", default=(), check=None)
     for where, reason in check_engine_args(args):
         f.bad(f"spec.engineArgs{where}", reason)
@@ -306,6 +319,7 @@ def parse_model(doc: object) -> FleetModel:
         min_replicas=min_r,
         max_replicas=max_r,
         tensor_parallel_size=tp,
+        tensor_parallel_layout=layout,
         engine_args=args,
         roles=roles,
         priority_class_name=priority_class if isinstance(priority_class, str) else None,

@@ -33,6 +33,7 @@ from .kvindex import KVIndex
 from .metrics import CoordinatorMetrics
 from .placement import Placer
 from .registry import FleetRegistry
+from .tpgroups import TPGroups
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class AgentLink:
         metrics: CoordinatorMetrics,
         clock: Callable[[], float] = trio.current_time,
         on_update: Callable[[], None] = lambda: None,
+        groups: TPGroups | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.coordinator_id = coordinator_id
@@ -71,6 +73,7 @@ class AgentLink:
         self.metrics = metrics
         self.clock = clock
         self.on_update = on_update
+        self.groups = groups  # places tensor-parallel groups, if given
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
         self._unassigned: dict[str, set[str]] = {}  # node -> engines asked to stop, still there
@@ -108,6 +111,12 @@ class AgentLink:
         for placement in self.placer.reconcile(self.registry, self.clock()):
             log.info("assigning %s to node %s", placement.assign.spec.engine_id, placement.node_id)
             self.send(placement.node_id, placement.assign)
+        if self.groups is not None:
+            now = self.clock()
+            deployments = self.placer.deployments
+            settle = self.placer.settle_until
+            for out in self.groups.reconcile(deployments, self.registry, now, settle_until=settle):
+                self.send(out.node_id, out.message)
         for node_id, asked in list(self._unassigned.items()):
             record = self.registry.node(node_id)
             asked &= set(record.engines) if record is not None else set()

@@ -54,6 +54,10 @@ class Deployment:
     name: str = ""
     aliases: tuple[str, ...] = ()
     traffic_weight: int = 100
+    # Above 1: each engine is a tensor-parallel group, placed by .tpgroups (not here);
+    # gpus_per_engine is then the whole group's. tp_layout: "auto", "spread" or "pack".
+    tensor_parallel_size: int = 1
+    tp_layout: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -74,6 +78,7 @@ class Deployment:
             raise ConfigError("block_size", self.block_size, "must be > 0")
         if self.max_model_len <= 0:
             raise ConfigError("max_model_len", self.max_model_len, "must be > 0")
+        _check_tp(self)
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -81,6 +86,11 @@ class Deployment:
 
     def engine_ids(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(self.replicas)]
+
+    def owned_ids(self) -> list[str]:
+        """Every engine id this deployment owns: its engines and their groups' other ranks."""
+        ranks = range(1, self.tensor_parallel_size)
+        return [x for e in self.engine_ids() for x in (e, *(rank_engine_id(e, r) for r in ranks))]
 
     def spec(self, engine_id: str, gpus: tuple[int, ...]) -> EngineSpec:
         return EngineSpec(
@@ -95,6 +105,24 @@ class Deployment:
             extra_args=self.extra_args,
             aliases=self.aliases,
         )
+
+
+TP_LAYOUTS = ("auto", "spread", "pack")
+
+
+def rank_engine_id(group: str, rank: int) -> str:
+    """The engine id of rank ``rank`` of tensor-parallel group ``group`` (rank 0: the group's)."""
+    return group if rank == 0 else f"{group}.rank{rank}"
+
+
+def _check_tp(d: Deployment) -> None:
+    tp = d.tensor_parallel_size
+    if tp < 1:
+        raise ConfigError("tensor_parallel_size", tp, "must be >= 1")
+    if d.tp_layout not in TP_LAYOUTS:
+        raise ConfigError("tp_layout", d.tp_layout, f"must be one of {TP_LAYOUTS}")
+    if tp > 1 and d.gpus_per_engine % tp:
+        raise ConfigError("gpus_per_engine", d.gpus_per_engine, f"must be a multiple of {tp}")
 
 
 @dataclass(frozen=True)
@@ -144,7 +172,7 @@ class Placer:
         if len(set(names)) != len(names):
             raise ConfigError("name", names, "each deployment needs its own name")
         self.deployments = tuple(deployments)
-        self._owner = {e: d for d in self.deployments for e in d.engine_ids()}
+        self._owner = {e: d for d in self.deployments for e in d.owned_ids()}
         for engine_id in [e for e in self._pending if e not in self._owner]:
             del self._pending[engine_id]
 
@@ -218,6 +246,8 @@ class Placer:
                 copies.setdefault(engine_id, []).append(node.node_id)
         out: list[Placement] = []
         for deployment in self.deployments:
+            if deployment.tensor_parallel_size > 1:
+                continue  # tensor-parallel groups: placed by .tpgroups.TPGroups
             for engine_id in deployment.engine_ids():
                 nodes = copies.get(engine_id, [])
                 pending = self._pending.get(engine_id)
@@ -296,6 +326,8 @@ class Placer:
             deployment = self._owner.get(engine_id)
             if deployment is None or len(nodes) != 1 or engine_id in self._pending:
                 continue
+            if deployment.tensor_parallel_size > 1:
+                continue  # a group's ranks move with their group (tpgroups.py)
             node = live[nodes[0]]
             engine = node.engines[engine_id]
             if on_healthy_gpus(node, engine) or not node.healthy:
@@ -339,4 +371,4 @@ class Placer:
         return [g.index for g in node.gpus if g.healthy and g.index not in used]
 
 
-__all__ = ["Deployment", "Placement", "Placer"]
+__all__ = ["TP_LAYOUTS", "Deployment", "Placement", "Placer", "rank_engine_id"]

@@ -220,8 +220,22 @@ class FleetRegistry:
         for record in self._nodes.values():
             yield from record.engines
 
-    @staticmethod
-    def _view(record: NodeRecord, status: EngineStatus) -> EngineView:
+    def _group_complete(self, head: EngineStatus) -> bool:
+        """True if every rank of ``head``'s group (``head`` is rank 0) is reported ready by a
+        live node with ``head``'s rendezvous: a partial group never takes traffic."""
+        ready = {
+            s.node_rank
+            for record in self._nodes.values()
+            if not record.lost
+            for s in record.engines.values()
+            if s.group == head.engine_id
+            and s.nnodes == head.nnodes
+            and s.state == "ready"
+            and (s.master_addr, s.master_port) == (head.master_addr, head.master_port)
+        }
+        return ready >= set(range(1, head.nnodes))
+
+    def _view(self, record: NodeRecord, status: EngineStatus) -> EngineView:
         return EngineView(
             id=status.engine_id,
             node=record.node_id,
@@ -234,7 +248,10 @@ class FleetRegistry:
             restarts=status.restarts,
             block_size=status.block_size,
             gpus=status.gpus,
-            routable=not record.lost and status.state == "ready",
+            routable=not record.lost
+            and status.state == "ready"
+            and status.node_rank == 0
+            and (status.nnodes == 1 or self._group_complete(status)),
         )
 
 

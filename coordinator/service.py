@@ -42,6 +42,7 @@ from .resilience import STATE_VALUES
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
+from .tpgroups import TPGroups
 from .versions import engines_for
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Coordinator:
             self._folder_seen = folder_signature(self.book.folder)
         deployments, self.deployment_notes = self.book.deployments()
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
+        self.groups = TPGroups(assign_timeout_s=cfg.assign_timeout_s)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
@@ -98,6 +100,7 @@ class Coordinator:
             kvindex=self.kvindex,
             metrics=self.metrics,
             on_update=self._bump,
+            groups=self.groups,
         )
         self._changed = trio.Event()
         self._pools: EnginePools | None = None

@@ -73,6 +73,21 @@ class EngineSpec:
     max_model_len: int = 1024
     extra_args: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()  # more served model names
+    # One rank of a tensor-parallel group spread over ``nnodes`` nodes (docs/DEPLOYMENTS.md,
+    # "Tensor-parallel groups"). ``nnodes`` 1 is an ordinary engine (its GPUs, if any, are its
+    # tensor-parallel size). ``group`` is the group's engine id (rank 0's, the routable one);
+    # ``master_port`` 0 on rank 0 lets its agent pick one, reported in EngineStatus.
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+    group: str = ""
+
+    @property
+    def is_rank(self) -> bool:
+        """True for a rank of a group spread over nodes."""
+        return self.nnodes > 1
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,12 @@ class EngineStatus:
     block_size: int = 32
     kv_events: int = 0
     last_error: str = ""
+    # A rank of a tensor-parallel group (see EngineSpec): its group, rank and rendezvous.
+    group: str = ""
+    node_rank: int = 0
+    nnodes: int = 1
+    master_addr: str = ""
+    master_port: int = 0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def test_a_fleet_model_becomes_a_named_deployment_with_its_engine_settings() -> 
 
 def test_what_cannot_run_yet_is_said_not_silently_dropped() -> None:
     tp, notes = to_deployment(model("big", tensorParallelSize=2), EngineDefaults())
-    assert tp.replicas == 0 and "tensor-parallel groups are not placed yet" in notes[0]
+    assert (tp.replicas, tp.tensor_parallel_size, tp.tp_layout, notes) == (1, 2, "auto", [])
     hf, notes = to_deployment(model("hub", source="hf://org/name@main"), EngineDefaults())
     assert hf.replicas == 0 and "hf://org/name@main" in notes[0]
     auto, notes = to_deployment(
@@ -95,8 +95,8 @@ def test_status_counts_engines_and_says_why_each_is_not_ready() -> None:
     placer.reconcile(registry, now=1.0)  # chat-v1-2 is assigned now
     chat = {s["name"]: s for s in status(placer, registry, book, notes, now=3.0)}["chat-v1"]
     assert chat["reasons"]["chat-v1-2"] == "assigned to node n1 2 s ago, not reported yet"
-    big = by_name["big"]
-    assert big["desired"] == 0 and "tensor-parallel" in big["reasons"]["deployment"]
+    big = by_name["big"]  # a tensor-parallel group is one engine, placed by TPGroups
+    assert (big["desired"], big["placed"]) == (1, 0) and "deployment" not in big["reasons"]
 
 
 def test_status_of_an_engine_with_no_node() -> None:

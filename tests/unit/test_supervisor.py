@@ -7,6 +7,7 @@ second each. Real vLLM under the same supervisor is covered by tests/integration
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -216,3 +217,27 @@ def test_free_port_never_hands_out_the_same_port_twice() -> None:
     for port in ports[:20]:  # each was free when handed out
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_rank_command_lines() -> None:
+    """Ranks of a group spread over nodes run ``vllm serve`` (fleet.agent.vllm_serve): rank 0
+    with the API and KV events, the others headless; a group on one node is one process."""
+    base = EngineSpec("tp-0", "demo", "/m", tensor_parallel_size=2, nnodes=2, group="tp-0",
+                      master_addr="10.0.0.1", master_port=29500)  # fmt: skip
+    cfg = LaunchConfig(python="py")
+    head = engine_command(base, cfg, port=9, kv_endpoint="tcp://h:1")
+    assert head[:4] == ["py", "-m", "fleet.agent.vllm_serve", "/m"]
+    joined = " ".join(head)
+    flags = ["--tensor-parallel-size 2", "--nnodes 2", "--node-rank 0", "--port 9",
+             "--master-addr 10.0.0.1", "--master-port 29500", "--kv-events-config"]  # fmt: skip
+    assert all(flag in joined for flag in flags)
+    assert "--headless" not in head
+    rank1 = engine_command(
+        dataclasses.replace(base, engine_id="tp-0.rank1", node_rank=1), cfg, port=9, kv_endpoint=""
+    )
+    assert "--headless" in rank1 and "--port" not in rank1 and "--kv-events-config" not in rank1
+    assert "--node-rank 1" in " ".join(rank1)
+    packed = engine_command(
+        EngineSpec("tp-0", "demo", "/m", tensor_parallel_size=2), cfg, port=9, kv_endpoint=""
+    )
+    assert "--tensor-parallel-size 2" in " ".join(packed) and "--nnodes" not in packed
