@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +23,6 @@ import trio
 import zmq
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from quart import Response, request
-from quart_trio import QuartTrio
 
 import fleet
 from fleet.protocol import codec, http11
@@ -47,8 +43,9 @@ from fleet.protocol.messages import (
 )
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
-from .fakenvml import DEFAULT_FAULT_XID, FakeGpuSpec, FakeNvml
+from .fakenvml import FakeGpuSpec, FakeNvml
 from .gpus import GpuConfig, GpuMonitor
+from .httpapi import create_app
 from .kvrelay import KVRelay
 from .launcher import LaunchConfig
 from .metrics import AgentMetrics
@@ -154,7 +151,7 @@ class Agent:
                         engines.start_soon(self._heartbeats)
                         http11.install()  # never HTTP/2: hypercorn's can crash the server
                         binds = await engines.start(
-                            functools.partial(serve, self._app(), self._hypercorn_config())
+                            functools.partial(serve, create_app(self), self._hypercorn_config())
                         )
                         self.http_url = binds[0]
                         self._register()
@@ -257,7 +254,7 @@ class Agent:
         if self._sock is None or not send_nowait(self._sock, codec.encode(batch)):
             self.metrics.kv_dropped.labels(engine=batch.engine_id).inc()
 
-    def _statuses(self) -> tuple[EngineStatus, ...]:
+    def statuses(self) -> tuple[EngineStatus, ...]:
         out = []
         for handle in self.engines.values():
             handle.supervisor.kv_events = handle.relay.events
@@ -292,7 +289,7 @@ class Agent:
                 agent_url=self.http_url,
                 agent_version=fleet.__version__,
                 gpus=self.gpus.snapshot(),
-                engines=self._statuses(),
+                engines=self.statuses(),
             )
         )
 
@@ -306,7 +303,7 @@ class Agent:
                 seq=self._seq,
                 healthy=healthy,
                 gpus=gpus,
-                engines=self._statuses(),
+                engines=self.statuses(),
             )
         )
 
@@ -360,55 +357,6 @@ class Agent:
         config.accesslog = None
         config.errorlog = logging.getLogger("fleet.agent.http")
         return config
-
-    def _app(self) -> QuartTrio:
-        app = QuartTrio("fleet.agent")
-
-        def as_json(data: object, status: int = 200) -> Response:
-            return Response(json.dumps(data), status=status, content_type="application/json")
-
-        @app.get("/healthz")
-        async def healthz() -> Response:
-            return as_json(
-                {
-                    "status": "ok",
-                    "node": self.cfg.node_id,
-                    "pid": os.getpid(),
-                    "coordinator": self.coordinator_id or None,
-                }
-            )
-
-        @app.get("/metrics")
-        async def metrics() -> Response:
-            return Response(self.metrics.render(), content_type="text/plain; version=0.0.4")
-
-        @app.get("/api/v1/engines")
-        async def engines() -> Response:
-            return as_json(
-                {"engines": [s.__dict__ | {"gpus": list(s.gpus)} for s in self._statuses()]}
-            )
-
-        @app.get("/api/v1/gpus")
-        async def gpus() -> Response:
-            return as_json(
-                {"gpus": [g.__dict__ | {"xids": list(g.xids)} for g in self.gpus.snapshot()]}
-            )
-
-        @app.post("/api/v1/gpus/<int:index>/xid")
-        async def inject_xid(index: int) -> Response:  # body: {"xid": N}, optional
-            body = await request.get_json(force=True, silent=True) or {}
-            xid = body.get("xid", DEFAULT_FAULT_XID) if isinstance(body, dict) else None
-            if not isinstance(xid, int) or isinstance(xid, bool):
-                return as_json({"error": 'body must be {"xid": <integer>}'}, 400)
-            fake = self.nvml_module
-            if not isinstance(fake, FakeNvml):
-                return as_json({"error": "faults go to fake GPUs only (--fake-gpus)"}, 409)
-            if not 0 <= index < fake.count:
-                return as_json({"error": f"no GPU {index} on this node"}, 404)
-            fake.inject_xid(index, xid)
-            return as_json({"gpu": index, "xid": xid}, 202)
-
-        return app
 
 
 __all__ = ["Agent", "AgentConfig"]

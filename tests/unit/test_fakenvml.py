@@ -154,8 +154,10 @@ async def test_agent_xid_endpoint(tmp_path: Path, fake_gpus: str | None) -> None
             nursery.cancel_scope.cancel()
             return
         assert agent.cfg.launch.fake_gpus
-        assert (await client.post(inject.format(2))).status_code == 404
-        assert (await client.post(inject.format(0), json={"xid": "x"})).status_code == 400
+        missing = await client.post(inject.format(2))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "no_gpu"
+        bad = await client.post(inject.format(0), json={"xid": "x"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "xid"
         answer = await client.post(inject.format(1), json={"xid": 48})
         assert (answer.status_code, answer.json()) == (202, {"gpu": 1, "xid": 48})
         with trio.fail_after(5):
