@@ -156,7 +156,12 @@ async def delete(coord: Coordinator, name: str) -> dict[str, Any]:
 
 def _status(coord: Coordinator) -> list[dict[str, Any]]:
     return status(
-        coord.placer, coord.registry, coord.book, coord.deployment_notes, trio.current_time()
+        coord.placer,
+        coord.registry,
+        coord.book,
+        coord.deployment_notes,
+        trio.current_time(),
+        groups=coord.groups,
     )
 
 

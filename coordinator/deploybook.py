@@ -21,6 +21,7 @@ from fleet.protocol.errors import ConfigError
 from .deployspec import FleetModel
 from .placement import Deployment, Placer
 from .registry import FleetRegistry
+from .tpgroups import TPGroups
 
 API = "api"  # the origin of deployments made through the admin API
 SHORTHAND = "--model"  # ... and of the command line's one-model shorthand
@@ -185,6 +186,7 @@ def status(
     book: DeploymentBook,
     notes: dict[str, list[str]],
     now: float,
+    groups: TPGroups | None = None,
 ) -> list[dict[str, Any]]:
     """Each deployment's state, as ``GET /admin/v1/deployments`` shows it.
 
@@ -216,6 +218,10 @@ def status(
                 engines.append({"id": engine_id, "node": node_id, "state": state})
                 if engine_id in routable:
                     ready += 1
+                elif state == "ready" and d.tensor_parallel_size > 1:
+                    reasons[engine_id] = (
+                        f"rank 0 ready on node {node_id}; waiting for every other rank"
+                    )
                 else:
                     reasons[engine_id] = f"{state} on node {node_id}" + (
                         f": {error}" if error else ""
@@ -229,7 +235,11 @@ def status(
                 )
             else:
                 engines.append({"id": engine_id, "node": "", "state": "unplaced"})
-                reasons[engine_id] = placer.why_unplaced(d, registry, now)
+                reasons[engine_id] = (
+                    groups.why_unplaced(d, registry)
+                    if groups is not None and d.tensor_parallel_size > 1
+                    else placer.why_unplaced(d, registry, now)
+                )
         out.append(
             {
                 "name": d.name,

@@ -121,3 +121,22 @@ def test_the_admin_key_is_required_when_set() -> None:
     for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "s3cret"}):
         with pytest.raises(Unauthorized):
             authorize(_Coord(), headers)  # type: ignore[arg-type]
+
+
+def test_status_of_a_tensor_parallel_group() -> None:
+    from fleet.coordinator.tpgroups import TPGroups
+
+    book = DeploymentBook()
+    book.put(model("big", tensorParallelSize=2))
+    deployments, notes = book.deployments()
+    placer = Placer(deployments, assign_timeout_s=30)
+    registry = FleetRegistry(lost_after_s=10)
+    groups = TPGroups(assign_timeout_s=30)
+    (big,) = status(placer, registry, book, notes, now=1.0, groups=groups)
+    assert big["reasons"]["big-0"] == "needs 2 healthy nodes (one rank each); 0 live"
+    rank0 = EngineStatus("big-0", "big", "http://127.0.0.1:1", "ready", group="big-0", nnodes=2,
+                         master_addr="127.0.0.1", master_port=29500)  # fmt: skip
+    _node(registry, "n1", rank0)
+    (big,) = status(placer, registry, book, notes, now=1.0, groups=groups)
+    assert big["ready"] == 0  # rank 0 alone is not a group
+    assert big["reasons"]["big-0"] == "rank 0 ready on node n1; waiting for every other rank"
