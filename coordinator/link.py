@@ -150,6 +150,20 @@ class AgentLink:
             self._unassigned.setdefault(node_id, set()).add(engine_id)
             self.kvindex.drop_engine(engine_id)
             self.send(node_id, UnassignEngine(engine_id))
+        loops = self.placer.crash_loops
+        loops.observe(self.registry, self.clock())
+        for node_id, engine_id in loops.to_move(self.registry, self.clock()):
+            if engine_id in self._unassigned.get(node_id, set()):
+                continue
+            log.warning(
+                "engine %s keeps crashing on node %s (%d restarts in %g s): stopping it there "
+                "to place it on another node",
+                engine_id, node_id, loops.limit, loops.window_s,
+            )  # fmt: skip
+            loops.moved(node_id, engine_id, self.clock())
+            self._unassigned.setdefault(node_id, set()).add(engine_id)
+            self.kvindex.drop_engine(engine_id)
+            self.send(node_id, UnassignEngine(engine_id))
         for node_id, engine_id in self.placer.unwanted(self.registry, self.clock()):
             if engine_id in self._unassigned.get(node_id, set()):
                 continue

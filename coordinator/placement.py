@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, AssignEngine, EngineSpec
 
+from .crashloop import CrashLoops
 from .registry import FleetRegistry, NodeRecord, on_healthy_gpus
 
 
@@ -159,6 +160,7 @@ class Placer:
         self._placed: dict[str, str] = {}  # engine id -> the node this coordinator put it on
         self.deployments: tuple[Deployment, ...] = ()
         self._owner: dict[str, Deployment] = {}  # engine id -> its deployment
+        self.crash_loops = CrashLoops()  # engines moved off nodes they keep crashing on
         self.replace(deployments)
 
     def replace(self, deployments: tuple[Deployment, ...]) -> None:
@@ -265,8 +267,12 @@ class Placer:
                         self._pending[engine_id] = (node_id, spec, now)
                         out.append(Placement(node_id, AssignEngine(spec)))
                         continue
-                # Not running, or running on unhealthy GPUs only: a copy elsewhere.
-                placed = self._choose(deployment, engine_id, live, running, exclude=set(nodes))
+                # Not running, or running on unhealthy GPUs only: a copy elsewhere, not where
+                # it crash-looped lately unless nowhere else has room.
+                avoid = self.crash_loops.avoided(engine_id, now)
+                placed = self._choose(
+                    deployment, engine_id, live, running, exclude=set(nodes) | avoid
+                ) or self._choose(deployment, engine_id, live, running, exclude=set(nodes))
                 if placed is None:
                     continue
                 node_id, spec = placed
