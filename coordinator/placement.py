@@ -25,9 +25,11 @@ import math
 from dataclasses import dataclass
 
 from fleet.protocol.errors import ConfigError
-from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, AssignEngine, EngineSpec
+from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, AssignEngine, EngineSpec, GpuInfo
 
 from .crashloop import CrashLoops
+from .gpuchoice import Capacity, Node, no_fit_reason
+from .gpumemory import EngineMemory
 from .registry import FleetRegistry, NodeRecord, on_healthy_gpus
 
 
@@ -59,6 +61,9 @@ class Deployment:
     # gpus_per_engine is then the whole group's. tp_layout: "auto", "spread" or "pack".
     tensor_parallel_size: int = 1
     tp_layout: str = "auto"
+    # Memory one engine needs on each of its GPUs (GPU engines of a local model folder; None:
+    # unknown, any free GPU will do).
+    memory: EngineMemory | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -210,6 +215,9 @@ class Placer:
         if not healthy:
             return "no healthy node"
         need = deployment.gpus_per_engine
+        if need and deployment.memory is not None:
+            nodes = [Node.from_infos(n.node_id, self._unused(n)) for n in healthy]
+            return no_fit_reason(Capacity(nodes, ()), need, deployment.memory)
         if need:
             best = max(healthy, key=lambda n: len(self._free_gpus(n, n.node_id)))
             free = len(self._free_gpus(best, best.node_id))
@@ -366,15 +374,28 @@ class Placer:
             if not node.healthy or node_id in exclude:
                 continue
             gpus = self._free_gpus(node, node_id)
+            memory = deployment.memory
+            if memory is not None:  # the tightest fits first: large GPUs stay for large models
+                fit = [g for g in node.gpus if g.index in gpus and _fits(memory, g)]
+                gpus = [g.index for g in sorted(fit, key=lambda g: (g.memory_total_bytes, g.index))]
             if len(gpus) < deployment.gpus_per_engine:
                 continue
             return node_id, deployment.spec(engine_id, tuple(gpus[: deployment.gpus_per_engine]))
         return None
 
+    def _unused(self, node: NodeRecord) -> list[GpuInfo]:
+        free = set(self._free_gpus(node, node.node_id))
+        return [g for g in node.gpus if g.index in free]
+
     def _free_gpus(self, node: NodeRecord, node_id: str) -> list[int]:
         used = {g for e in node.engines.values() for g in e.gpus}
         used |= {g for n, spec, _ in self._pending.values() if n == node_id for g in spec.gpus}
         return [g.index for g in node.gpus if g.healthy and g.index not in used]
+
+
+def _fits(memory: EngineMemory, gpu: GpuInfo) -> bool:
+    """Whether the engine starts on ``gpu`` as its agent last read it (vLLM's budget rules)."""
+    return memory.fits(gpu.memory_total_bytes, gpu.memory_total_bytes - gpu.memory_used_bytes)
 
 
 __all__ = ["TP_LAYOUTS", "Deployment", "Placement", "Placer", "rank_engine_id"]

@@ -30,10 +30,12 @@ from .api import create_app
 from .config import CoordinatorConfig
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
+from .footprints import with_memory
 from .httpserve import serve
 from .kvindex import KVIndex
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
+from .modelsize import ModelFootprint
 from .placement import Deployment, Placer
 from .pools import EnginePools
 from .proxy import Gateway
@@ -83,7 +85,9 @@ class Coordinator:
             models, files = load_folder_files(self.book.folder)  # a bad folder stops the start
             self.book.set_folder(models, files)
             self._folder_seen = folder_signature(self.book.folder)
+        self._footprints: dict[str, ModelFootprint | None] = {}  # model folder -> its sizes
         deployments, self.deployment_notes = self.book.deployments()
+        deployments = with_memory(deployments, self._footprints)
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.groups = TPGroups(assign_timeout_s=cfg.assign_timeout_s)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
@@ -138,7 +142,7 @@ class Coordinator:
     def apply_declared(self) -> None:
         """Place what the deployment book declares now."""
         deployments, self.deployment_notes = self.book.deployments()
-        self.set_deployments(deployments)
+        self.set_deployments(with_memory(deployments, self._footprints))
 
     async def reload_folder(self) -> bool:
         """Re-read the deployments folder; False (the error kept for status, the deployments

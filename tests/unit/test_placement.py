@@ -6,11 +6,13 @@ tests assert the assignments :meth:`Placer.reconcile` returns and what it return
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from fleet.coordinator.gpumemory import EngineMemory
 from fleet.coordinator.placement import Deployment, Placement, Placer
 from fleet.coordinator.registry import FleetRegistry
 from fleet.protocol.errors import ConfigError
@@ -539,3 +541,39 @@ def test_a_lost_node_that_comes_back_keeps_serving_until_the_kept_copy_is_ready(
     assert placer.surplus(fleet.registry) == []
     fleet.report("b", ready("m-0"), now=13.0)
     assert placer.surplus(fleet.registry) == [("a", "m-0")]
+
+
+# -- GPU memory ----------------------------------------------------------------------------------
+
+
+def sized(index: int, total_gib: int, used_gib: int = 0) -> GpuInfo:
+    return dataclasses.replace(
+        gpu(index), memory_total_bytes=total_gib << 30, memory_used_bytes=used_gib << 30
+    )
+
+
+def needing(gib_per_gpu: int, utilization: float = 0.9) -> EngineMemory:
+    return EngineMemory(weight_bytes=gib_per_gpu << 30, kv_bytes=0, activation_bytes=0,
+                        graph_bytes=0, context_bytes=0, utilization=utilization)  # fmt: skip
+
+
+def test_an_engine_goes_to_a_gpu_its_memory_fits_the_tightest_first() -> None:
+    fleet = Fleet()
+    fleet.node("a", gpus=(sized(0, 24), sized(1, 24)))
+    fleet.node("b", gpus=(sized(0, 80), sized(1, 48)))
+    big = deployment("big", gpus_per_engine=1, memory=needing(38))
+    placer = Placer((big,), assign_timeout_s=TIMEOUT_S)
+    (placement,) = placer.reconcile(fleet.registry, now=0.0)
+    # a's 24 GiB GPUs are too small; of b's, the 48 GiB one is the tightest fit
+    assert placement.node_id == "b" and placement.assign.spec.gpus == (1,)
+
+
+def test_memory_in_use_counts_and_no_fit_says_what_is_free() -> None:
+    fleet = Fleet()
+    fleet.node("a", gpus=(sized(0, 80, used_gib=60), sized(1, 24)))
+    big = deployment("big", gpus_per_engine=1, memory=needing(38))
+    placer = Placer((big,), assign_timeout_s=TIMEOUT_S)
+    assert placer.reconcile(fleet.registry, now=0.0) == []
+    assert placer.why_unplaced(big, fleet.registry, now=0.0) == (
+        "needs 1 × 38 GiB GPU; largest free: node a 1 × 24 GiB + 1 × 20 GiB"
+    )
