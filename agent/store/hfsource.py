@@ -8,11 +8,17 @@ user agent), and its own HTTP session downloads it. The store does not use
 TEST-SERVERS.md), and keeps a second copy in the hub's cache. Every blocking call runs in a
 thread under the ``hf`` limiter. The endpoint is the store's ``hf_endpoint``, else
 huggingface_hub's own (``HF_ENDPOINT``).
+
+Importing this module sets ``HF_HUB_DISABLE_TELEMETRY=1`` unless the environment sets it: with
+telemetry on, huggingface_hub 2.x builds its user agent by fetching
+``{HF_ENDPOINT}/api/agent-harnesses``, the public hub even when the store uses a private mirror.
+It must happen before huggingface_hub is imported (it reads the variable once).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -23,6 +29,8 @@ from .errors import SourceNotFound, SourceUnavailable
 from .manifest import FileEntry, Manifest
 
 T = TypeVar("T")
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 class HfSource:

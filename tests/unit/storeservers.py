@@ -78,8 +78,36 @@ def parse_range(header: str, size: int) -> int:
 
 
 class _Server(ThreadingHTTPServer):
+    """Joins its handler threads on close, after cutting the connections clients keep alive
+    (huggingface_hub's session pools them), so no thread outlives the test."""
+
     daemon_threads = False
     block_on_close = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.open: set[socket.socket] = set()
+        self.open_lock = threading.Lock()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        with self.open_lock:
+            self.open.add(conn)
+        return conn, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.open_lock:
+            self.open.discard(request)
+        super().shutdown_request(request)
+
+    def cut_all(self) -> None:
+        with self.open_lock:
+            conns = list(self.open)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its handler
 
 
 class _Loopback:
@@ -97,6 +125,7 @@ class _Loopback:
         if self.faults.gate is not None:
             self.faults.gate.set()
         self.httpd.shutdown()
+        self.httpd.cut_all()
         self.httpd.server_close()
         self.thread.join()
 
@@ -229,7 +258,7 @@ class HfMirror(_Loopback):
         return out
 
 
-_API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<what>revision|tree)/(?P<rev>[^/]+)")
+_API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<what>revision|tree)/(?P<rev>[^/]+))?")
 _RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
 
 
@@ -248,7 +277,7 @@ class _HfHandler(_Handler):
             repo = m["repo"]
             if repo not in mirror.repos:
                 return self.send_404({"X-Error-Code": "RepoNotFound"})
-            if m["rev"] not in ("main", mirror.COMMIT):
+            if m["rev"] not in (None, "main", mirror.COMMIT):
                 return self.send_404({"X-Error-Code": "RevisionNotFound"})
             if m["what"] == "tree":
                 return self.send_json(mirror.tree(repo))
