@@ -41,6 +41,7 @@ from .httpsource import HttpSource
 from .lru import Resident, plan_eviction
 from .manifest import MODEL_MARKER, Manifest
 from .progress import FetchProgress, ProgressMeter
+from .retry import RetryPolicy
 from .s3source import S3Source
 from .sources import Source
 
@@ -135,6 +136,11 @@ class ModelStore:
                 self._http = None
 
     # -- the API -----------------------------------------------------------------------------
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The backoff callers apply between failed fetches of one model."""
+        return self.cfg.retry
 
     async def fetch(self, uri: str, *, holder: str = "") -> Path:
         """The local model folder of ``uri``, downloaded and verified first if need be.
