@@ -50,6 +50,7 @@ from .kvrelay import KVRelay
 from .launcher import LaunchConfig
 from .metrics import AgentMetrics
 from .reaper import Reaper
+from .store import ModelStore, StoreConfig
 from .supervisor import EngineSupervisor, SupervisorConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class AgentConfig:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     fake_gpus: tuple[FakeGpuSpec, ...] = ()  # ``--fake-gpus``: no NVML, these GPUs instead
+    # Fetches engines' model_path URIs (hf://, s3://, http(s)://, file://); None = no store,
+    # and an engine whose model_path is a URI fails with that reason.
+    store: StoreConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.node_id or len(self.node_id) > 253:
@@ -122,6 +126,7 @@ class Agent:
         self._engine_nursery: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None
         self._reaper: Reaper | None = None  # started by run()
+        self.store: ModelStore | None = None  # started by run() when cfg.store is set
         self._seq = 0
         self._wake = trio.Event()
 
@@ -140,6 +145,9 @@ class Agent:
         async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
             self._client = client
             await nursery.start(self.gpus.run)
+            if self.cfg.store is not None:
+                self.store = ModelStore(self.cfg.store, http=client)
+                await nursery.start(self.store.run)
             with open_socket(ctx, zmq.DEALER) as sock:
                 sock.setsockopt(zmq.ROUTING_ID, self.cfg.node_id.encode())
                 sock.connect(self.cfg.coordinator_endpoint)
@@ -165,7 +173,7 @@ class Agent:
                 finally:
                     self._sock = None
                     self._engine_nursery = None
-            nursery.cancel_scope.cancel()  # the GPU monitor
+            nursery.cancel_scope.cancel()  # the GPU monitor and the model store
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -215,6 +223,7 @@ class Agent:
                         log_dir=self.cfg.log_dir,
                         on_change=self._engine_changed,
                         reaper=self._reaper,
+                        store=self.store,
                     )
                     relay.replay_endpoint = supervisor.replay_endpoint
                     self.engines[spec.engine_id] = _EngineHandle(supervisor, relay, scope)

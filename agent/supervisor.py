@@ -6,6 +6,11 @@ for ``unhealthy_after`` probes in a row (vLLM's API process can outlive a dead c
 engine is killed, whole process group, and started again after an exponential backoff; the
 backoff starts over once an engine has stayed ready for ``stable_s``.
 
+An engine whose ``model_path`` is a URI (``hf://``, ``s3://``, ``http(s)://``, ``file://``) is
+fetched through the agent's model store first: the engine stays ``starting`` meanwhile, its
+``last_error`` showing the download's progress or, after a failure, the reason and when the
+store tries again (its retry policy). The engine pins its model for as long as it runs.
+
 Stopping is cancellation: the process group gets SIGTERM, ``grace_s`` to exit, then SIGKILL.
 The engine is also started with ``PR_SET_PDEATHSIG`` so it dies with the agent even when the
 agent is killed outright.
@@ -21,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import httpx
 import trio
@@ -37,8 +43,27 @@ from fleet.protocol.messages import EngineSpec, EngineStatus
 from .launcher import LaunchConfig, engine_command, engine_env, free_port
 from .process import ChildProcess, spawn
 from .reaper import Reaper
+from .store import FetchProgress, RetryPolicy, StoreError
 
 log = logging.getLogger(__name__)
+
+
+class ModelFetcher(Protocol):
+    """What the supervisor needs of the model store (:class:`~fleet.agent.store.ModelStore`)."""
+
+    @property
+    def retry(self) -> RetryPolicy: ...
+
+    async def fetch(self, uri: str, *, holder: str = "") -> Path: ...
+
+    def unpin(self, uri: str, holder: str) -> None: ...
+
+    def progress(self) -> tuple[FetchProgress, ...]: ...
+
+
+def is_model_uri(model_path: str) -> bool:
+    """Whether ``model_path`` names a source for the model store rather than a local path."""
+    return "://" in model_path
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,7 @@ class EngineSupervisor:
         on_change: called after every state change.
         replay_host: the address the engine's KV replay socket binds.
         reaper: told about each engine process group, to kill it if the agent dies.
+        store: fetches a ``model_path`` that is a URI (None: such an engine fails).
     """
 
     def __init__(
@@ -109,6 +135,7 @@ class EngineSupervisor:
         on_change: Callable[[EngineSupervisor], None] | None = None,
         replay_host: str = "127.0.0.1",
         reaper: Reaper | None = None,
+        store: ModelFetcher | None = None,
     ) -> None:
         if spec.is_rank and spec.node_rank == 0 and not spec.master_port:
             # The group's rendezvous: rank 0's agent knows which of its ports are free.
@@ -116,6 +143,8 @@ class EngineSupervisor:
                 spec, master_addr=launch.host, master_port=free_port(launch.host)
             )
         self.spec = spec
+        self.store = store
+        self.model_dir = "" if is_model_uri(spec.model_path) else spec.model_path
         self.launch = launch
         self.cfg = cfg
         self.kv_endpoint = kv_endpoint
@@ -178,10 +207,15 @@ class EngineSupervisor:
         await self._changed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the engine running until cancelled; ``started()`` once the first launch began."""
+        """Keep the engine running until cancelled; ``started()`` once the first launch began
+        (after its model was fetched, for a URI)."""
         attempt = 0
         first = True
+        pinned = False
         try:
+            if not self.model_dir:
+                pinned = True
+                await self._fetch_model()
             while True:
                 reason = await self._run_once(task_status if first else None)
                 first = False
@@ -199,8 +233,52 @@ class EngineSupervisor:
                 self._set("backoff", f"{reason}; restart {self.restarts} in {delay:.1f} s")
                 await trio.sleep(delay)
         finally:
+            if pinned and self.store is not None:
+                self.store.unpin(self.spec.model_path, self.spec.engine_id)
             self.pid = 0
             self._set("stopped")
+
+    async def _fetch_model(self) -> None:
+        """Fetch the model through the store, retrying with its backoff; sets ``model_dir``."""
+        uri = self.spec.model_path
+        if self.store is None:
+            self._set("failed", f"model_path {uri} is a URI and this agent has no model store")
+            await trio.sleep_forever()
+        store = self.store
+        assert store is not None
+        failures = 0
+        rng = random.Random()
+        while True:
+            self._set("starting", f"fetching {uri}")
+            error: StoreError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report_fetch, store, uri)
+                try:
+                    path = await store.fetch(uri, holder=self.spec.engine_id)
+                except StoreError as exc:
+                    error = exc
+                nursery.cancel_scope.cancel()
+            if error is not None:
+                failures += 1
+                delay = store.retry.delay_s(failures, rng)
+                self._set(
+                    "starting",
+                    f"model fetch failed ({error.kind}): {error.reason}; "
+                    f"retry {failures} in {delay:.0f} s",
+                )
+                await trio.sleep(delay)
+                continue
+            self.model_dir = str(path)
+            self.last_error = ""
+            return
+
+    async def _report_fetch(self, store: ModelFetcher, uri: str) -> None:
+        """Put the download's progress in ``last_error`` every ``health_interval_s``."""
+        while True:
+            await trio.sleep(self.cfg.health_interval_s)
+            for p in store.progress():
+                if p.uri == uri and p.state != "failed":
+                    self._set("starting", p.describe())
 
     def _new_http_port(self) -> None:
         host = self.launch.host
@@ -220,7 +298,7 @@ class EngineSupervisor:
             self._new_http_port()
             self.replay_endpoint = self._new_replay_endpoint()
         argv = engine_command(
-            self.spec,
+            replace(self.spec, model_path=self.model_dir),
             self.launch,
             port=self.port,
             kv_endpoint=self.kv_endpoint,
