@@ -44,9 +44,11 @@ class EngineDefaults:
 def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployment, list[str]]:
     """The placement view of a FleetModel, and why it places fewer engines than declared.
 
-    ``source`` must be a local path (or ``file://``) until the model store fetches the others;
-    a tensor-parallel size above 1 makes each engine a group (:mod:`.tpgroups`); replicas given as
-    ``minReplicas``/``maxReplicas`` run ``minReplicas`` (at least 1) until the autoscaler.
+    A local path (relative: to where Fleet started) or ``file://`` source is the engines' model
+    folder; any other source (``hf://``, ``s3://``, ``http(s)://``) is passed on as it is, and
+    each agent fetches it into its model store before launching. A tensor-parallel size above 1
+    makes each engine a group (:mod:`.tpgroups`); replicas given as ``minReplicas``/
+    ``maxReplicas`` run ``minReplicas`` (at least 1) until the autoscaler.
     """
     notes: list[str] = []
     args = model.engine
@@ -60,8 +62,7 @@ def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployme
     if model.source.scheme == "path":
         path = str(Path(path).resolve())  # relative to where Fleet was started
     if model.source.scheme not in ("path", "file"):
-        notes.append(f"source {model.source.uri}: only local paths are served (no model store yet)")
-        replicas = 0
+        path = model.source.uri  # each agent fetches it into its model store before launching
     deployment = Deployment(
         model=model.served_model_names[0],
         aliases=model.served_model_names[1:],

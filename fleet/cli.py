@@ -7,6 +7,7 @@
     fleet agent         a node agent alone
     fleet engines       list engines (-o json|table)
     fleet nodes         list nodes (-o json|table)
+    fleet deployments   declared deployments: desired, ready, and why not (-o json|table)
     fleet gpus          this machine's GPUs as NVML sees them
     fleet demo-model    build the tiny offline demo model
     fleet chaos         the failure-recovery suite against a running fleet (chaos/README.md)
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.protocol.errors import FleetError
+from fleet.storecli import add_store_args, store_config
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
 DEFAULT_MODEL = ".fleet/models/demo"
@@ -86,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         help="restart an engine not healthy this long after its start (default %(default)s)",
     )
     _fake_gpus_arg(up, "the local agent reports")
+    add_store_args(up)
     up.set_defaults(func=_cmd_up)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
@@ -139,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         help="restart an engine not healthy this long after its start (default %(default)s)",
     )
     _fake_gpus_arg(agent, "report")
+    add_store_args(agent)
     agent.set_defaults(func=_cmd_agent)
 
     for name, what in (("engines", "engines"), ("nodes", "nodes")):
@@ -468,6 +472,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
     args.fake_gpus = _fake_gpus(args)
+    args.store = store_config(args)
     model = Path(args.model) if args.model is not None else None
     if model is not None and not (model / "config.json").exists():
         if not args.build_demo_model:
@@ -551,6 +556,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         launch=LaunchConfig(host=args.engine_host),
         supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
         fake_gpus=_fake_gpus(args),
+        store=store_config(args),
         **kwargs,
     )
     return trio.run(_serve_until_signal, Agent(cfg).run)  # an agent stops at once

@@ -68,6 +68,7 @@ async def run_up(
                     launch=LaunchConfig(),
                     supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
                     fake_gpus=args.fake_gpus,  # parsed by the CLI: a tuple of FakeGpuSpec
+                    store=args.store,  # parsed by the CLI: a StoreConfig
                 )
             )
             agent_url = await nursery.start(agent.run)

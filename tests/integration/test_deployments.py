@@ -10,7 +10,13 @@ is fixed too (a hash), not a sample.
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
+import http.server
+import json
+import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,8 +64,10 @@ def fleet(
         folder / "chat.yaml",
         *_chat(demo_model, {"trafficWeight": 90, "replicas": 1}, {"trafficWeight": 10}),
     )
+    cache = tmp_path_factory.mktemp("model-cache")
     proc = FleetProcess(
-        ["--engine", "sim", "--deployments", str(folder)], tmp_path_factory.mktemp("logs")
+        ["--engine", "sim", "--deployments", str(folder), "--model-cache", str(cache)],
+        tmp_path_factory.mktemp("logs"),
     )
     pids: set[int] = set()
     try:
@@ -190,3 +198,44 @@ def test_the_admin_api_creates_replaces_and_deletes(
     _until(lambda: "beta" not in _models(http), "beta deleted: not served")
     assert http.get("/admin/v1/deployments/beta").status_code == 404
     assert http.delete("/admin/v1/deployments/beta").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def model_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo model over plain HTTP with a fleet-manifest.json (docs/MODELSTORE.md): its URL."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(demo_model, root / "demo")
+    files = [
+        {"path": p.name, "size": p.stat().st_size,
+         "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted((root / "demo").iterdir())
+    ]  # fmt: skip
+    (root / "demo" / "fleet-manifest.json").write_text(json.dumps({"files": files}))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/demo/"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def test_a_deployment_from_an_http_source_is_fetched_by_the_agent(
+    fleet: tuple[httpx.Client, Path], model_server: str
+) -> None:
+    http, _ = fleet
+    remote = {
+        "apiVersion": "fleet.dev/v1alpha1",
+        "kind": "FleetModel",
+        "metadata": {"name": "remote"},
+        "spec": {"servedModelNames": ["remote"], "source": model_server, "replicas": 1},
+    }
+    assert http.post("/admin/v1/deployments", json=remote).status_code == 201
+    _until(lambda: "remote" in _models(http), "http source fetched, engine ready")
+    answer = http.post("/v1/completions", json={"model": "remote", "prompt": "Hi", "max_tokens": 2})
+    assert answer.status_code == 200 and answer.headers["x-selected-pod"] == "remote-0"
+    assert _status(http, "remote")["source"] == model_server
+    assert http.delete("/admin/v1/deployments/remote").status_code == 200
+    _until(lambda: "remote" not in _models(http), "remote deleted")

@@ -41,7 +41,7 @@ def test_what_cannot_run_yet_is_said_not_silently_dropped() -> None:
     tp, notes = to_deployment(model("big", tensorParallelSize=2), EngineDefaults())
     assert (tp.replicas, tp.tensor_parallel_size, tp.tp_layout, notes) == (1, 2, "auto", [])
     hf, notes = to_deployment(model("hub", source="hf://org/name@main"), EngineDefaults())
-    assert hf.replicas == 0 and "hf://org/name@main" in notes[0]
+    assert (hf.replicas, hf.model_path, notes) == (1, "hf://org/name@main", [])  # the store's
     auto, notes = to_deployment(
         model("auto", replicas=None, minReplicas=0, maxReplicas=4), EngineDefaults()
     )
