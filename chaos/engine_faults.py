@@ -32,6 +32,7 @@ from .target import Metrics, Target, Watcher, deltas, signal_engine, stopped
 
 LONG_STREAMS_PER_ENGINE = 2
 LONG_STREAM_TOKENS = 96
+LONG_STREAM_DEADLINE_S = 30.0  # x-request-timeout of the long streams (see LongStreams)
 COUNTERS = (
     "fleet_retries_total",
     "fleet_upstream_errors_total",
@@ -55,8 +56,18 @@ class LongStreams:
     def __init__(self, load: Load, count: int) -> None:
         self.load = load
         self.count = count
+        # A long generation's client allows for its length: these streams take about as long
+        # as the load's deadline (5 s: ~96 tokens on the chaos fleet's engines), and a stream
+        # may only be resumed before its deadline, so one that broke late missed it whenever
+        # finding the break (a silent engine: 1 s, then a health probe of up to 2 s) took
+        # longer on a busy machine (CI: one stream in test_chaos_netns).
+        deadline = load.spec.deadline_s
         self.spec = dataclasses.replace(
-            load.spec, max_tokens=LONG_STREAM_TOKENS, stream_share=1.0, tag=load.spec.tag + "-long"
+            load.spec,
+            max_tokens=LONG_STREAM_TOKENS,
+            stream_share=1.0,
+            tag=load.spec.tag + "-long",
+            deadline_s=None if deadline is None else max(deadline, LONG_STREAM_DEADLINE_S),
         )
         self.on_engine: collections.Counter[str] = collections.Counter()
         self.records: list[Record] = []
