@@ -37,6 +37,7 @@ from fleet.protocol.messages import (
     KVEventBatch,
     KVSnapshot,
     Message,
+    PrestageModel,
     Register,
     UnassignEngine,
     Welcome,
@@ -50,12 +51,14 @@ from .kvrelay import KVRelay
 from .launcher import LaunchConfig
 from .metrics import AgentMetrics
 from .reaper import Reaper
-from .store import ModelStore, StoreConfig
+from .store import ModelStore, StoreConfig, StoreError
+from .storereport import ReportThrottle, StoreState, store_state
 from .supervisor import EngineSupervisor, SupervisorConfig
 
 log = logging.getLogger(__name__)
 
 _GAUGED_STATES = ("starting", "ready", "unhealthy", "backoff", "stopping")
+STORE_REPORT_EVERY_S = 0.5  # a changed model store is reported at most this often
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Agent:
         self.store: ModelStore | None = None  # started by run() when cfg.store is set
         self._seq = 0
         self._wake = trio.Event()
+        self._store_reports = ReportThrottle(min_interval_s=STORE_REPORT_EVERY_S)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -157,6 +161,8 @@ class Agent:
                         self._engine_nursery = engines
                         engines.start_soon(self._receive, sock)
                         engines.start_soon(self._heartbeats)
+                        if self.store is not None:
+                            engines.start_soon(self._report_store, self.store)
                         http11.install()  # never HTTP/2: hypercorn's can crash the server
                         binds = await engines.start(
                             functools.partial(serve, create_app(self), self._hypercorn_config())
@@ -197,6 +203,31 @@ class Agent:
         handle = self.engines.get(engine_id)
         if handle is not None:
             handle.scope.cancel()
+
+    def prestage(self, uri: str) -> None:
+        """Fetch ``uri`` into the model store now, without an engine (``PrestageModel``).
+
+        Nothing pins it: once complete it is the most recently used entry, so the LRU evicts
+        it only after every older unpinned model, and an engine that starts on it pins it
+        then. While it downloads the budget counts its full size, as for any download. A
+        failure is reported in heartbeats (``fetches``) and not retried: prestage again.
+        """
+        if self.store is None or self._engine_nursery is None:
+            self._send(
+                ErrorReport("no_model_store", f"cannot prestage {uri}: no store", self.cfg.node_id)
+            )
+            return
+        self._engine_nursery.start_soon(self._prestage, self.store, uri, name=f"prestage {uri}")
+
+    async def _prestage(self, store: ModelStore, uri: str) -> None:
+        try:
+            path = await store.fetch(uri)
+            log.info("prestaged %s at %s", uri, path)
+        except StoreError as exc:
+            log.warning("prestaging %s failed: %s: %s", uri, exc.kind, exc.reason)
+        except RuntimeError as exc:  # the store stopped
+            log.warning("prestaging %s: %s", uri, exc)
+        self._heartbeat()
 
     async def _run_engine(self, spec: EngineSpec) -> None:
         assert self._client is not None
@@ -291,7 +322,14 @@ class Agent:
                 )
             self.metrics.kv_snapshot_blocks.labels(engine=engine_id).inc(len(ledger))
 
+    def _store_state(self) -> StoreState:
+        if self.store is None:
+            return (), ()
+        return store_state(self.store.models(), self.store.progress())
+
     def _register(self) -> None:
+        models, fetches = state = self._store_state()
+        self._store_reports.sent(state, trio.current_time())
         self._send(
             Register(
                 node_id=self.cfg.node_id,
@@ -299,6 +337,8 @@ class Agent:
                 agent_version=fleet.__version__,
                 gpus=self.gpus.snapshot(),
                 engines=self.statuses(),
+                models=models,
+                fetches=fetches,
             )
         )
 
@@ -306,6 +346,8 @@ class Agent:
         self._seq += 1
         gpus = self.gpus.snapshot()
         healthy = not gpus or any(g.healthy for g in gpus)
+        models, fetches = state = self._store_state()
+        self._store_reports.sent(state, trio.current_time())
         self._send(
             Heartbeat(
                 node_id=self.cfg.node_id,
@@ -313,8 +355,18 @@ class Agent:
                 healthy=healthy,
                 gpus=gpus,
                 engines=self.statuses(),
+                models=models,
+                fetches=fetches,
             )
         )
+
+    async def _report_store(self, store: ModelStore) -> None:
+        """A heartbeat soon after the store's state changes (a fetch's progress, a model
+        cached or evicted), at most one per ``STORE_REPORT_EVERY_S``."""
+        while True:
+            await trio.sleep(STORE_REPORT_EVERY_S)
+            if self._store_reports.due(self._store_state(), trio.current_time()):
+                self._heartbeat()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -342,6 +394,8 @@ class Agent:
             self.assign(msg.spec)
         elif isinstance(msg, UnassignEngine):
             self.unassign(msg.engine_id)
+        elif isinstance(msg, PrestageModel):
+            self.prestage(msg.uri)
         elif isinstance(msg, Welcome):
             self.coordinator_id = msg.coordinator_id
             self.heartbeat_interval_s = msg.heartbeat_interval_s

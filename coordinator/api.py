@@ -17,7 +17,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import adminapi, routeapi
+from . import adminapi, prestage, routeapi
 from .apikeys import ApiKey, RateLimited
 from .errors import ApiError, PayloadTooLarge, error_body, render
 from .proxy import relay
@@ -222,6 +222,18 @@ def create_app(coord: Coordinator) -> QuartTrio:
     async def deployments_delete(name: str) -> Response:
         _admin()
         return _json(await adminapi.delete(coord, name))
+
+    @app.get("/admin/v1/prestage")
+    async def prestage_list() -> Response:
+        _admin()
+        return _json(prestage.listing(coord))
+
+    @app.post("/admin/v1/prestage")
+    async def prestage_post() -> Response:
+        _admin()
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        return _json(*prestage.post(coord, raw))
 
     @app.post("/api/v1/route/explain")
     async def route_explain() -> Response:

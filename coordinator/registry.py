@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fleet.protocol.messages import EngineStatus, GpuInfo, Heartbeat, Register
+from fleet.protocol.messages import (
+    CachedModelInfo,
+    EngineStatus,
+    FetchInfo,
+    GpuInfo,
+    Heartbeat,
+    Register,
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class NodeRecord:
     engines: dict[str, EngineStatus] = field(default_factory=dict)
     healthy: bool = True
     lost: bool = False
+    models: tuple[CachedModelInfo, ...] = ()  # the node's model store, as last reported
+    fetches: tuple[FetchInfo, ...] = ()
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -87,6 +96,21 @@ class NodeRecord:
                 for g in self.gpus
             ],
             "engines": sorted(self.engines),
+            "models": [
+                {"uri": m.uri, "size_bytes": m.size_bytes, "pinned": m.pinned} for m in self.models
+            ],
+            "fetches": [
+                {
+                    "uri": f.uri,
+                    "state": f.state,
+                    "bytes_done": f.bytes_done,
+                    "bytes_total": f.bytes_total,
+                    "rate_bps": f.rate_bps,
+                    "eta_s": f.eta_s,
+                    "error": f.error,
+                }
+                for f in self.fetches
+            ],
         }
 
 
@@ -120,6 +144,8 @@ class FleetRegistry:
             last_seen=now,
             gpus=msg.gpus,
             engines={e.engine_id: e for e in msg.engines},
+            models=msg.models,
+            fetches=msg.fetches,
         )
         self._nodes[msg.node_id] = record
         return record
@@ -133,6 +159,7 @@ class FleetRegistry:
         record.healthy = msg.healthy
         record.gpus = msg.gpus
         record.engines = {e.engine_id: e for e in msg.engines}
+        record.models, record.fetches = msg.models, msg.fetches
         return True
 
     def expire(self, now: float) -> list[str]:

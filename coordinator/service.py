@@ -38,6 +38,7 @@ from .metrics import CoordinatorMetrics
 from .modelsize import ModelFootprint
 from .placement import Deployment, Placer
 from .pools import EnginePools
+from .prestage import PrestageBook
 from .proxy import Gateway
 from .registry import EngineView, FleetRegistry
 from .resilience import STATE_VALUES
@@ -90,6 +91,7 @@ class Coordinator:
         deployments = with_memory(deployments, self._footprints)
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.groups = TPGroups(assign_timeout_s=cfg.assign_timeout_s)
+        self.prestages = PrestageBook()  # /admin/v1/prestage requests (prestage.py)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)

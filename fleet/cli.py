@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     from fleet import deploycli
 
     deploycli.add_parser(sub, DEFAULT_COORDINATOR)
+    from fleet import modelscli
+
+    modelscli.add_parser(sub, DEFAULT_COORDINATOR)
 
     route = sub.add_parser("route", help="ask the coordinator's scheduling pipeline")
     route_sub = route.add_subparsers(dest="route_cmd", required=True, metavar="COMMAND")
@@ -631,8 +634,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "engines":
         columns = ["id", "node", "model", "state", "role", "pid", "restarts", "url"]
     else:
-        columns = ["id", "agent_url", "healthy", "lost", "gpus", "engines"]
-        rows = [r | {"gpus": _gpu_summary(r.get("gpus", []))} for r in rows]
+        from fleet.modelscli import node_summary
+
+        columns = ["id", "agent_url", "healthy", "lost", "gpus", "engines", "models"]
+        rows = [
+            r | {"gpus": _gpu_summary(r.get("gpus", [])), "models": node_summary(r)} for r in rows
+        ]
     _table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
     return 0
 

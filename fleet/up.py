@@ -117,9 +117,21 @@ async def _report_progress(coord: Coordinator, addrs: CoordinatorAddresses) -> N
             if now - last_line >= STATUS_EVERY_S:
                 last_line = now
                 states = ", ".join(f"{k}={v[0]}" for k, v in sorted(seen.items())) or "placing"
-                _say(f"• [{now - started:5.1f} s] waiting for engines: {states}")
+                fetching = "".join(f"; {line}" for line in _fetching(coord))
+                _say(f"• [{now - started:5.1f} s] waiting for engines: {states}{fetching}")
         with trio.move_on_after(STATUS_EVERY_S):  # a waiting line at least this often
             await coord.changed()
+
+
+def _fetching(coord: Coordinator) -> list[str]:
+    """What starting engines wait for, when it is their model's download (the agent's
+    ``fetching URI: 1.2/4.0 GiB, 50.0 MiB/s, ETA 56 s``), once per source."""
+    lines: dict[str, None] = {}
+    for node in coord.registry.live_nodes():
+        for status in node.engines.values():
+            if status.state == "starting" and status.last_error.startswith("fetching "):
+                lines[f"{node.node_id}: {status.last_error}"] = None
+    return list(lines)
 
 
 def _banner(url: str, model: str) -> str:

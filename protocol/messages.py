@@ -7,7 +7,7 @@ key, in the payload frame.
 Direction::
 
     agent → coordinator   Register, Heartbeat, KVEventBatch, ErrorReport
-    coordinator → agent   Welcome, AssignEngine, UnassignEngine, ErrorReport
+    coordinator → agent   Welcome, AssignEngine, UnassignEngine, PrestageModel, ErrorReport
 """
 
 from __future__ import annotations
@@ -115,6 +115,37 @@ class EngineStatus:
 
 
 @dataclass(frozen=True)
+class CachedModelInfo:
+    """A complete model in an agent's model store (docs/MODELSTORE.md).
+
+    ``pinned``: an engine on the node uses it (it cannot be evicted). ``last_used``: epoch
+    seconds of its last fetch or release (the LRU order).
+    """
+
+    uri: str
+    size_bytes: int
+    pinned: bool = False
+    last_used: float = 0.0
+
+
+@dataclass(frozen=True)
+class FetchInfo:
+    """A model download in flight on an agent, or the last failure of one not retried since.
+
+    ``state`` is ``listing``, ``downloading`` or ``failed`` (then ``error`` says why);
+    ``eta_s`` is None while the rate is unknown.
+    """
+
+    uri: str
+    state: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bps: float = 0.0
+    eta_s: float | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class Register:
     """First message of an agent on a (new) link: who it is and what it runs."""
 
@@ -124,6 +155,9 @@ class Register:
     agent_version: str
     gpus: tuple[GpuInfo, ...] = ()
     engines: tuple[EngineStatus, ...] = ()
+    # The model store's state; senders without a store (or predating it) send none.
+    models: tuple[CachedModelInfo, ...] = ()
+    fetches: tuple[FetchInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +179,8 @@ class Heartbeat:
     healthy: bool
     gpus: tuple[GpuInfo, ...] = ()
     engines: tuple[EngineStatus, ...] = ()
+    models: tuple[CachedModelInfo, ...] = ()  # as in Register
+    fetches: tuple[FetchInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +197,16 @@ class UnassignEngine:
 
     TYPE: ClassVar[str] = "unassign"
     engine_id: str
+
+
+@dataclass(frozen=True)
+class PrestageModel:
+    """Coordinator → agent: fetch this model source into the node's store now, before any
+    engine needs it (idempotent: a cached or downloading URI is left as it is). Progress and
+    the result come back in heartbeats (``Heartbeat.fetches`` / ``Heartbeat.models``)."""
+
+    TYPE: ClassVar[str] = "prestage"
+    uri: str
 
 
 @dataclass(frozen=True)
@@ -213,6 +259,7 @@ Message = (
     | Heartbeat
     | AssignEngine
     | UnassignEngine
+    | PrestageModel
     | KVEventBatch
     | KVSnapshot
     | ErrorReport
@@ -226,6 +273,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Heartbeat,
         AssignEngine,
         UnassignEngine,
+        PrestageModel,
         KVEventBatch,
         KVSnapshot,
         ErrorReport,
@@ -239,17 +287,20 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "AssignEngine",
+    "CachedModelInfo",
     "EngineKind",
     "EngineRole",
     "EngineSpec",
     "EngineState",
     "EngineStatus",
     "ErrorReport",
+    "FetchInfo",
     "GpuInfo",
     "Heartbeat",
     "KVEventBatch",
     "KVSnapshot",
     "Message",
+    "PrestageModel",
     "Register",
     "UnassignEngine",
     "Welcome",

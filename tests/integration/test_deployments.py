@@ -16,6 +16,8 @@ import http.server
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -239,3 +241,98 @@ def test_a_deployment_from_an_http_source_is_fetched_by_the_agent(
     assert _status(http, "remote")["source"] == model_server
     assert http.delete("/admin/v1/deployments/remote").status_code == 200
     _until(lambda: "remote" not in _models(http), "remote deleted")
+
+
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files and counts the GETs of each path (the test asks what was downloaded)."""
+
+    gets: collections.Counter[str]
+
+    def do_GET(self) -> None:
+        self.gets[self.path] += 1
+        super().do_GET()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def counted_server(
+    demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, collections.Counter[str]]]:
+    """The demo model over HTTP at a URI no other test fetches, and the GETs it served."""
+    root = tmp_path_factory.mktemp("served-counted")
+    shutil.copytree(demo_model, root / "warm")
+    files = [
+        {"path": p.name, "size": p.stat().st_size}
+        for p in sorted((root / "warm").iterdir())
+    ]  # fmt: skip
+    (root / "warm" / "fleet-manifest.json").write_text(json.dumps({"files": files}))
+    gets: collections.Counter[str] = collections.Counter()
+    handler_cls = type("Handler", (_CountingHandler,), {"gets": gets})
+    handler = functools.partial(handler_cls, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/warm/", gets
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def _prestage_states(http: httpx.Client, source: str) -> list[str]:
+    for entry in http.get("/admin/v1/prestage").json()["prestages"]:
+        if entry["source"] == source:
+            return [n["state"] for n in entry["nodes"]]
+    return []
+
+
+def test_a_prestaged_model_scales_up_without_a_download(
+    fleet: tuple[httpx.Client, Path],
+    counted_server: tuple[str, collections.Counter[str]],
+    demo_model: Path,
+) -> None:
+    http, _ = fleet
+    source, gets = counted_server
+    bad = http.post("/admin/v1/prestage", json={"source": str(demo_model)})
+    assert bad.status_code == 400 and "nothing to fetch" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "source"
+    missing = http.post("/admin/v1/prestage", json={"deployment": "nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "deployment"
+    nowhere = http.post("/admin/v1/prestage", json={"source": source, "nodes": ["no-such-node"]})
+    assert nowhere.status_code == 404 and nowhere.json()["error"]["param"] == "nodes"
+    assert not gets
+
+    answer = http.post("/admin/v1/prestage", json={"source": source})
+    assert answer.status_code == 202, answer.text
+    [node] = answer.json()["nodes"]
+    assert node["state"] in ("requested", "fetching", "cached"), node
+    _until(lambda: _prestage_states(http, source) == ["cached"], "prestaged")
+    fetched = sum(n for path, n in gets.items() if not path.endswith("fleet-manifest.json"))
+    assert fetched == len(list(demo_model.iterdir())), gets  # every file, once
+    command = ["models", "-o", "json", "--coordinator", str(http.base_url)]
+    listing = subprocess.run(
+        [sys.executable, "-m", "fleet", *command], capture_output=True, text=True, timeout=60,
+        check=True,
+    )  # fmt: skip
+    rows = json.loads(listing.stdout)["models"]
+    assert [r["state"] for r in rows if r["source"] == source] == ["cached"], rows
+
+    before = sum(gets.values())
+    warm = {
+        "apiVersion": "fleet.dev/v1alpha1",
+        "kind": "FleetModel",
+        "metadata": {"name": "warm"},
+        "spec": {"servedModelNames": ["warm"], "source": source, "replicas": 1},
+    }
+    assert http.post("/admin/v1/deployments", json=warm).status_code == 201
+    _until(lambda: "warm" in _models(http), "prestaged model deployed, engine ready")
+    reply = http.post("/v1/completions", json={"model": "warm", "prompt": "Hi", "max_tokens": 2})
+    assert reply.status_code == 200
+    assert sum(gets.values()) == before, gets  # the scale-up started warm: nothing requested
+    again = http.post("/admin/v1/prestage", json={"deployment": "warm"})
+    assert again.status_code == 202 and again.json()["nodes"][0]["state"] == "cached"
+    assert again.json()["nodes"][0]["pinned"] is True  # the engine uses it now
+    assert http.delete("/admin/v1/deployments/warm").status_code == 200
+    _until(lambda: "warm" not in _models(http), "warm deleted")

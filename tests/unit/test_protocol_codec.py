@@ -14,14 +14,17 @@ from fleet.protocol.kvevents import AllBlocksCleared, BlockRemoved, BlockStored
 from fleet.protocol.messages import (
     MESSAGE_TYPES,
     AssignEngine,
+    CachedModelInfo,
     EngineSpec,
     EngineStatus,
     ErrorReport,
+    FetchInfo,
     GpuInfo,
     Heartbeat,
     KVEventBatch,
     KVSnapshot,
     Message,
+    PrestageModel,
     Register,
     UnassignEngine,
     Welcome,
@@ -107,6 +110,24 @@ MESSAGES: list[Message] = [
     ErrorReport(code="x", message=""),
     KVSnapshot(node_id="n1", engine_id="e1", model="m", seq=-1, part=0, parts=1),
     KVSnapshot(node_id="n1", engine_id="e1", model="m", seq=41, part=2, parts=3, events=EVENTS),
+    Heartbeat(
+        node_id="n1",
+        seq=3,
+        healthy=True,
+        models=(CachedModelInfo("hf://o/m@abc", 1234, pinned=True, last_used=1.7e9),),
+        fetches=(
+            FetchInfo("s3://b/m", "downloading", 10, 100, rate_bps=5.5, eta_s=16.4),
+            FetchInfo("http://h/m/", "failed", error="not_found: 404"),
+        ),
+    ),
+    Register(
+        node_id="n1",
+        agent_url="http://n1:9000",
+        agent_version="0.1.0",
+        models=(CachedModelInfo("s3://b/m", 1),),
+        fetches=(FetchInfo("hf://o/m", "listing"),),
+    ),
+    PrestageModel(uri="http://127.0.0.1:8000/demo/"),
 ]
 
 
@@ -162,6 +183,21 @@ def test_int_where_float_expected_is_accepted() -> None:
     assert decoded == Welcome(coordinator_id="c", heartbeat_interval_s=2.0)
     assert isinstance(decoded, Welcome)
     assert type(decoded.heartbeat_interval_s) is float
+
+
+def test_store_state_absent_decodes_empty_and_eta_may_be_none() -> None:
+    data = _wire(Heartbeat(node_id="n", seq=1, healthy=True))
+    del data["models"], data["fetches"]  # an agent that predates the model store
+    assert codec.decode(_frames(data)) == Heartbeat(node_id="n", seq=1, healthy=True)
+    fetch = FetchInfo("hf://o/m", "downloading", 1, 2)
+    decoded = codec.decode(codec.encode(Heartbeat("n", 1, True, fetches=(fetch,))))
+    assert isinstance(decoded, Heartbeat) and decoded.fetches[0].eta_s is None
+
+
+def test_rejects_wrong_typed_store_state() -> None:
+    data = _wire(Heartbeat("n", 1, True, models=(CachedModelInfo("u", 1),)))
+    data["models"][0]["size_bytes"] = "big"
+    assert _reject(_frames(data)).field == "heartbeat.models[0].size_bytes"
 
 
 def test_unknown_keys_are_ignored() -> None:

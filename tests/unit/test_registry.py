@@ -6,10 +6,18 @@ Plain synchronous tests: messages go in with an explicit ``now``, answers come o
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from fleet.coordinator.registry import EngineView, FleetRegistry
-from fleet.protocol.messages import EngineStatus, GpuInfo, Heartbeat, Register
+from fleet.protocol.messages import (
+    CachedModelInfo,
+    EngineStatus,
+    FetchInfo,
+    GpuInfo,
+    Heartbeat,
+    Register,
+)
 
 LOST_AFTER_S = 10.0
 
@@ -255,6 +263,18 @@ def test_engine_view_as_json_shape() -> None:
     assert json.loads(json.dumps(data)) == data
 
 
+def test_store_state_follows_register_and_heartbeats() -> None:
+    reg = FleetRegistry(lost_after_s=LOST_AFTER_S)
+    fetch = FetchInfo("hf://o/m", "downloading", 1, 4, rate_bps=1.5, eta_s=2.0)
+    reg.register(replace(register("a"), fetches=(fetch,)), now=0.0)
+    record = reg.node("a")
+    assert record is not None and record.fetches == (fetch,)
+    model = CachedModelInfo("hf://o/m", 4, pinned=False, last_used=3.0)
+    assert reg.heartbeat(Heartbeat("a", 1, True, models=(model,)), now=1.0)
+    assert (record.models, record.fetches) == ((model,), ())
+    assert record.as_json()["models"] == [{"uri": "hf://o/m", "size_bytes": 4, "pinned": False}]
+
+
 def test_node_record_as_json_shape() -> None:
     reg = FleetRegistry(lost_after_s=LOST_AFTER_S)
     record = reg.register(
@@ -298,6 +318,8 @@ def test_node_record_as_json_shape() -> None:
             },
         ],
         "engines": ["e1", "e2"],
+        "models": [],
+        "fetches": [],
     }
     assert json.loads(json.dumps(data)) == data
     reg.expire(now=LOST_AFTER_S + 1)
