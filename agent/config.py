@@ -1,0 +1,53 @@
+"""The agent's settings: one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleet.protocol.errors import ConfigError
+
+from .fakenvml import FakeGpuSpec
+from .gpus import GpuConfig
+from .launcher import LaunchConfig
+from .store import StoreConfig
+from .supervisor import SupervisorConfig
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent needs, validated once.
+
+    Raises:
+        ConfigError: a key with a bad value.
+    """
+
+    node_id: str = field(default_factory=socket.gethostname)
+    coordinator_endpoint: str = "tcp://127.0.0.1:5555"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8081
+    heartbeat_interval_s: float = 1.0
+    log_dir: Path | None = None
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    fake_gpus: tuple[FakeGpuSpec, ...] = ()  # ``--fake-gpus``: no NVML, these GPUs instead
+    # Fetches engines' model_path URIs (hf://, s3://, http(s)://, file://); None = no store,
+    # and an engine whose model_path is a URI fails with that reason.
+    store: StoreConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.node_id or len(self.node_id) > 253:
+            raise ConfigError("node_id", self.node_id, "must be 1..253 characters")
+        if not self.coordinator_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(
+                "coordinator_endpoint", self.coordinator_endpoint, "must be a ZMQ endpoint"
+            )
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError("http_port", self.http_port, "must be 0..65535")
+        if not self.heartbeat_interval_s > 0:
+            raise ConfigError("heartbeat_interval_s", self.heartbeat_interval_s, "must be > 0")
+
+
+__all__ = ["AgentConfig"]
