@@ -8,6 +8,7 @@ as text) and for chat (the prefix is a system prompt, through vLLM's chat templa
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -130,6 +131,28 @@ def _resumed(http: httpx.Client) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _inflight(http: httpx.Client) -> dict[str, float]:
+    """``fleet_requests_inflight`` by engine."""
+    text = http.get("/metrics").text
+    found = re.findall(r'^fleet_requests_inflight\{engine="([^"]+)"\} (\S+)', text, re.M)
+    return {engine: float(value) for engine, value in found}
+
+
+def _sent_to(
+    http: httpx.Client, engines: set[str], before: dict[str, float], deadline: float
+) -> str:
+    """The engine whose requests in flight rose above ``before``: where the coordinator sent
+    the one request sent since."""
+    while True:
+        now = _inflight(http)
+        busy = {e for e in engines if now.get(e, 0.0) > before.get(e, 0.0)}
+        if busy:
+            assert len(busy) == 1, f"requests in flight to {busy}"
+            return busy.pop()
+        assert time.monotonic() < deadline, "the coordinator sent the request to no engine"
+        time.sleep(0.05)
+
+
 def _signal(pids: set[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -161,10 +184,12 @@ def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
 
     Deterministic, not a race against the engine: the tiny model makes 400 tokens in ~1.8 s
     on CPU, and a client slowed by a busy machine once read its 5th chunk after the engine
-    had finished (nothing left to resume). So the victim's engine core is frozen (SIGSTOP)
-    as soon as the response starts, run in 5 ms slices until it has generated a few tokens,
-    and killed while frozen with fewer tokens generated than the budget (the engine's own
-    counter)."""
+    had finished (nothing left to resume); freezing the engine when the response started was
+    not enough either (beside a CPU hog the coordinator relayed the start after all 400). So
+    both engines' cores are frozen (SIGSTOP) before the request is sent; the victim is the
+    engine the coordinator sent it to (``fleet_requests_inflight``); the other is thawed, the
+    victim's core run in 5 ms slices until it has generated a few tokens, and the victim
+    killed while frozen, with fewer tokens generated than the budget (its own counter)."""
     # The first parametrization's victim restarts; until then the registry may still list it
     # ready for up to a heartbeat: wait for two ready engines whose processes are alive.
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -184,23 +209,38 @@ def test_a_stream_whose_engine_is_sigkilled_is_finished_by_the_other(
         "stream_options": {"include_usage": True},
         "extra_body": {"ignore_eos": True},
     }
-    if kind == "chat":
-        stream: Any = client.chat.completions.with_raw_response.create(
-            messages=[{"role": "user", "content": "Write a long story."}], **common
-        )
-    else:
-        stream = client.completions.with_raw_response.create(prompt="Once upon a time", **common)
-    victim_id = stream.headers["x-selected-pod"]
-    victim = engines[victim_id]
-    core = children_tree(victim["pid"])  # its EngineCore and worker processes
-    _signal(core, signal.SIGSTOP)
+
+    def open_stream() -> Any:
+        if kind == "chat":
+            return client.chat.completions.with_raw_response.create(
+                messages=[{"role": "user", "content": "Write a long story."}], **common
+            )
+        return client.completions.with_raw_response.create(prompt="Once upon a time", **common)
+
+    cores = {e: children_tree(v["pid"]) for e, v in engines.items()}  # EngineCore and worker
+    for core in cores.values():
+        _signal(core, signal.SIGSTOP)
+    inflight = _inflight(fleet2)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
+        opened = pool.submit(open_stream)
+        victim_id = _sent_to(fleet2, set(engines), inflight, time.monotonic() + 60)
+        for engine_id, core in cores.items():
+            if engine_id != victim_id:
+                _signal(core, signal.SIGCONT)  # it takes the rest of the stream
+        victim = engines[victim_id]
         start = before[victim_id]
-        generated = _step_until_generated(victim["url"], core, start + 5, time.monotonic() + 60)
+        generated = _step_until_generated(
+            victim["url"], cores[victim_id], start + 5, time.monotonic() + 60
+        )
         assert generated - start < budget  # still generating: a resume is due
         os.kill(victim["pid"], signal.SIGKILL)
+        stream = opened.result(timeout=120)
     finally:
-        _signal(core, signal.SIGCONT)  # they see their API server gone
+        for core in cores.values():
+            _signal(core, signal.SIGCONT)  # the victim's see their API server gone
+        pool.shutdown(wait=True)  # the stream opens once nothing is frozen
+    assert stream.headers["x-selected-pod"] == victim_id
     pieces, ids, roles, finishes, usage = [], set(), 0, [], None
     for chunk in stream.parse():
         ids.add(chunk.id)
