@@ -9,8 +9,8 @@ from fleet.protocol.errors import ConfigError
 
 from .apikeys import ApiKeys
 from .deploybook import EngineDefaults
+from .deployment import Deployment
 from .kvindex import DEFAULT_MAX_ENTRIES
-from .placement import Deployment
 from .resilience import ResilienceConfig
 from .router.scheduler import Profile
 

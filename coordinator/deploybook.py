@@ -5,7 +5,7 @@ the ``--model`` shorthand of ``fleet up``/``fleet coordinator`` (fixed), a ``--d
 folder of FleetModel YAML files (replaced whole on every change), and the admin API (one
 deployment at a time; kept in memory when there is no folder). :class:`DeploymentBook` holds
 them, refuses a name two places claim, and turns each FleetModel into the
-:class:`~.placement.Deployment` placement works with (:func:`to_deployment`), higher priority
+:class:`~.deployment.Deployment` placement works with (:func:`to_deployment`), higher priority
 first. :func:`status` says, per deployment, how many engines are wanted, placed and ready, and
 why each engine that is not ready is not.
 """
@@ -18,8 +18,9 @@ from typing import Any
 
 from fleet.protocol.errors import ConfigError
 
+from .deployment import Deployment
 from .deployspec import FleetModel
-from .placement import Deployment, Placer
+from .placement import Placer
 from .registry import FleetRegistry
 from .tpgroups import TPGroups
 
@@ -79,6 +80,7 @@ def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployme
         traffic_weight=model.traffic_weight,
         tensor_parallel_size=model.tensor_parallel_size,
         tp_layout=model.tensor_parallel_layout,
+        tiers=model.gpu_tiers,
     )
     return deployment, notes
 

@@ -1,6 +1,6 @@
 """How much GPU memory each engine of a deployment needs, from its local model folder.
 
-:func:`with_memory` fills :attr:`~.placement.Deployment.memory` for deployments of GPU engines
+:func:`with_memory` fills :attr:`~.deployment.Deployment.memory` for deployments of GPU engines
 whose model is a local folder: the weights from the safetensors headers (no weights loaded) and
 the model's shape from ``config.json`` (:mod:`.modelsize`), with the engine arguments, through
 vLLM's budget rules (:mod:`.gpumemory`). A folder that cannot be read leaves ``memory`` None
@@ -15,10 +15,10 @@ from pathlib import Path
 
 from fleet.protocol.errors import FleetError
 
+from .deployment import Deployment
 from .engineargs import EngineArgs
 from .gpumemory import engine_memory
 from .modelsize import ModelFootprint, read_footprint
-from .placement import Deployment
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,8 @@ class Node:
 
     @classmethod
     def from_infos(cls, name: str, infos: Iterable[GpuInfo], *, fake: bool = False) -> Node:
-        """Build a node from its agent's readings (free = total - used, tier from the name)."""
+        """Build a node from its agent's readings (free = total - used, tier from the name;
+        fake when ``fake`` or the reading says so)."""
         return cls(
             name,
             tuple(
@@ -91,7 +92,7 @@ class Node:
                     total_bytes=g.memory_total_bytes,
                     free_bytes=max(0, g.memory_total_bytes - g.memory_used_bytes),
                     healthy=g.healthy,
-                    fake=fake,
+                    fake=fake or g.fake,
                     tier=gpu_tier(g.name),
                     reason=g.reason,
                 )
@@ -155,6 +156,8 @@ def choose(
     tiers: Sequence[str],
     avoid: Iterable[GpuRef],
     spread: Mapping[str, int],
+    *,
+    node_counts: Sequence[int] | None = None,
 ) -> Choice | None:
     """Pick ``tp`` GPUs for one engine, or None when no arrangement fits.
 
@@ -162,7 +165,8 @@ def choose(
     GPUs each, each node's best-fitting GPUs; the best is the least by: real before fake,
     worst tier's rank in ``tiers`` (unlisted tiers after the listed), ``k``, one tier before
     mixed, engines of the deployment already on the nodes (``spread``), memory left over on the
-    chosen GPUs (tightest first), node names.
+    chosen GPUs (tightest first), node names. ``node_counts`` limits ``k`` (default: any divisor
+    of ``tp``).
     """
     usable = [
         (ref, g)
@@ -185,6 +189,8 @@ def choose(
                 left = capacity.free[ref] - memory.claim_bytes(g.total_bytes)
                 per_node.setdefault(ref.node, []).append((left, ref, g))
             for k in _divisors(tp):
+                if node_counts is not None and k not in node_counts:
+                    continue
                 per = tp // k
                 options = {n: sorted(c)[:per] for n, c in per_node.items() if len(c) >= per}
                 if len(options) < k:

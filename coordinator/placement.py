@@ -5,9 +5,11 @@ the live nodes report and returns the assignments to send. An assignment stays p
 node reports the engine; one that is not reported within ``assign_timeout_s`` is sent again, and
 engines of a lost node are placed anew on a live one.
 
-This first placer spreads engines over nodes by count and gives each engine the GPUs it asks for
-from the node's healthy, unused GPUs. Later work (tensor-parallel groups, bin packing by memory)
-replaces the choice, not the reconcile loop.
+Deployments are placed in the order given (higher priority first: :mod:`.deploybook`). An
+engine without GPUs goes to the healthy node running the fewest engines. An engine with GPUs gets
+healthy GPUs no other engine uses, on one node, chosen by :func:`.gpuchoice.choose`: real GPUs
+before fake ones, the deployment's preferred tiers in order, nodes with the fewest of its engines,
+then the tightest memory fit (large GPUs stay free for large models).
 
 Moves, make-before-break. An engine whose every copy runs on a GPU its node reports unhealthy
 (an XID or ECC error, a lost GPU) gets a second copy, under the same id, on another node's
@@ -25,110 +27,16 @@ import math
 from dataclasses import dataclass
 
 from fleet.protocol.errors import ConfigError
-from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, AssignEngine, EngineSpec, GpuInfo
+from fleet.protocol.messages import AssignEngine, EngineSpec, GpuInfo
 
 from .crashloop import CrashLoops
-from .gpuchoice import Capacity, Node, no_fit_reason
+from .deployment import Deployment
+from .gpuchoice import Capacity, Node, choose, no_fit_reason
 from .gpumemory import EngineMemory
 from .registry import FleetRegistry, NodeRecord, on_healthy_gpus
 
-
-@dataclass(frozen=True)
-class Deployment:
-    """A model the fleet should serve: how many engines of which kind.
-
-    ``name`` (default: ``model``) names the deployment and its engines (``NAME-0``, ...);
-    ``model`` is the served name clients ask for, ``aliases`` more served names. Deployments
-    serving one name split its new sessions by ``traffic_weight`` (versions, canaries).
-
-    Raises:
-        ConfigError: on a bad value (names the key).
-    """
-
-    model: str
-    model_path: str
-    replicas: int = 1
-    kind: str = "vllm"
-    role: str = "both"
-    gpus_per_engine: int = 0
-    block_size: int = 32
-    max_model_len: int = 1024
-    extra_args: tuple[str, ...] = ()
-    name: str = ""
-    aliases: tuple[str, ...] = ()
-    traffic_weight: int = 100
-    # Above 1: each engine is a tensor-parallel group, placed by .tpgroups (not here);
-    # gpus_per_engine is then the whole group's. tp_layout: "auto", "spread" or "pack".
-    tensor_parallel_size: int = 1
-    tp_layout: str = "auto"
-    # Memory one engine needs on each of its GPUs (GPU engines of a local model folder; None:
-    # unknown, any free GPU will do).
-    memory: EngineMemory | None = None
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("model", self.model, "must be a non-empty name")
-        if not self.name:
-            object.__setattr__(self, "name", self.model)
-        if self.traffic_weight < 0:
-            raise ConfigError("traffic_weight", self.traffic_weight, "must be >= 0")
-        if self.replicas < 0:
-            raise ConfigError("replicas", self.replicas, "must be >= 0")
-        if self.kind not in ENGINE_KINDS:
-            raise ConfigError("engine", self.kind, f"must be one of {ENGINE_KINDS}")
-        if self.role not in ENGINE_ROLES:
-            raise ConfigError("role", self.role, f"must be one of {ENGINE_ROLES}")
-        if self.gpus_per_engine < 0:
-            raise ConfigError("gpus_per_engine", self.gpus_per_engine, "must be >= 0")
-        if self.block_size <= 0:
-            raise ConfigError("block_size", self.block_size, "must be > 0")
-        if self.max_model_len <= 0:
-            raise ConfigError("max_model_len", self.max_model_len, "must be > 0")
-        _check_tp(self)
-
-    @property
-    def served_names(self) -> tuple[str, ...]:
-        return (self.model, *self.aliases)
-
-    def engine_ids(self) -> list[str]:
-        return [f"{self.name}-{i}" for i in range(self.replicas)]
-
-    def owned_ids(self) -> list[str]:
-        """Every engine id this deployment owns: its engines and their groups' other ranks."""
-        ranks = range(1, self.tensor_parallel_size)
-        return [x for e in self.engine_ids() for x in (e, *(rank_engine_id(e, r) for r in ranks))]
-
-    def spec(self, engine_id: str, gpus: tuple[int, ...]) -> EngineSpec:
-        return EngineSpec(
-            engine_id=engine_id,
-            model=self.model,
-            model_path=self.model_path,
-            kind=self.kind,
-            role=self.role,
-            gpus=gpus,
-            block_size=self.block_size,
-            max_model_len=self.max_model_len,
-            extra_args=self.extra_args,
-            aliases=self.aliases,
-        )
-
-
-TP_LAYOUTS = ("auto", "spread", "pack")
-
-
-def rank_engine_id(group: str, rank: int) -> str:
-    """The engine id of rank ``rank`` of tensor-parallel group ``group`` (rank 0: the group's)."""
-    return group if rank == 0 else f"{group}.rank{rank}"
-
-
-def _check_tp(d: Deployment) -> None:
-    tp = d.tensor_parallel_size
-    if tp < 1:
-        raise ConfigError("tensor_parallel_size", tp, "must be >= 1")
-    if d.tp_layout not in TP_LAYOUTS:
-        raise ConfigError("tp_layout", d.tp_layout, f"must be one of {TP_LAYOUTS}")
-    if tp > 1 and d.gpus_per_engine % tp:
-        raise ConfigError("gpus_per_engine", d.gpus_per_engine, f"must be a multiple of {tp}")
+#: The memory of an engine whose needs are unknown: any free GPU fits it.
+ANY_MEMORY = EngineMemory(0, 0, 0, 0, 0, utilization=0.0)
 
 
 @dataclass(frozen=True)
@@ -222,7 +130,10 @@ class Placer:
             best = max(healthy, key=lambda n: len(self._free_gpus(n, n.node_id)))
             free = len(self._free_gpus(best, best.node_id))
             if free < need:
-                return f"needs {need} free GPUs on one node; most: node {best.node_id} has {free}"
+                return (
+                    f"needs {need} free GPU{'s' if need > 1 else ''} on one node; most: node "
+                    f"{best.node_id} has {free}"
+                )
         return "being placed"
 
     def unwanted(self, registry: FleetRegistry, now: float) -> list[tuple[str, str]]:
@@ -362,26 +273,35 @@ class Placer:
         *,
         exclude: set[str] | frozenset[str] = frozenset(),
     ) -> tuple[str, EngineSpec] | None:
-        load = {node_id: 0 for node_id in live}
         # Assignments sent earlier and not yet reported count too, or a node whose engines are
         # still pending looks empty and takes every re-placed engine.
         where = {e: n for e, (n, _, _) in self._pending.items()} | running
-        for node_id in where.values():
-            if node_id in load:
-                load[node_id] += 1
-        for node_id in sorted(live, key=lambda n: (load[n], n)):
-            node = live[node_id]
-            if not node.healthy or node_id in exclude:
-                continue
-            gpus = self._free_gpus(node, node_id)
-            memory = deployment.memory
-            if memory is not None:  # the tightest fits first: large GPUs stay for large models
-                fit = [g for g in node.gpus if g.index in gpus and _fits(memory, g)]
-                gpus = [g.index for g in sorted(fit, key=lambda g: (g.memory_total_bytes, g.index))]
-            if len(gpus) < deployment.gpus_per_engine:
-                continue
-            return node_id, deployment.spec(engine_id, tuple(gpus[: deployment.gpus_per_engine]))
-        return None
+        candidates = [n for n in sorted(live) if live[n].healthy and n not in exclude]
+        if not deployment.gpus_per_engine:
+            load = {node_id: 0 for node_id in live}
+            for node_id in where.values():
+                if node_id in load:
+                    load[node_id] += 1
+            best = min(candidates, key=lambda n: (load[n], n), default=None)
+            return None if best is None else (best, deployment.spec(engine_id, ()))
+        mine = set(deployment.owned_ids())
+        spread: dict[str, int] = {}
+        for e, node_id in where.items():
+            if e in mine and e != engine_id:
+                spread[node_id] = spread.get(node_id, 0) + 1
+        nodes = [Node.from_infos(n, self._unused(live[n])) for n in candidates]
+        found = choose(
+            Capacity(nodes, ()),
+            deployment.gpus_per_engine,
+            deployment.memory or ANY_MEMORY,
+            deployment.tiers,
+            (),
+            spread,
+            node_counts=(1,),  # one engine process: its GPUs share a node
+        )
+        if found is None:
+            return None
+        return found.gpus[0].node, deployment.spec(engine_id, tuple(g.index for g in found.gpus))
 
     def _unused(self, node: NodeRecord) -> list[GpuInfo]:
         free = set(self._free_gpus(node, node.node_id))
@@ -393,9 +313,4 @@ class Placer:
         return [g.index for g in node.gpus if g.healthy and g.index not in used]
 
 
-def _fits(memory: EngineMemory, gpu: GpuInfo) -> bool:
-    """Whether the engine starts on ``gpu`` as its agent last read it (vLLM's budget rules)."""
-    return memory.fits(gpu.memory_total_bytes, gpu.memory_total_bytes - gpu.memory_used_bytes)
-
-
-__all__ = ["TP_LAYOUTS", "Deployment", "Placement", "Placer", "rank_engine_id"]
+__all__ = ["ANY_MEMORY", "Placement", "Placer"]

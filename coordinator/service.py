@@ -30,13 +30,14 @@ from .api import create_app
 from .config import CoordinatorConfig
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
+from .deployment import Deployment
 from .footprints import with_memory
 from .httpserve import serve
 from .kvindex import KVIndex
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
 from .modelsize import ModelFootprint
-from .placement import Deployment, Placer
+from .placement import Placer
 from .pools import EnginePools
 from .prestage import PrestageBook
 from .proxy import Gateway

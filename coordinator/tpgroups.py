@@ -13,10 +13,12 @@ groups (``NAME-i``, the group's routable id, which is rank 0's engine id; rank `
    then the other ranks are assigned with rank 0's address and port.
 3. **Serving.** The registry routes to the group only when rank 0 is ready and every other rank
    reports ready with the same rendezvous (:meth:`~.registry.FleetRegistry.routable`).
-4. **Torn down** when any rank fails, stops, vanishes from its node, or its node is lost, or a
-   rank reports another rendezvous: every rank is unassigned (rank 0 outlives a dead peer while
+4. **Torn down** when any rank fails, stops, vanishes from its node, or its node is lost, or
+   one of its GPUs turns unhealthy (NVML XID/ECC) or is gone, or a rank reports another
+   rendezvous: every rank is unassigned (rank 0 outlives a dead peer while
    answering 503, so it is never trusted alone), and once no live node reports any of them the
-   group is placed again, with a fresh master port.
+   group is placed again, with a fresh master port, on healthy GPUs. A group is torn down before
+   it is placed again (break-before-make): its ranks' engine ids are unique on their nodes.
 
 A coordinator that restarts adopts a complete group its nodes report, and tears down a partial
 one.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 from fleet.protocol.messages import AssignEngine, EngineSpec, EngineStatus, UnassignEngine
 
-from .placement import Deployment, rank_engine_id
+from .deployment import Deployment, rank_engine_id
 from .registry import FleetRegistry, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,9 @@ class TPGroups:
         for r, (node_id, status) in reported.items():
             if r >= len(g.specs) or node_id != g.nodes[r]:
                 return f"rank {r} runs on node {node_id}, not where it was placed"
+            trouble = _gpu_trouble(live[node_id], status)
+            if trouble:
+                return f"rank {r}'s GPU {node_id}:{trouble}"
             if status.state in _DEAD_STATES and (g.nnodes > 1 or status.state == "failed"):
                 why = f": {status.last_error}" if status.last_error else ""
                 return f"rank {r} on node {node_id} is {status.state}{why}"
@@ -293,6 +298,18 @@ def _reported(
             if status is not None and r not in out:
                 out[r] = (node_id, status)
     return out
+
+
+def _gpu_trouble(node: NodeRecord, status: EngineStatus) -> str:
+    """``INDEX is unhealthy: REASON`` (or ``is gone``) for the first of the engine's GPUs its
+    node no longer reports healthy; "" when all are."""
+    for index in status.gpus:
+        gpu = next((g for g in node.gpus if g.index == index), None)
+        if gpu is None:
+            return f"{index} is gone"
+        if not gpu.healthy:
+            return f"{index} is unhealthy" + (f": {gpu.reason}" if gpu.reason else "")
+    return ""
 
 
 def _unassign(group_id: str, reported: dict[int, tuple[str, EngineStatus]]) -> list[Send]:

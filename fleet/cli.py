@@ -447,7 +447,7 @@ def declared(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _deployment(args: argparse.Namespace) -> Any:
-    from fleet.coordinator.placement import Deployment
+    from fleet.coordinator.deployment import Deployment
 
     model_path = str(Path(args.model).resolve())
     name = args.model_name or Path(args.model).resolve().name

@@ -99,9 +99,7 @@ class Fleet:
 
 
 def _engines(url: str) -> list[dict[str, Any]]:
-    engines: list[dict[str, Any]] = httpx.get(url + "/api/v1/engines", timeout=10).json()[
-        "engines"
-    ]
+    engines: list[dict[str, Any]] = httpx.get(url + "/api/v1/engines", timeout=10).json()["engines"]
     return engines
 
 

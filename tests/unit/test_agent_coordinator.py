@@ -20,8 +20,8 @@ import zmq
 from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
+from fleet.coordinator.deployment import Deployment
 from fleet.coordinator.kvindex import block_keys
-from fleet.coordinator.placement import Deployment
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 from fleet.protocol import codec
 from fleet.protocol.kvevents import BlockRemoved, BlockStored

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fleet.coordinator.crashloop import CrashLoops
-from fleet.coordinator.placement import Deployment, Placer
+from fleet.coordinator.deployment import Deployment
+from fleet.coordinator.placement import Placer
 from fleet.coordinator.registry import FleetRegistry
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineStatus, Heartbeat, Register

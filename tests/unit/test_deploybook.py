@@ -8,11 +8,12 @@ import pytest
 
 from fleet.coordinator.adminapi import Unauthorized, authorize
 from fleet.coordinator.deploybook import API, DeploymentBook, EngineDefaults, status, to_deployment
+from fleet.coordinator.deployment import Deployment
 from fleet.coordinator.deployspec import parse_model
-from fleet.coordinator.placement import Deployment, Placer
+from fleet.coordinator.placement import Placer
 from fleet.coordinator.registry import FleetRegistry
 from fleet.protocol.errors import ConfigError
-from fleet.protocol.messages import EngineStatus, Heartbeat, Register
+from fleet.protocol.messages import EngineStatus, GpuInfo, Heartbeat, Register
 
 
 def model(name: str, **spec: Any) -> Any:
@@ -140,3 +141,24 @@ def test_status_of_a_tensor_parallel_group() -> None:
     (big,) = status(placer, registry, book, notes, now=1.0, groups=groups)
     assert big["ready"] == 0  # rank 0 alone is not a group
     assert big["reasons"]["big-0"] == "rank 0 ready on node n1; waiting for every other rank"
+
+
+def test_when_gpus_run_short_the_higher_priority_deployment_gets_them() -> None:
+    book = DeploymentBook(defaults=EngineDefaults(gpus_per_engine=1))
+    book.put(model("batch-a", priorityClassName="low", gpuTier=["a100"]))
+    book.put(model("chat-a", priorityClassName="high"))
+    deployments, _ = book.deployments()
+    assert {d.name: d.tiers for d in deployments} == {"chat-a": (), "batch-a": ("a100",)}
+    registry = FleetRegistry(lost_after_s=10.0)
+    one = GpuInfo(index=0, uuid="GPU-0", name="NVIDIA A100-SXM4-80GB", memory_total_bytes=80 << 30,
+                  memory_used_bytes=0, utilization_pct=0.0, temperature_c=30.0, power_w=70.0,
+                  ecc_uncorrected=0, healthy=True)  # fmt: skip
+    registry.register(Register(node_id="a", agent_url="", agent_version="0", gpus=(one,)), 0.0)
+    placer = Placer(deployments, assign_timeout_s=30.0)
+    (placement,) = placer.reconcile(registry, now=0.0)
+    # the A100 batch-a prefers goes to chat-a, which ranks higher
+    assert placement.assign.spec.engine_id == "chat-a-0"
+    batch = next(d for d in deployments if d.name == "batch-a")
+    assert placer.why_unplaced(batch, registry, now=0.0) == (
+        "needs 1 free GPU on one node; most: node a has 0"
+    )

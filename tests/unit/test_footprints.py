@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fleet.coordinator.deployment import Deployment
 from fleet.coordinator.footprints import with_memory
 from fleet.coordinator.modelsize import ModelFootprint, safetensors_bytes
-from fleet.coordinator.placement import Deployment
 
 
 def test_gpu_engines_of_a_local_model_get_their_memory(demo_model: Path) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from fleet.coordinator.deployment import Deployment
 from fleet.coordinator.gpumemory import EngineMemory
-from fleet.coordinator.placement import Deployment, Placement, Placer
+from fleet.coordinator.placement import Placement, Placer
 from fleet.coordinator.registry import FleetRegistry
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import AssignEngine, EngineSpec, EngineStatus, GpuInfo, Heartbeat
@@ -577,3 +578,44 @@ def test_memory_in_use_counts_and_no_fit_says_what_is_free() -> None:
     assert placer.why_unplaced(big, fleet.registry, now=0.0) == (
         "needs 1 × 38 GiB GPU; largest free: node a 1 × 24 GiB + 1 × 20 GiB"
     )
+
+
+# -- the choice of GPUs: tiers, real before fake, spread -----------------------------------------
+
+
+def named(index: int, name: str, *, fake: bool = False) -> GpuInfo:
+    return dataclasses.replace(gpu(index), name=name, fake=fake)
+
+
+def test_a_deployment_gets_its_preferred_tier_first_then_any_other() -> None:
+    fleet = Fleet()
+    fleet.node("a", gpus=(named(0, "NVIDIA H100 80GB HBM3"),))
+    fleet.node("b", gpus=(named(0, "NVIDIA A100-SXM4-80GB"),))
+    d = deployment("m", replicas=2, gpus_per_engine=1, tiers=("a100",))
+    out = Placer((d,), assign_timeout_s=TIMEOUT_S).reconcile(fleet.registry, now=0.0)
+    # m-0 takes the only A100; the tier is a preference, so m-1 still runs, on the H100
+    assert placed(out) == {"m-0": "b", "m-1": "a"}
+
+
+def test_real_gpus_are_used_before_fake_ones() -> None:
+    fleet = Fleet()
+    fleet.node("a", gpus=(named(0, "H100", fake=True), named(1, "H100", fake=True)))
+    fleet.node("b", gpus=(named(0, "H100"),))
+    d = deployment("m", replicas=2, gpus_per_engine=1)
+    out = Placer((d,), assign_timeout_s=TIMEOUT_S).reconcile(fleet.registry, now=0.0)
+    assert placed(out) == {"m-0": "b", "m-1": "a"}
+
+
+def test_gpu_replicas_of_one_deployment_spread_over_nodes() -> None:
+    fleet = Fleet()
+    fleet.node("a", gpus=tuple(gpu(i) for i in range(4)))
+    fleet.node("b", gpus=tuple(gpu(i) for i in range(4)))
+    d = deployment("m", replicas=4, gpus_per_engine=1)
+    out = Placer((d,), assign_timeout_s=TIMEOUT_S).reconcile(fleet.registry, now=0.0)
+    assert Counter(placed(out).values()) == {"a": 2, "b": 2}
+    # an engine of one node's GPUs only: two GPUs each, on one node
+    pair = deployment("p", gpus_per_engine=2)
+    fleet.node("c", gpus=(gpu(0),))
+    fleet.node("d", gpus=(gpu(0), gpu(1)))
+    (only,) = Placer((pair,), assign_timeout_s=TIMEOUT_S).reconcile(fleet.registry, now=0.0)
+    assert only.node_id in ("a", "b", "d") and len(set(only.assign.spec.gpus)) == 2

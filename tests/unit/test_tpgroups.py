@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from fleet.coordinator.placement import Deployment, Placer
+from fleet.coordinator.deployment import Deployment
+from fleet.coordinator.placement import Placer
 from fleet.coordinator.registry import FleetRegistry
 from fleet.coordinator.tpgroups import Send, TPGroups
 from fleet.protocol.messages import (
@@ -189,3 +190,24 @@ def test_a_restarted_coordinator_adopts_a_whole_group_and_tears_down_a_partial_o
     w.report(4.0)
     down = w.step(tp2(), 4.0)
     assert [(s.node_id, s.message.engine_id) for s in down] == [("a", "tp-0")]  # type: ignore[union-attr]
+
+
+def test_a_gpu_turning_unhealthy_moves_the_group_off_it() -> None:
+    w = World("a", "b", gpus=2)
+    d = tp2(gpus_per_engine=2)
+    w.step(d, 1.0)
+    w.set_state("tp-0", "ready", 2.0)
+    (packed,) = [n for n, e in w.running.items() if "tp-0" in e]
+    record = w.registry.node(packed)
+    assert record is not None
+    bad = dataclasses.replace(record.gpus[1], healthy=False, xids=(79,), reason="XID 79")
+    w.registry.heartbeat(
+        Heartbeat(packed, 2, True, (record.gpus[0], bad), tuple(w.running[packed].values())), 3.0
+    )
+    down = w.step(d, 3.0)
+    assert [(s.node_id, s.message.engine_id) for s in down] == [(packed, "tp-0")]  # type: ignore[union-attr]
+    assert w.groups.teardowns == 1
+    assert w.groups.group("tp-0").reason == f"rank 0's GPU {packed}:1 is unhealthy: XID 79"  # type: ignore[union-attr]
+    again = w.step(d, 4.0)  # placed anew where two healthy GPUs are
+    other = "b" if packed == "a" else "a"
+    assert [(s.node_id, s.message.spec.gpus) for s in again] == [(other, (0, 1))]  # type: ignore[union-attr]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fleet.coordinator.placement import Deployment, Placer
+from fleet.coordinator.deployment import Deployment
+from fleet.coordinator.placement import Placer
 from fleet.coordinator.registry import EngineView
 from fleet.coordinator.versions import engines_for, session_key
 
