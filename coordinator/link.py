@@ -23,6 +23,7 @@ from fleet.protocol.messages import (
     KVEventBatch,
     KVSnapshot,
     Message,
+    PrestageModel,
     Register,
     UnassignEngine,
     Welcome,
@@ -32,6 +33,7 @@ from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 from .kvindex import KVIndex
 from .metrics import CoordinatorMetrics
 from .placement import Placer
+from .prestage import PrestageBook
 from .registry import FleetRegistry
 from .tpgroups import TPGroups
 
@@ -63,6 +65,7 @@ class AgentLink:
         clock: Callable[[], float] = trio.current_time,
         on_update: Callable[[], None] = lambda: None,
         groups: TPGroups | None = None,
+        prestages: PrestageBook | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.coordinator_id = coordinator_id
@@ -74,6 +77,7 @@ class AgentLink:
         self.clock = clock
         self.on_update = on_update
         self.groups = groups  # places tensor-parallel groups, if given
+        self.prestages = prestages or PrestageBook()  # sent again to a node that registers
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
         self._unassigned: dict[str, set[str]] = {}  # node -> engines asked to stop, still there
@@ -220,6 +224,8 @@ class AgentLink:
             len(msg.engines),
         )
         self.send(msg.node_id, Welcome(self.coordinator_id, self.heartbeat_interval_s))
+        for uri in self.prestages.sources_for(msg.node_id):
+            self.send(msg.node_id, PrestageModel(uri))
         self.reconcile()
 
     def _on_heartbeat(self, msg: Heartbeat) -> None:

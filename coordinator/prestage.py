@@ -151,6 +151,11 @@ class PrestageBook:
     def requests(self) -> list[PrestageRequest]:
         return list(self._requests.values())
 
+    def sources_for(self, node_id: str) -> list[str]:
+        """The sources prestaged on ``node_id``, to send again when it registers: an agent
+        that restarted lost its downloads in progress (its store skips what it holds)."""
+        return [r.source for r in self._requests.values() if node_id in r.nodes]
+
 
 def _entry(coord: Coordinator, req: PrestageRequest) -> dict[str, Any]:
     return {

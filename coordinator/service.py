@@ -108,6 +108,7 @@ class Coordinator:
             metrics=self.metrics,
             on_update=self._bump,
             groups=self.groups,
+            prestages=self.prestages,
         )
         self._changed = trio.Event()
         self._pools: EnginePools | None = None

@@ -22,10 +22,11 @@ from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
 from fleet.coordinator.deployment import Deployment
 from fleet.coordinator.kvindex import block_keys
+from fleet.coordinator.prestage import PrestageRequest
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 from fleet.protocol import codec
 from fleet.protocol.kvevents import BlockRemoved, BlockStored
-from fleet.protocol.messages import EngineStatus, Register, UnassignEngine
+from fleet.protocol.messages import EngineStatus, PrestageModel, Register, UnassignEngine, Welcome
 from fleet.protocol.vllm_events import encode_vllm_message
 from fleet.protocol.zmqio import recv_batch
 
@@ -183,6 +184,32 @@ async def test_a_lost_node_that_comes_back_has_its_replaced_engine_stopped(
                 while not any(isinstance(m, UnassignEngine) for m in got):
                     got.extend(codec.decode(frames) for frames in await recv_batch(dealer))
             assert [m.engine_id for m in got if isinstance(m, UnassignEngine)] == ["m-0"]
+        finally:
+            dealer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_that_registers_again_is_sent_its_prestages_again() -> None:
+    """An agent that restarted lost its downloads in progress: the prestages naming its node
+    are sent again when it registers (its store skips what it already holds)."""
+    coord = _coordinator()
+    uri = "hf://org/model@main"
+    coord.prestages.add(PrestageRequest(uri, "", ("n9",), 0.0))
+    coord.prestages.add(PrestageRequest("s3://bucket/other", "", ("n8",), 0.0))
+    async with trio.open_nursery() as nursery:
+        addrs: CoordinatorAddresses = await nursery.start(coord.run)
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, b"n9")
+        dealer.connect(addrs.agent_endpoint)
+        try:
+            dealer.send_multipart(codec.encode(Register("n9", "http://n9", "0", (), ())))
+            got: list[object] = []
+            with trio.fail_after(20):  # a safety bound: the answer takes milliseconds
+                while not any(isinstance(m, PrestageModel) for m in got):
+                    got.extend(codec.decode(frames) for frames in await recv_batch(dealer))
+            assert isinstance(got[0], Welcome)
+            assert [m.uri for m in got if isinstance(m, PrestageModel)] == [uri]  # n9's only
         finally:
             dealer.close()
         nursery.cancel_scope.cancel()
