@@ -24,6 +24,8 @@ class AgentConfig:
     """
 
     node_id: str = field(default_factory=socket.gethostname)
+    # ZMQ endpoint of the coordinator; several coordinators: comma-separated, each told
+    # everything (heartbeats, KV events), and whichever leads sends placement.
     coordinator_endpoint: str = "tcp://127.0.0.1:5555"
     http_host: str = "127.0.0.1"
     http_port: int = 8081
@@ -40,14 +42,26 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not self.node_id or len(self.node_id) > 253:
             raise ConfigError("node_id", self.node_id, "must be 1..253 characters")
-        if not self.coordinator_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+        endpoints = self.coordinator_endpoints
+        if not endpoints or not all(
+            e.startswith(("tcp://", "ipc://", "inproc://")) for e in endpoints
+        ):
             raise ConfigError(
-                "coordinator_endpoint", self.coordinator_endpoint, "must be a ZMQ endpoint"
+                "coordinator_endpoint",
+                self.coordinator_endpoint,
+                "must be ZMQ endpoints, comma-separated",
             )
+        if len(set(endpoints)) != len(endpoints):
+            raise ConfigError("coordinator_endpoint", self.coordinator_endpoint, "has repeats")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("http_port", self.http_port, "must be 0..65535")
         if not self.heartbeat_interval_s > 0:
             raise ConfigError("heartbeat_interval_s", self.heartbeat_interval_s, "must be > 0")
+
+    @property
+    def coordinator_endpoints(self) -> tuple[str, ...]:
+        """Every coordinator's endpoint."""
+        return tuple(e.strip() for e in self.coordinator_endpoint.split(",") if e.strip())
 
 
 __all__ = ["AgentConfig"]

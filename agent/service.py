@@ -88,7 +88,7 @@ class Agent:
         self.heartbeat_interval_s = cfg.heartbeat_interval_s
         self.coordinator_id = ""
         self.http_url = ""
-        self._sock: zmq.Socket[bytes] | None = None
+        self._socks: list[zmq.Socket[bytes]] = []  # one per coordinator
         self._engine_nursery: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None
         self._reaper: Reaper | None = None  # started by run()
@@ -115,14 +115,17 @@ class Agent:
             if self.cfg.store is not None:
                 self.store = ModelStore(self.cfg.store, http=client)
                 await nursery.start(self.store.run)
-            with open_socket(ctx, zmq.DEALER) as sock:
-                sock.setsockopt(zmq.ROUTING_ID, self.cfg.node_id.encode())
-                sock.connect(self.cfg.coordinator_endpoint)
-                self._sock = sock
+            with contextlib.ExitStack() as links:
+                for endpoint in self.cfg.coordinator_endpoints:
+                    sock = links.enter_context(open_socket(ctx, zmq.DEALER))
+                    sock.setsockopt(zmq.ROUTING_ID, self.cfg.node_id.encode())
+                    sock.connect(endpoint)
+                    self._socks.append(sock)
                 try:
                     async with trio.open_nursery() as engines:
                         self._engine_nursery = engines
-                        engines.start_soon(self._receive, sock)
+                        for sock in self._socks:
+                            engines.start_soon(self._receive, sock)
                         engines.start_soon(self._heartbeats)
                         if self.store is not None:
                             engines.start_soon(self._report_store, self.store)
@@ -140,7 +143,7 @@ class Agent:
                         )
                         task_status.started(self.http_url)
                 finally:
-                    self._sock = None
+                    self._socks = []
                     self._engine_nursery = None
             nursery.cancel_scope.cancel()  # the GPU monitor and the model store
 
@@ -249,12 +252,20 @@ class Agent:
 
     # -- the coordinator link ----------------------------------------------------------------
 
-    def _send(self, msg: Message) -> None:
-        if self._sock is None or not send_nowait(self._sock, codec.encode(msg)):
-            self.metrics.link_dropped.inc()
+    def _send(self, msg: Message, to: zmq.Socket[bytes] | None = None) -> None:
+        """Send ``msg`` to one coordinator (``to``), or to every one."""
+        frames = codec.encode(msg)
+        socks = [to] if to is not None else self._socks
+        if not socks:
+            self.metrics.link_dropped.inc()  # not connected yet, or stopping
+        for sock in socks:
+            if not send_nowait(sock, frames):
+                self.metrics.link_dropped.inc()
 
     def _send_kv(self, batch: KVEventBatch) -> None:
-        if self._sock is None or not send_nowait(self._sock, codec.encode(batch)):
+        frames = codec.encode(batch)
+        dropped = sum(not send_nowait(sock, frames) for sock in self._socks)
+        if dropped or not self._socks:
             self.metrics.kv_dropped.labels(engine=batch.engine_id).inc()
 
     def statuses(self) -> tuple[EngineStatus, ...]:
@@ -264,7 +275,7 @@ class Agent:
             out.append(handle.supervisor.status())
         return tuple(out)
 
-    def _send_snapshots(self) -> None:
+    def _send_snapshots(self, to: zmq.Socket[bytes]) -> None:
         """Give a coordinator that (re)connected every engine's blocks (its index starts full).
 
         Sent in one go, with no checkpoint, so no live KV batch comes between the parts."""
@@ -281,7 +292,8 @@ class Agent:
                         part=i,
                         parts=max(len(parts), 1),
                         events=events,
-                    )
+                    ),
+                    to,
                 )
             self.metrics.kv_snapshot_blocks.labels(engine=engine_id).inc(len(ledger))
 
@@ -290,7 +302,8 @@ class Agent:
             return (), ()
         return store_state(self.store.models(), self.store.progress())
 
-    def _register(self) -> None:
+    def _register(self, to: zmq.Socket[bytes] | None = None) -> None:
+        """Register with one coordinator (``to``: it did not know this node), or every one."""
         models, fetches = state = self._store_state()
         self._store_reports.sent(state, trio.current_time())
         self._send(
@@ -302,7 +315,8 @@ class Agent:
                 engines=self.statuses(),
                 models=models,
                 fetches=fetches,
-            )
+            ),
+            to,
         )
 
     def _heartbeat(self) -> None:
@@ -350,9 +364,11 @@ class Agent:
                     self.metrics.link_rejected.labels(reason="malformed").inc()
                     log.warning("rejected coordinator frame: %s", exc)
                     continue
-                self._dispatch(msg)
+                self._dispatch(msg, sock)
 
-    def _dispatch(self, msg: Message) -> None:
+    def _dispatch(self, msg: Message, sock: zmq.Socket[bytes]) -> None:
+        """Act on one coordinator's message (``sock``: its link). Only the leader of several
+        sends assignments."""
         if isinstance(msg, AssignEngine):
             self.assign(msg.spec)
         elif isinstance(msg, UnassignEngine):
@@ -362,11 +378,11 @@ class Agent:
         elif isinstance(msg, Welcome):
             self.coordinator_id = msg.coordinator_id
             self.heartbeat_interval_s = msg.heartbeat_interval_s
-            self._send_snapshots()
+            self._send_snapshots(sock)
         elif isinstance(msg, ErrorReport):
             if msg.code == "unknown_node":
                 log.info("coordinator does not know this node; registering again")
-                self._register()
+                self._register(sock)
             else:
                 log.warning("coordinator reports %s: %s", msg.code, msg.message)
         else:

@@ -101,6 +101,7 @@ async def put(coord: Coordinator, raw: bytes, name: str | None) -> tuple[dict[st
         InvalidRequest: the body is not a valid FleetModel (the message names every field).
         Conflict: POST of an existing name; a name another origin declares.
     """
+    _shared_or_refuse(coord)
     doc = parse_json_object(raw)
     try:
         model = parse_model(doc)
@@ -139,6 +140,7 @@ async def delete(coord: Coordinator, name: str) -> dict[str, Any]:
         NotFound: no deployment by that name.
         Conflict: the command line or another file declares it.
     """
+    _shared_or_refuse(coord)
     if _shorthand(coord, name) is not None:
         raise Conflict(f"`{name}` comes from the command line (--model).", param="name")
     if coord.book.get(name) is None:
@@ -152,6 +154,21 @@ async def delete(coord: Coordinator, name: str) -> dict[str, Any]:
         coord.book.delete(name, API)
         coord.apply_declared()
     return {"deleted": name}
+
+
+def _shared_or_refuse(coord: Coordinator) -> None:
+    """Several coordinators (a leader lock) share deployments through the folder only: one
+    kept in this process's memory would be unknown to the others.
+
+    Raises:
+        Conflict: several coordinators and no folder.
+    """
+    if coord.cfg.leader_lock is not None and coord.book.folder is None:
+        raise Conflict(
+            "Several coordinators serve this fleet: declare deployments in a shared "
+            "--deployments folder (the admin API then writes there).",
+            code="no_shared_store",
+        )
 
 
 def _status(coord: Coordinator) -> list[dict[str, Any]]:

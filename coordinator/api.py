@@ -135,7 +135,14 @@ def create_app(coord: Coordinator) -> QuartTrio:
     @app.get("/healthz")
     async def healthz() -> Response:
         # Which process answered: a hot restart runs one coordinator after another.
-        return _json({"status": "ok", "pid": os.getpid(), "coordinator": coord.cfg.coordinator_id})
+        return _json(
+            {
+                "status": "ok",
+                "pid": os.getpid(),
+                "coordinator": coord.cfg.coordinator_id,
+                "leader": coord.leadership.leader,
+            }
+        )
 
     @app.get("/readyz")
     async def readyz() -> Response:

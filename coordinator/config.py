@@ -59,6 +59,12 @@ class CoordinatorConfig:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
+    # Several coordinators: the one holding this lock file leads (places engines); None: this
+    # is the only coordinator, and leads. A new leader places after leader_settle_s (None:
+    # two heartbeat intervals, so that the old leader's last assignments are reported).
+    leader_lock: str | None = None
+    leader_retry_s: float = 0.5
+    leader_settle_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +78,10 @@ class CoordinatorConfig:
         ):
             if not getattr(self, key) > 0:
                 raise ConfigError(key, getattr(self, key), "must be > 0")
+        if not self.leader_retry_s > 0:
+            raise ConfigError("leader_retry_s", self.leader_retry_s, "must be > 0")
+        if self.leader_settle_s is not None and self.leader_settle_s < 0:
+            raise ConfigError("leader_settle_s", self.leader_settle_s, "must be >= 0")
         for key in ("grace_s", "drain_s", "link_bind_wait_s"):
             if not getattr(self, key) >= 0:
                 raise ConfigError(key, getattr(self, key), "must be >= 0")

@@ -97,15 +97,26 @@ class HotRestart:
         self._all_gone = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
-        """Run children until told to stop; the exit status."""
+        """Run children until a signal stops them (see the module docstring); the exit
+        status."""
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await self._spawn()
-                task_status.started()
                 nursery.start_soon(self._signals, signals)
-                await self._all_gone.wait()
+                status = await self.supervise(task_status=task_status)
                 nursery.cancel_scope.cancel()
+        return status
+
+    async def supervise(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> int:
+        """Run children until :meth:`stop`, taking no signals (the caller does); the exit
+        status."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._spawn()
+            task_status.started()
+            await self._all_gone.wait()
+            nursery.cancel_scope.cancel()
         return self._exit_status
 
     def restart(self) -> None:

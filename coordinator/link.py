@@ -31,6 +31,7 @@ from fleet.protocol.messages import (
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
 from .kvindex import KVIndex
+from .leadership import Leadership
 from .metrics import CoordinatorMetrics
 from .placement import Placer
 from .prestage import PrestageBook
@@ -66,6 +67,7 @@ class AgentLink:
         on_update: Callable[[], None] = lambda: None,
         groups: TPGroups | None = None,
         prestages: PrestageBook | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.coordinator_id = coordinator_id
@@ -78,6 +80,8 @@ class AgentLink:
         self.on_update = on_update
         self.groups = groups  # places tensor-parallel groups, if given
         self.prestages = prestages or PrestageBook()  # sent again to a node that registers
+        # Only the leader places; without one given this is the only coordinator.
+        self.leadership = leadership or Leadership(settle_s=0.0, leader=True)
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
         self._unassigned: dict[str, set[str]] = {}  # node -> engines asked to stop, still there
@@ -111,7 +115,10 @@ class AgentLink:
         return True
 
     def reconcile(self) -> None:
-        """Send whatever assignments placement wants now, and stop duplicate engines."""
+        """Send whatever assignments placement wants now, and stop duplicate engines; nothing
+        unless this coordinator leads (and has settled: leadership.py)."""
+        if not self.leadership.may_place(self.clock()):
+            return
         for placement in self.placer.reconcile(self.registry, self.clock()):
             log.info("assigning %s to node %s", placement.assign.spec.engine_id, placement.node_id)
             self.send(placement.node_id, placement.assign)

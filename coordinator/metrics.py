@@ -52,6 +52,11 @@ class CoordinatorMetrics:
             ["model"],
             registry=r,
         )
+        self.leader = Gauge(
+            "fleet_coordinator_leader",
+            "1 while this coordinator leads (places engines), else 0.",
+            registry=r,
+        )
         self.queued = Gauge(
             "fleet_queue_length", "Requests waiting for a slot, by model.", ["model"], registry=r
         )

@@ -14,6 +14,7 @@ once.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .deployment import Deployment
 from .footprints import with_memory
 from .httpserve import serve
 from .kvindex import KVIndex
+from .leadership import FileLock, Leadership, hold_file_lock
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
 from .modelsize import ModelFootprint
@@ -93,6 +95,11 @@ class Coordinator:
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.groups = TPGroups(assign_timeout_s=cfg.assign_timeout_s)
         self.prestages = PrestageBook()  # /admin/v1/prestage requests (prestage.py)
+        leader_settle = cfg.leader_settle_s
+        if leader_settle is None:
+            leader_settle = 2 * cfg.heartbeat_interval_s
+        # With no lock this is the only coordinator: it leads from the start (leadership.py).
+        self.leadership = Leadership(settle_s=leader_settle, leader=cfg.leader_lock is None)
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
@@ -109,6 +116,7 @@ class Coordinator:
             on_update=self._bump,
             groups=self.groups,
             prestages=self.prestages,
+            leadership=self.leadership,
         )
         self._changed = trio.Event()
         self._pools: EnginePools | None = None
@@ -237,6 +245,14 @@ class Coordinator:
                 async with trio.open_nursery() as control:  # what a drain stops at once
                     endpoint = await control.start(self._run_link)
                     control.start_soon(self._upkeep)
+                    if self.cfg.leader_lock is not None:  # released when draining
+                        lock = FileLock(Path(self.cfg.leader_lock), self.cfg.coordinator_id)
+                        await control.start(
+                            functools.partial(
+                                hold_file_lock, lock, self.leadership,
+                                retry_s=self.cfg.leader_retry_s, on_change=lambda _: self._bump(),
+                            )
+                        )  # fmt: skip
                     if self.book.folder is not None:
                         control.start_soon(self._watch_folder, self.book.folder)
                     nursery.start_soon(self._gateway.watch_silent)
@@ -342,6 +358,7 @@ class Coordinator:
             self.metrics.breaker_state.clear()
             for engine_id, state in self._gateway.breakers.states().items():
                 self.metrics.breaker_state.labels(engine=engine_id).set(STATE_VALUES[state])
+        self.metrics.leader.set(1 if self.leadership.leader else 0)
         self.metrics.kv_blocks.set(self.kvindex.block_count())
         self.metrics.kv_entries.set(self.kvindex.entries)
         self.metrics.kv_engines.set(self.kvindex.engine_count())

@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="restart an engine not healthy this long after its start (default %(default)s)",
     )
+    up.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N coordinator processes behind the one HTTP port, one leading placement "
+        "(default %(default)s: one, in this process)",
+    )
     _fake_gpus_arg(up, "the local agent reports")
     add_store_args(up)
     up.set_defaults(func=_cmd_up)
@@ -115,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the HTTP socket in a small parent process that starts the coordinator again "
         "at once when it dies, and gracefully on SIGHUP, without refusing a connection",
     )
+    coord.add_argument(
+        "--leader-lock",
+        default=None,
+        metavar="PATH",
+        help="several coordinators on one machine: the one holding this lock file places "
+        "engines (default: this is the only coordinator)",
+    )
+    coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
     coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.set_defaults(func=_cmd_coordinator)
@@ -471,6 +487,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     from fleet.up import run_up
 
+    if args.coordinators < 1:
+        raise FleetError(f"--coordinators must be at least 1, not {args.coordinators}")
     _setup_logging(args.log_dir, verbose_stderr=False)
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
@@ -487,7 +505,47 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
         print(f"• building the demo model at {model} (offline, about 10 s)", flush=True)
         build_demo_model(model)
+    if args.coordinators > 1:
+        from fleet.upmany import run_up_many
+
+        flags = _shared_flags(args, _parser_of("up"), _parser_of("coordinator"))
+        return trio.run(run_up_many, args, flags, args.coordinators)
     return trio.run(run_up, args, *settings)
+
+
+#: ``fleet up`` options a ``fleet coordinator`` child of ``--coordinators N`` does not inherit.
+_UP_ONLY = {"host", "port", "log_dir", "func", "command"}
+
+
+def _parser_of(command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command``."""
+    for action in _parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]  # type: ignore[no-any-return]
+    raise KeyError(command)
+
+
+def _shared_flags(
+    args: argparse.Namespace, source: argparse.ArgumentParser, target: argparse.ArgumentParser
+) -> list[str]:
+    """The options ``args`` (parsed by ``source``) set away from their defaults that
+    ``target`` takes too, as ``--flag=value`` arguments."""
+    dests = {a.dest for a in target._actions if a.option_strings} - _UP_ONLY
+    out: list[str] = []
+    for action in source._actions:
+        if action.dest not in dests or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            out += [f"{flag}={v}" for v in value]
+        else:
+            out.append(f"{flag}={value}")
+    return out
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
@@ -510,6 +568,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         api_keys=api_keys(args),
         drain_s=args.drain_timeout,
         http_fd=args.http_fd,
+        leader_lock=args.leader_lock,
+        **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )
     if args.hot_restart:
         return _hot_restart(args)

@@ -26,7 +26,7 @@ from fleet.coordinator.service import Coordinator, CoordinatorAddresses, Coordin
 STATUS_EVERY_S = 5.0
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, flush=True)
 
 
@@ -58,7 +58,7 @@ async def run_up(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
             addrs: CoordinatorAddresses = await nursery.start(coord.run)
-            _say(f"• coordinator listening on {addrs.http_url}")
+            say(f"• coordinator listening on {addrs.http_url}")
             agent = Agent(
                 AgentConfig(
                     node_id="local",
@@ -72,15 +72,15 @@ async def run_up(
                 )
             )
             agent_url = await nursery.start(agent.run)
-            _say(f"• agent 'local' up ({agent_url}); engine logs in {args.log_dir}/")
+            say(f"• agent 'local' up ({agent_url}); engine logs in {args.log_dir}/")
             nursery.start_soon(_report_progress, coord, addrs)
-    _say("• stopped: every engine process has exited")
+    say("• stopped: every engine process has exited")
     return 0
 
 
 async def _stop_on_signal(signals: Any, scope: trio.CancelScope) -> None:
     async for signum in signals:
-        _say(f"\n• {signal.Signals(signum).name}: stopping engines (SIGTERM, then SIGKILL)")
+        say(f"\n• {signal.Signals(signum).name}: stopping engines (SIGTERM, then SIGKILL)")
         scope.cancel()
         return
 
@@ -103,14 +103,14 @@ async def _report_progress(coord: Coordinator, addrs: CoordinatorAddresses) -> N
                 detail = f"pid {engine.pid}" if engine.pid else ""
                 if engine.state == "starting":
                     detail += ", loading the model, waiting for /health"
-                _say(
+                say(
                     f"• [{elapsed:5.1f} s] engine {engine.id}: {engine.state}"
                     + (f" ({detail.strip(', ')})" if detail else "")
                 )
         served = coord.served_models()
         for model in served:
             if model not in announced:
-                _say(_banner(addrs.http_url, model))
+                say(banner(addrs.http_url, model))
         announced = set(served)
         if not served:
             now = time.monotonic()
@@ -118,7 +118,7 @@ async def _report_progress(coord: Coordinator, addrs: CoordinatorAddresses) -> N
                 last_line = now
                 states = ", ".join(f"{k}={v[0]}" for k, v in sorted(seen.items())) or "placing"
                 fetching = "".join(f"; {line}" for line in _fetching(coord))
-                _say(f"• [{now - started:5.1f} s] waiting for engines: {states}{fetching}")
+                say(f"• [{now - started:5.1f} s] waiting for engines: {states}{fetching}")
         with trio.move_on_after(STATUS_EVERY_S):  # a waiting line at least this often
             await coord.changed()
 
@@ -134,7 +134,7 @@ def _fetching(coord: Coordinator) -> list[str]:
     return list(lines)
 
 
-def _banner(url: str, model: str) -> str:
+def banner(url: str, model: str) -> str:
     return f"""
 ✔ Fleet is serving `{model}` at {url}/v1   (Ctrl-C to stop)
 
@@ -150,4 +150,4 @@ messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)'
 """
 
 
-__all__ = ["run_up"]
+__all__ = ["STATUS_EVERY_S", "banner", "run_up", "say"]

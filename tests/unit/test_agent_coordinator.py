@@ -37,13 +37,13 @@ HEARTBEAT_S = 0.1
 LOST_AFTER_MISSED = 10
 
 
-def _coordinator(endpoint: str = "tcp://127.0.0.1:*") -> Coordinator:
+def _coordinator(endpoint: str = "tcp://127.0.0.1:*", **kw: Any) -> Coordinator:
     """A coordinator for one real node (and fake ones): placement need not wait for others."""
     deployment = Deployment(model="m", model_path="/nowhere", replicas=1)
     return Coordinator(
         CoordinatorConfig(port=0, agent_endpoint=endpoint, deployments=(deployment,),
                           heartbeat_interval_s=HEARTBEAT_S, lost_after_missed=LOST_AFTER_MISSED,
-                          placement_settle_s=0.0, grace_s=0.5)
+                          placement_settle_s=0.0, grace_s=0.5, **kw)
     )  # fmt: skip
 
 
@@ -212,6 +212,52 @@ async def test_a_node_that_registers_again_is_sent_its_prestages_again() -> None
             assert [m.uri for m in got if isinstance(m, PrestageModel)] == [uri]  # n9's only
         finally:
             dealer.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_coordinators_one_leader_places_and_the_other_takes_over(
+    tmp_path: Path,
+) -> None:
+    """One agent tells two coordinators everything; only the lock holder places. When the
+    leader stops, the other leads: the engine is not started again, and the new leader places
+    what is missing from then on."""
+    lock = str(tmp_path / "leader.lock")
+    a = _coordinator(leader_lock=lock, leader_retry_s=0.05, coordinator_id="coord-a")
+    b = _coordinator(leader_lock=lock, leader_retry_s=0.05, coordinator_id="coord-b")
+    async with trio.open_nursery() as nursery:
+        a_scope = trio.CancelScope()
+
+        async def run_a(*, task_status: trio.TaskStatus[CoordinatorAddresses]) -> None:
+            with a_scope:
+                await a.run(task_status=task_status)
+
+        a_addrs: CoordinatorAddresses = await nursery.start(run_a)
+        b_addrs: CoordinatorAddresses = await nursery.start(b.run)
+        with trio.fail_after(10):
+            while not a.leadership.leader:
+                await a.changed()
+        assert not b.leadership.leader
+        both = f"{a_addrs.agent_endpoint},{b_addrs.agent_endpoint}"
+        agent = _agent(both, tmp_path)
+        await nursery.start(agent.run)
+        # Both route to the engine only the leader placed.
+        await _until(a, lambda: a.registry.routable("m"))
+        await _until(b, lambda: b.registry.routable("m"))
+        pid = agent.engines["m-0"].supervisor.pid
+        assert b.placer.pending() == {} and len(agent.engines) == 1
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(b_addrs.http_url + "/healthz")).json()
+            assert (health["coordinator"], health["leader"]) == ("coord-b", False)
+
+        a_scope.cancel()  # the leader goes; its lock with it
+        await _until(b, lambda: b.leadership.may_place(trio.current_time()), 10)
+        await trio.sleep(4 * HEARTBEAT_S)  # b reconciles on every beat: nothing to place
+        assert b.placer.pending() == {}
+        assert list(agent.engines) == ["m-0"] and agent.engines["m-0"].supervisor.pid == pid
+        agent.unassign("m-0")  # the engine goes: the new leader places it again
+        await _until(b, lambda: "m-0" in b.placer.pending() or not b.registry.routable("m"))
+        await _until(b, lambda: b.registry.routable("m"))
+        assert agent.engines["m-0"].supervisor.pid != pid
         nursery.cancel_scope.cancel()
 
 
