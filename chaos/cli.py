@@ -15,6 +15,7 @@ import trio
 from fleet.protocol.errors import ConfigError
 
 from . import report
+from .coordinators import find_coordinators
 from .errors import ChaosError
 from .scenarios import ChaosConfig, Figures, run, scenarios
 from .target import connect
@@ -77,10 +78,17 @@ def run_command(args: argparse.Namespace) -> int:
         async with httpx.AsyncClient() as http:
             target = await connect(args.coordinator, http, args.model, api_key=args.api_key)
             live = sum(not n["lost"] for n in (await target.get("/api/v1/nodes"))["nodes"])
+            coordinators = 1
+            if not args.scenarios and any(known[n].coordinators > 1 for n in names):
+                coordinators = len(await find_coordinators(target.url))
             for name in names:
                 if not args.scenarios and known[name].nodes > live:
                     print(f"• {name} skipped: needs {known[name].nodes} nodes, the fleet has "
                           f"{live}", file=sys.stderr, flush=True)  # fmt: skip
+                    continue
+                if not args.scenarios and known[name].coordinators > coordinators:
+                    print(f"• {name} skipped: needs {known[name].coordinators} coordinators, "
+                          f"the fleet has {coordinators}", file=sys.stderr, flush=True)  # fmt: skip
                     continue
                 if args.output == "table":
                     print(f"• {name} ...", file=sys.stderr, flush=True)

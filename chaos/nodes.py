@@ -59,7 +59,7 @@ async def agent_kill(target: Target, cfg: ChaosConfig) -> Figures:
         await trio.sleep(cfg.tail_s)
     after = await target.metrics()
     moved = await target.engine(engine_id)
-    left = sorted(pid for pid in doomed if _alive(pid))
+    left = sorted(pid for pid in doomed if alive(pid))
     return {
         **_figures(load, streams, engine_id),
         "detect_s": since(detect_t, fault_t),
@@ -102,7 +102,8 @@ def _kill_agent(pid: int) -> None:
         raise ChaosError(f"cannot SIGKILL agent pid {pid}: {exc}") from exc
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists and is not a zombie)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -110,4 +111,4 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-__all__ = ["agent_kill"]
+__all__ = ["agent_kill", "alive"]

@@ -137,6 +137,7 @@ class Scenario:
         overload: whether failures (503s) are the expected answer to part of its load.
         nodes: the live nodes it needs (run with no scenario named, ``fleet chaos run`` skips
             those a fleet has too few nodes for).
+        coordinators: the coordinator processes on the one port it needs (skipped likewise).
     """
 
     name: str
@@ -144,10 +145,19 @@ class Scenario:
     run: ScenarioFn
     overload: bool = False
     nodes: int = 1
+    coordinators: int = 1
 
 
 def _registry() -> dict[str, Scenario]:
-    from . import engine_faults, kvcheck, malformed_http, malformed_wire, nodes, overload
+    from . import (
+        coordinators,
+        engine_faults,
+        kvcheck,
+        malformed_http,
+        malformed_wire,
+        nodes,
+        overload,
+    )
 
     scenarios = [
         Scenario(
@@ -165,6 +175,12 @@ def _registry() -> dict[str, Scenario]:
             "SIGKILL the agent of the busiest node: its engines die, its work moves",
             nodes.agent_kill,
             nodes=2,
+        ),
+        Scenario(
+            "coordinator-kill",
+            "SIGKILL the leading coordinator of several under load: the others serve and lead",
+            coordinators.coordinator_kill,
+            coordinators=2,
         ),
         Scenario(
             "kv-events",

@@ -128,6 +128,7 @@ def test_every_scenario_is_registered_once_and_only_overload_expects_failures() 
         "engine-sigkill",
         "engine-hang",
         "agent-kill",
+        "coordinator-kill",
         "kv-events",
         "overload",
         "malformed-http",
@@ -135,6 +136,7 @@ def test_every_scenario_is_registered_once_and_only_overload_expects_failures() 
     ]
     assert [n for n, s in known.items() if s.overload] == ["overload"]
     assert [n for n, s in known.items() if s.nodes > 1] == ["agent-kill"]
+    assert [n for n, s in known.items() if s.coordinators > 1] == ["coordinator-kill"]
 
 
 def test_the_request_mix_is_seeded_shares_prefixes_and_carries_the_deadline() -> None:
