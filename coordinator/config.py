@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
+
+from hypercorn.config import Config as HypercornConfig
 
 from fleet.protocol.errors import ConfigError
 
 from .apikeys import ApiKeys
+from .autoscale import AutoscaleConfig
 from .deploybook import EngineDefaults
 from .deployment import Deployment
 from .kvindex import DEFAULT_MAX_ENTRIES
@@ -58,6 +62,9 @@ class CoordinatorConfig:
     scheduling: Profile | None = None
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    # An engine no deployment wants (scaled down, deleted) is stopped once idle, or after this.
+    engine_drain_s: float = 30.0
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")
     # Several coordinators: the one holding this lock file leads (places engines); None: this
     # is the only coordinator, and leads. A new leader places after leader_settle_s (None:
@@ -82,7 +89,7 @@ class CoordinatorConfig:
             raise ConfigError("leader_retry_s", self.leader_retry_s, "must be > 0")
         if self.leader_settle_s is not None and self.leader_settle_s < 0:
             raise ConfigError("leader_settle_s", self.leader_settle_s, "must be >= 0")
-        for key in ("grace_s", "drain_s", "link_bind_wait_s"):
+        for key in ("grace_s", "drain_s", "link_bind_wait_s", "engine_drain_s"):
             if not getattr(self, key) >= 0:
                 raise ConfigError(key, getattr(self, key), "must be >= 0")
         if self.placement_settle_s is not None and self.placement_settle_s < 0:
@@ -100,6 +107,23 @@ class CoordinatorConfig:
             raise ConfigError("max_body_bytes", self.max_body_bytes, "must be >= 1024")
         if not self.agent_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError("agent_endpoint", self.agent_endpoint, "must be a ZMQ endpoint")
+
+    def hypercorn(self) -> HypercornConfig:
+        """The HTTP server's settings."""
+        config = HypercornConfig()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        config.bind = [f"{host}:{self.port}"]
+        if self.http_fd is not None:
+            config.bind = [f"fd://{self.http_fd}"]
+        config.graceful_timeout = self.drain_s
+        config.accesslog = None
+        config.errorlog = logging.getLogger("fleet.coordinator.http")
+        config.keep_alive_timeout = 75
+        # A burst of new connections must reach admission control (which sheds with 503 +
+        # Retry-After), not overflow the kernel's accept queue (hypercorn's default is 100);
+        # the kernel caps it at net.core.somaxconn.
+        config.backlog = 4096
+        return config
 
 
 __all__ = ["CoordinatorConfig"]

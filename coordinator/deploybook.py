@@ -12,6 +12,7 @@ why each engine that is not ready is not.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,21 +43,21 @@ class EngineDefaults:
     extra_args: tuple[str, ...] = ()
 
 
-def to_deployment(model: FleetModel, defaults: EngineDefaults) -> tuple[Deployment, list[str]]:
+def to_deployment(
+    model: FleetModel, defaults: EngineDefaults, count: int | None = None
+) -> tuple[Deployment, list[str]]:
     """The placement view of a FleetModel, and why it places fewer engines than declared.
 
     A local path (relative: to where Fleet started) or ``file://`` source is the engines' model
     folder; any other source (``hf://``, ``s3://``, ``http(s)://``) is passed on as it is, and
     each agent fetches it into its model store before launching. A tensor-parallel size above 1
     makes each engine a group (:mod:`.tpgroups`); replicas given as ``minReplicas``/
-    ``maxReplicas`` run ``minReplicas`` (at least 1) until the autoscaler.
+    ``maxReplicas`` run ``count`` (the autoscaler's, :mod:`.autoscale`; default
+    ``minReplicas``).
     """
     notes: list[str] = []
     args = model.engine
-    replicas = len(model.engine_slots())
-    if model.replicas is None and model.roles is None:
-        replicas = max(model.min_replicas or 0, 1)
-        notes.append(f"autoscaling is not built yet: runs {replicas} (minReplicas, at least 1)")
+    replicas = len(model.engine_slots(count))
     if model.roles is not None:
         notes.append("prefill/decode roles are not built yet: every engine does both")
     path = model.source.location
@@ -163,14 +164,18 @@ class DeploymentBook:
         del self._models[name]
         return True
 
-    def deployments(self) -> tuple[tuple[Deployment, ...], dict[str, list[str]]]:
-        """What placement should run, higher priority first, and each deployment's notes."""
+    def deployments(
+        self, counts: Mapping[str, int] | None = None
+    ) -> tuple[tuple[Deployment, ...], dict[str, list[str]]]:
+        """What placement should run, higher priority first, and each deployment's notes;
+        ``counts``: the autoscaler's replica counts by deployment name."""
         notes: dict[str, list[str]] = {}
         ranked: list[tuple[int, str, Deployment]] = []
         for d in self.shorthand:
             ranked.append((0, d.name, d))
         for _, model in self._models.values():
-            deployment, why = to_deployment(model, self.defaults)
+            count = (counts or {}).get(model.name)
+            deployment, why = to_deployment(model, self.defaults, count)
             notes[model.name] = why
             ranked.append((-model.effective_priority, model.name, deployment))
         ranked.sort(key=lambda r: (r[0], r[1]))

@@ -68,6 +68,8 @@ class AgentLink:
         groups: TPGroups | None = None,
         prestages: PrestageBook | None = None,
         leadership: Leadership | None = None,
+        busy: Callable[[str], bool] = lambda engine_id: False,
+        drain_s: float = 30.0,
     ) -> None:
         self.endpoint = endpoint
         self.coordinator_id = coordinator_id
@@ -82,6 +84,12 @@ class AgentLink:
         self.prestages = prestages or PrestageBook()  # sent again to a node that registers
         # Only the leader places; without one given this is the only coordinator.
         self.leadership = leadership or Leadership(settle_s=0.0, leader=True)
+        # An engine no deployment wants (scaled down, deleted) left routing at once; it is
+        # stopped once nothing is in flight on it (``busy``), or after ``drain_s``: streams
+        # still running then are resumed on another engine.
+        self.busy = busy
+        self.drain_s = drain_s
+        self._draining: dict[str, float] = {}  # engine id -> when it became unwanted
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
         self._unassigned: dict[str, set[str]] = {}  # node -> engines asked to stop, still there
@@ -175,11 +183,20 @@ class AgentLink:
             self._unassigned.setdefault(node_id, set()).add(engine_id)
             self.kvindex.drop_engine(engine_id)
             self.send(node_id, UnassignEngine(engine_id))
-        for node_id, engine_id in self.placer.unwanted(self.registry, self.clock()):
+        now = self.clock()
+        unwanted = self.placer.unwanted(self.registry, now)
+        for engine_id in set(self._draining) - {e for _, e in unwanted}:
+            del self._draining[engine_id]  # gone, or wanted again
+        for node_id, engine_id in unwanted:
             if engine_id in self._unassigned.get(node_id, set()):
                 continue
-            log.warning("engine %s on node %s: no deployment wants it now, stopping it",
-                        engine_id, node_id)  # fmt: skip
+            since = self._draining.setdefault(engine_id, now)
+            if self.busy(engine_id) and now - since < self.drain_s:
+                continue  # out of routing already: its requests in flight finish first
+            log.warning("engine %s on node %s: no deployment wants it now, stopping it%s",
+                        engine_id, node_id,
+                        " (drain time over: its streams resume elsewhere)"
+                        if self.busy(engine_id) else "")  # fmt: skip
             self._unassigned.setdefault(node_id, set()).add(engine_id)
             self.send(node_id, UnassignEngine(engine_id))
 

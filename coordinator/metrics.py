@@ -57,6 +57,19 @@ class CoordinatorMetrics:
             "1 while this coordinator leads (places engines), else 0.",
             registry=r,
         )
+        self.autoscaler_replicas = Gauge(
+            "fleet_autoscaler_desired_replicas",
+            "Engines the autoscaler wants, by deployment (minReplicas/maxReplicas ones).",
+            ["deployment"],
+            registry=r,
+        )
+        self.autoscaler_decisions = Counter(
+            "fleet_autoscaler_decisions_total",
+            "Replica count changes, by deployment and mode (stable, panic, from-zero, to-zero, "
+            "idle).",
+            ["deployment", "mode"],
+            registry=r,
+        )
         self.queued = Gauge(
             "fleet_queue_length", "Requests waiting for a slot, by model.", ["model"], registry=r
         )

@@ -7,10 +7,13 @@ generated; a chat request gets the partial assistant message appended and contin
 generated. The continuation's chunks are rewritten to belong to the first stream (its ``id``,
 ``created`` and ``model``; no second ``role`` delta), so the client reads one well-formed stream.
 
-``usage`` stays truthful: the continuing engine reports as prompt tokens the original prompt plus
-the generated text, so the generated part is its prompt tokens minus the original prompt's (which
-the coordinator tokenizes as vLLM does); the client sees the original prompt tokens and every
-completion token, across however many engines produced them.
+``usage`` stays truthful: the client sees the original prompt's tokens (the coordinator tokenizes
+it as vLLM does) and, as completion tokens, the tokens generated before the break (its text,
+tokenized on its own: the count the continuation's ``max_tokens`` was cut by) plus the
+continuation's own. A stream that ran out of budget reports exactly ``max_tokens``. (The
+continuing engine's prompt count less the original prompt's is no measure of what came before:
+the text retokenized after the prompt can merge across the boundary, and chat adds template
+tokens; that count once reported 201 completion tokens for ``max_tokens`` 200.)
 
 Limits (such a stream ends with an error event instead, still well formed): several choices
 (``n`` > 1, ``best_of``), ``echo``, prompts that are not one text (token ids, batches), tool calls,
@@ -229,11 +232,10 @@ class Rewriter:
     def _fix_usage(self, usage: dict[str, Any]) -> None:
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
+        before = self.generated_tokens
         if self.prompt_tokens is not None and prompt >= self.prompt_tokens:
-            before = prompt - self.prompt_tokens  # the generated text, as this engine counted it
             prompt = self.prompt_tokens
         else:
-            before = self.generated_tokens
             prompt = max(prompt - before, 0)
         usage["prompt_tokens"] = prompt
         usage["completion_tokens"] = before + completion

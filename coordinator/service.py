@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import trio
 import zmq
-from hypercorn.config import Config as HypercornConfig
 
 from fleet.protocol.errors import ConfigError
 
@@ -32,6 +31,7 @@ from .config import CoordinatorConfig
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
 from .deployment import Deployment
+from .deployspec import FleetModel
 from .footprints import with_memory
 from .httpserve import serve
 from .kvindex import KVIndex
@@ -48,6 +48,7 @@ from .resilience import STATE_VALUES
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
+from .scaling import Scaling
 from .tpgroups import TPGroups
 from .versions import engines_for
 
@@ -90,7 +91,8 @@ class Coordinator:
             self.book.set_folder(models, files)
             self._folder_seen = folder_signature(self.book.folder)
         self._footprints: dict[str, ModelFootprint | None] = {}  # model folder -> its sizes
-        deployments, self.deployment_notes = self.book.deployments()
+        self.scaling = Scaling(cfg.autoscale)  # minReplicas/maxReplicas deployments' counts
+        deployments, self.deployment_notes = self.book.deployments(self.scaling.counts)
         deployments = with_memory(deployments, self._footprints)
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.groups = TPGroups(assign_timeout_s=cfg.assign_timeout_s)
@@ -117,6 +119,10 @@ class Coordinator:
             groups=self.groups,
             prestages=self.prestages,
             leadership=self.leadership,
+            busy=lambda engine_id: (
+                self._gateway is not None and self._gateway.inflight.get(engine_id) > 0
+            ),
+            drain_s=cfg.engine_drain_s,
         )
         self._changed = trio.Event()
         self._pools: EnginePools | None = None
@@ -153,7 +159,7 @@ class Coordinator:
 
     def apply_declared(self) -> None:
         """Place what the deployment book declares now."""
-        deployments, self.deployment_notes = self.book.deployments()
+        deployments, self.deployment_notes = self.book.deployments(self.scaling.counts)
         self.set_deployments(with_memory(deployments, self._footprints))
 
     async def reload_folder(self) -> bool:
@@ -232,7 +238,7 @@ class Coordinator:
         async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
             await serve(
                 create_app(self),
-                self._hypercorn_config(),
+                self.cfg.hypercorn(),
                 drain=self._draining,
                 drain_s=self.cfg.drain_s,
                 grace_s=self.cfg.grace_s,
@@ -294,22 +300,6 @@ class Coordinator:
                     raise
                 await trio.sleep(0.1)
 
-    def _hypercorn_config(self) -> HypercornConfig:
-        config = HypercornConfig()
-        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
-        config.bind = [f"{host}:{self.cfg.port}"]
-        if self.cfg.http_fd is not None:
-            config.bind = [f"fd://{self.cfg.http_fd}"]
-        config.graceful_timeout = self.cfg.drain_s
-        config.accesslog = None
-        config.errorlog = logging.getLogger("fleet.coordinator.http")
-        config.keep_alive_timeout = 75
-        # A burst of new connections must reach admission control (which sheds with 503 +
-        # Retry-After), not overflow the kernel's accept queue (hypercorn's default is 100);
-        # the kernel caps it at net.core.somaxconn.
-        config.backlog = 4096
-        return config
-
     async def _upkeep(self) -> None:
         """Expire silent nodes and keep placement reconciled."""
         while True:
@@ -328,6 +318,8 @@ class Coordinator:
                 log.warning(
                     "KV gap of engine %s not repaired in time: its entries resynced", engine_id
                 )
+            if self._gateway is not None:
+                self._autoscale(trio.current_time())
             self.link.reconcile()
             if self._gateway is not None:
                 self._gateway.admission.wake_all()
@@ -345,6 +337,27 @@ class Coordinator:
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):
                 await self._pools.prune(e.url for e in self.registry.engines())
 
+    def _autoscale(self, now: float) -> None:
+        """Sample every autoscaled deployment's demand; place the counts that changed."""
+        changed = self.scaling.tick((m for _, m in self.book.models()), self._demand, now)
+        for name, decision in changed:
+            log.info("autoscaler: %s %s", name, decision)
+            self.metrics.autoscaler_decisions.labels(deployment=name, mode=decision.mode).inc()
+        if changed:
+            self.apply_declared()
+
+    def _demand(self, model: FleetModel) -> float:
+        """Requests in flight on a deployment's engines, plus its share of the requests
+        waiting for its served names (shared evenly by the deployments serving a name)."""
+        gateway = self.gateway
+        deployment = next((d for d in self.placer.deployments if d.name == model.name), None)
+        engines = deployment.owned_ids() if deployment is not None else []
+        demand = float(sum(gateway.inflight.get(e) for e in engines))
+        for name in model.served_model_names:
+            serving = len(self.placer.serving(name)) or 1
+            demand += gateway.admission.queued(name) / serving
+        return demand
+
     def refresh_gauges(self) -> None:
         """Update the gauges that mirror registry state (called before /metrics renders)."""
         self.metrics.nodes.clear()
@@ -359,6 +372,9 @@ class Coordinator:
             for engine_id, state in self._gateway.breakers.states().items():
                 self.metrics.breaker_state.labels(engine=engine_id).set(STATE_VALUES[state])
         self.metrics.leader.set(1 if self.leadership.leader else 0)
+        self.metrics.autoscaler_replicas.clear()
+        for name, decision in self.scaling.decisions.items():
+            self.metrics.autoscaler_replicas.labels(deployment=name).set(decision.replicas)
         self.metrics.kv_blocks.set(self.kvindex.block_count())
         self.metrics.kv_entries.set(self.kvindex.entries)
         self.metrics.kv_engines.set(self.kvindex.engine_count())

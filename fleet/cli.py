@@ -261,7 +261,38 @@ def _fake_gpus(args: argparse.Namespace) -> tuple[Any, ...]:
     return parse_fake_gpus(args.fake_gpus) if args.fake_gpus is not None else ()
 
 
+def _autoscale_args(p: argparse.ArgumentParser) -> None:
+    """How deployments with minReplicas/maxReplicas scale (docs/DEPLOYMENTS.md)."""
+    p.add_argument(
+        "--autoscale-target",
+        type=float,
+        default=16.0,
+        metavar="N",
+        help="requests in flight per engine the autoscaler aims at (default %(default)s)",
+    )
+    p.add_argument(
+        "--autoscale-window",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="the autoscaler's stable window; its panic window is a tenth of it "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--scale-to-zero-after",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="with minReplicas 0, stop the last engine after this long without "
+        "requests (default %(default)s)",
+    )
+    p.add_argument("--engine-drain-timeout", type=float, default=30.0, metavar="S",
+                   help="an engine scaled down or deleted stops once idle, or after this; its "
+                   "streams then resume on another engine (default %(default)s)")  # fmt: skip
+
+
 def _deployment_args(p: argparse.ArgumentParser) -> None:
+    _autoscale_args(p)
     p.add_argument(
         "--model",
         default=None,
@@ -454,7 +485,17 @@ def declared(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.deployments and not Path(args.deployments).is_dir():
         raise ConfigError("--deployments", args.deployments, "must be an existing folder")
+    from fleet.coordinator.autoscale import AutoscaleConfig
+
+    autoscale = AutoscaleConfig(
+        target_per_engine=args.autoscale_target,
+        stable_window_s=args.autoscale_window,
+        panic_window_s=args.autoscale_window / 10,
+        scale_to_zero_after_s=args.scale_to_zero_after,
+    )
     return {
+        "autoscale": autoscale,
+        "engine_drain_s": args.engine_drain_timeout,
         "deployments": _deployments(args),
         "deployments_dir": str(Path(args.deployments).resolve()) if args.deployments else None,
         "engine_defaults": _engine_defaults(args),

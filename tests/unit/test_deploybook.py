@@ -43,10 +43,11 @@ def test_what_cannot_run_yet_is_said_not_silently_dropped() -> None:
     assert (tp.replicas, tp.tensor_parallel_size, tp.tp_layout, notes) == (1, 2, "auto", [])
     hf, notes = to_deployment(model("hub", source="hf://org/name@main"), EngineDefaults())
     assert (hf.replicas, hf.model_path, notes) == (1, "hf://org/name@main", [])  # the store's
-    auto, notes = to_deployment(
-        model("auto", replicas=None, minReplicas=0, maxReplicas=4), EngineDefaults()
-    )
-    assert auto.replicas == 1 and "autoscaling" in notes[0]
+    auto_model = model("auto", replicas=None, minReplicas=0, maxReplicas=4)
+    auto, notes = to_deployment(auto_model, EngineDefaults())
+    assert auto.replicas == 0 and notes == []  # minReplicas until the autoscaler says more
+    assert to_deployment(auto_model, EngineDefaults(), 3)[0].replicas == 3
+    assert to_deployment(auto_model, EngineDefaults(), 9)[0].replicas == 4  # maxReplicas
 
 
 def test_higher_priority_deployments_are_placed_first() -> None:

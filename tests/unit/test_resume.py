@@ -116,7 +116,9 @@ def test_the_continuation_is_rewritten_into_the_first_stream_with_truthful_usage
         and chunk["created"] == 1
         and chunk["choices"][0]["delta"] == {"content": "x"}
     )
-    # The continuing engine counted the original 10 prompt tokens plus 5 of generated text.
+    # The continuing engine counted the original 10 prompt tokens plus 5 of generated text
+    # (the text retokenized after the prompt): what was generated is the 4 the budget was cut
+    # by, so a stream out of budget reports exactly max_tokens.
     usage = rewriter.rewrite(
         _event(
             {
@@ -129,8 +131,8 @@ def test_the_continuation_is_rewritten_into_the_first_stream_with_truthful_usage
     assert usage is not None
     assert json.loads(usage[6:])["usage"] == {
         "prompt_tokens": 10,
-        "completion_tokens": 8,
-        "total_tokens": 18,
+        "completion_tokens": 7,
+        "total_tokens": 17,
     }
     quiet = Rewriter(progress, prompt_tokens=10, generated_tokens=4, include_usage=False)
     assert quiet.rewrite(_event({"choices": [], "usage": {"prompt_tokens": 15}})) is None
