@@ -54,6 +54,14 @@ HIGHLIGHTS: dict[str, tuple[str, ...]] = {
     ),
     "malformed-http": ("cases", "cases_unacceptable", "framing_bare_4xx", "drained_s"),
     "malformed-wire": ("link_frames_sent", "link_rejected", "relay_frames_sent", "relay_rejected"),
+    "coordinator-kill": (
+        "coordinators",
+        "held_by_killed",
+        "gone_s",
+        "takeover_s",
+        "restarted_s",
+    ),
+    "scale-down": ("scaled", "long_streams", "streams_on_removed", "drained_s", "streams_resumed"),
 }
 
 

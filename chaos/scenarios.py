@@ -157,6 +157,7 @@ def _registry() -> dict[str, Scenario]:
         malformed_wire,
         nodes,
         overload,
+        scaledown,
     )
 
     scenarios = [
@@ -192,6 +193,11 @@ def _registry() -> dict[str, Scenario]:
             "measure capacity, then a burst at 10x it: 503 + Retry-After, goodput kept",
             overload.overload,
             overload=True,
+        ),
+        Scenario(
+            "scale-down",
+            "declare 4 engines, cut them to 1 under streaming load: nothing failed or cut",
+            scaledown.scale_down,
         ),
         Scenario(
             "malformed-http",

@@ -131,6 +131,7 @@ def test_every_scenario_is_registered_once_and_only_overload_expects_failures() 
         "coordinator-kill",
         "kv-events",
         "overload",
+        "scale-down",
         "malformed-http",
         "malformed-wire",
     ]
