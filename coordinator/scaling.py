@@ -3,7 +3,9 @@
 Sans-I/O. :meth:`Scaling.tick` samples the demand of every deployment declared with
 ``minReplicas``/``maxReplicas`` (fixed ``replicas`` and ``roles`` do not scale), asks its
 :class:`~.autoscale.Autoscaler`, and returns the deployments whose count changed; the caller
-places the new counts (:meth:`~.deploybook.DeploymentBook.deployments` takes them).
+places the new counts (:meth:`~.deploybook.DeploymentBook.deployments` takes them). Only the
+leader of several coordinators decides; the others :meth:`Scaling.follow` what the nodes run,
+so that they route to every engine the leader placed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 from .autoscale import AutoscaleConfig, Autoscaler, Decision
 from .deployspec import FleetModel
+from .placement import Placer
 
 
 class Scaling:
@@ -46,11 +49,59 @@ class Scaling:
             self.counts[model.name] = decision.replicas
             if decision.replicas != current:
                 changed.append((model.name, decision))
-        for gone in set(self._scalers) - seen:
-            del self._scalers[gone]
-            self.counts.pop(gone, None)
-            self.decisions.pop(gone, None)
+        self._forget(seen)
         return changed
 
+    def follow(
+        self, models: Iterable[FleetModel], running: Callable[[FleetModel], int]
+    ) -> list[str]:
+        """Take each autoscaled deployment's count from what the nodes run (``running``: the
+        engines reported or assigned for it) instead of deciding; the deployments whose count
+        changed. Their autoscalers start afresh if this coordinator leads later."""
+        changed: list[str] = []
+        seen: set[str] = set()
+        for model in models:
+            if model.replicas is not None or model.roles is not None or model.max_replicas is None:
+                continue
+            seen.add(model.name)
+            low, high = model.min_replicas or 0, model.max_replicas
+            count = max(low, min(high, running(model)))
+            if count != self.counts.get(model.name, len(model.engine_slots())):
+                changed.append(model.name)
+            self.counts[model.name] = count
+        self._scalers.clear()
+        self._forget(seen)
+        return changed
 
-__all__ = ["Scaling"]
+    def _forget(self, keep: set[str]) -> None:
+        for gone in (set(self._scalers) | set(self.counts)) - keep:
+            self._scalers.pop(gone, None)
+            self.counts.pop(gone, None)
+            self.decisions.pop(gone, None)
+
+
+def demand(
+    model: FleetModel,
+    placer: Placer,
+    inflight: Callable[[str], int],
+    queued: Callable[[str], int],
+) -> float:
+    """A deployment's demand: requests in flight on its engines (``inflight`` by engine id),
+    plus its share of the requests waiting for its served names (``queued`` by name; shared
+    evenly by the deployments serving a name)."""
+    deployment = next((d for d in placer.deployments if d.name == model.name), None)
+    engines = deployment.owned_ids() if deployment is not None else []
+    total = float(sum(inflight(e) for e in engines))
+    for name in model.served_model_names:
+        total += queued(name) / (len(placer.serving(name)) or 1)
+    return total
+
+
+def running(model: FleetModel, engine_ids: set[str]) -> int:
+    """How many engines of an autoscaled deployment run, from the engine ids nodes report
+    (``NAME-0`` .. ``NAME-(N-1)``: scaling down removes the highest)."""
+    indexes = [i for i in range(model.max_replicas or 0) if f"{model.name}-{i}" in engine_ids]
+    return max(indexes, default=-1) + 1
+
+
+__all__ = ["Scaling", "demand", "running"]

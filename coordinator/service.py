@@ -48,7 +48,7 @@ from .resilience import STATE_VALUES
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
-from .scaling import Scaling
+from .scaling import Scaling, demand, running
 from .tpgroups import TPGroups
 from .versions import engines_for
 
@@ -338,25 +338,25 @@ class Coordinator:
                 await self._pools.prune(e.url for e in self.registry.engines())
 
     def _autoscale(self, now: float) -> None:
-        """Sample every autoscaled deployment's demand; place the counts that changed."""
-        changed = self.scaling.tick((m for _, m in self.book.models()), self._demand, now)
+        """Leading: sample every autoscaled deployment's demand and place the counts that
+        changed. Following: take the counts the leader placed, from what the nodes run."""
+        models = [m for _, m in self.book.models()]
+        if not self.leadership.leader:
+            ids = {e for node in self.registry.live_nodes() for e in node.engines}
+            if self.scaling.follow(models, lambda m: running(m, ids)):
+                self.apply_declared()
+            return
+        gateway = self.gateway
+
+        def demand_of(model: FleetModel) -> float:
+            return demand(model, self.placer, gateway.inflight.get, gateway.admission.queued)
+
+        changed = self.scaling.tick(models, demand_of, now)
         for name, decision in changed:
             log.info("autoscaler: %s %s", name, decision)
             self.metrics.autoscaler_decisions.labels(deployment=name, mode=decision.mode).inc()
         if changed:
             self.apply_declared()
-
-    def _demand(self, model: FleetModel) -> float:
-        """Requests in flight on a deployment's engines, plus its share of the requests
-        waiting for its served names (shared evenly by the deployments serving a name)."""
-        gateway = self.gateway
-        deployment = next((d for d in self.placer.deployments if d.name == model.name), None)
-        engines = deployment.owned_ids() if deployment is not None else []
-        demand = float(sum(gateway.inflight.get(e) for e in engines))
-        for name in model.served_model_names:
-            serving = len(self.placer.serving(name)) or 1
-            demand += gateway.admission.queued(name) / serving
-        return demand
 
     def refresh_gauges(self) -> None:
         """Update the gauges that mirror registry state (called before /metrics renders)."""
