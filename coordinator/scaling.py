@@ -10,7 +10,7 @@ so that they route to every engine the leader placed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from .autoscale import AutoscaleConfig, Autoscaler, Decision
 from .deployspec import FleetModel
@@ -33,11 +33,8 @@ class Scaling:
         and waiting for it) and decide; the deployments whose count changed, with why."""
         changed: list[tuple[str, Decision]] = []
         seen: set[str] = set()
-        for model in models:
-            if model.replicas is not None or model.roles is not None or model.max_replicas is None:
-                continue
+        for model, low, high in _autoscaled(models):
             seen.add(model.name)
-            low, high = model.min_replicas or 0, model.max_replicas
             scaler = self._scalers.get(model.name)
             if scaler is None or (scaler.min_replicas, scaler.max_replicas) != (low, high):
                 scaler = Autoscaler(self.cfg, min_replicas=low, max_replicas=high, now=now)
@@ -60,11 +57,8 @@ class Scaling:
         changed. Their autoscalers start afresh if this coordinator leads later."""
         changed: list[str] = []
         seen: set[str] = set()
-        for model in models:
-            if model.replicas is not None or model.roles is not None or model.max_replicas is None:
-                continue
+        for model, low, high in _autoscaled(models):
             seen.add(model.name)
-            low, high = model.min_replicas or 0, model.max_replicas
             count = max(low, min(high, running(model)))
             if count != self.counts.get(model.name, len(model.engine_slots())):
                 changed.append(model.name)
@@ -78,6 +72,13 @@ class Scaling:
             self._scalers.pop(gone, None)
             self.counts.pop(gone, None)
             self.decisions.pop(gone, None)
+
+
+def _autoscaled(models: Iterable[FleetModel]) -> Iterator[tuple[FleetModel, int, int]]:
+    """The deployments with minReplicas/maxReplicas, with those bounds."""
+    for model in models:
+        if model.replicas is None and model.roles is None and model.max_replicas is not None:
+            yield model, model.min_replicas or 0, model.max_replicas
 
 
 def demand(
