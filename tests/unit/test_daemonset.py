@@ -355,6 +355,23 @@ def test_rbac_grants_what_the_coordinator_and_agent_need() -> None:
                 assert "*" not in rule["verbs"] and "*" not in rule["resources"]
 
 
+def test_the_coordinator_reads_the_mounted_scheduler_config(tmp_path: Path) -> None:
+    """The file ``--scheduler-config`` names is a key of the ConfigMap mounted there, and it
+    loads with Fleet's own loader (a config Fleet rejects would stop the coordinator)."""
+    from fleet.coordinator.router.config import load_config_file
+
+    container = _container("Deployment", "fleet-coordinator")
+    path = Path(_fleet_args(container).scheduler_config)
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    spec = _one("Deployment", "fleet-coordinator")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    data = _one("ConfigMap", volume["configMap"]["name"])["data"]
+    assert path.name in data
+    (tmp_path / path.name).write_text(data[path.name])
+    profile = load_config_file(tmp_path / path.name)
+    assert profile is not None
+
+
 def test_scheduler_config_is_an_endpoint_picker_config() -> None:
     data = _one("ConfigMap", "fleet-scheduler-config")["data"]
     config = yaml.safe_load(data["scheduler.yaml"])
