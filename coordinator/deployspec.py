@@ -32,7 +32,7 @@ MAX_TRAFFIC_WEIGHT = 1_000_000
 
 _TOP = ("apiVersion", "kind", "metadata", "spec")
 _METADATA = ("name", "namespace", "labels", "annotations")
-_SPEC = (
+SPEC_FIELDS = (  # every spec field, as daemonset/crds/fleetmodel.yaml declares them
     "servedModelNames",
     "source",
     "version",
@@ -219,7 +219,7 @@ def parse_model(doc: object) -> FleetModel:
         meta = f.mapping(top["metadata"], "metadata", _METADATA, required=("name",))
     spec: dict[str, Any] = {}
     if "spec" in top:
-        spec = f.mapping(top["spec"], "spec", _SPEC, required=("source",), moved=_MOVED)
+        spec = f.mapping(top["spec"], "spec", SPEC_FIELDS, required=("source",), moved=_MOVED)
 
     name = f.string(
         meta,
@@ -382,6 +382,7 @@ __all__ = [
     "DEFAULT_TRAFFIC_WEIGHT",
     "KIND",
     "PRIORITY_CLASSES",
+    "SPEC_FIELDS",
     "FleetModel",
     "Roles",
     "parse_model",
