@@ -70,6 +70,13 @@ class CoordinatorConfig:
     # is the only coordinator, and leads. A new leader places after leader_settle_s (None:
     # two heartbeat intervals, so that the old leader's last assignments are reported).
     leader_lock: str | None = None
+    # Several coordinators in a cluster: the holder of this coordination.k8s.io Lease
+    # ("NAMESPACE/NAME") leads; kube_api: the API server's URL (None: in-cluster, else the
+    # kubeconfig). Exclusive with leader_lock.
+    leader_lease: str | None = None
+    kube_api: str | None = None
+    lease_duration_s: int = 15
+    lease_renew_deadline_s: float = 10.0
     leader_retry_s: float = 0.5
     leader_settle_s: float | None = None
 
@@ -85,6 +92,16 @@ class CoordinatorConfig:
         ):
             if not getattr(self, key) > 0:
                 raise ConfigError(key, getattr(self, key), "must be > 0")
+        if self.leader_lock is not None and self.leader_lease is not None:
+            raise ConfigError("leader_lease", self.leader_lease, "cannot go with leader_lock")
+        if self.leader_lease is not None and len(self.lease_ref) != 2:
+            raise ConfigError("leader_lease", self.leader_lease, "must be NAMESPACE/NAME")
+        if not 0 < self.lease_renew_deadline_s < self.lease_duration_s:
+            raise ConfigError(
+                "lease_renew_deadline_s",
+                self.lease_renew_deadline_s,
+                f"must be > 0 and < lease_duration_s ({self.lease_duration_s})",
+            )
         if not self.leader_retry_s > 0:
             raise ConfigError("leader_retry_s", self.leader_retry_s, "must be > 0")
         if self.leader_settle_s is not None and self.leader_settle_s < 0:
@@ -107,6 +124,13 @@ class CoordinatorConfig:
             raise ConfigError("max_body_bytes", self.max_body_bytes, "must be >= 1024")
         if not self.agent_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError("agent_endpoint", self.agent_endpoint, "must be a ZMQ endpoint")
+
+    @property
+    def lease_ref(self) -> tuple[str, ...]:
+        """``leader_lease`` as (namespace, name); () when unset."""
+        if not self.leader_lease:
+            return ()
+        return tuple(p for p in self.leader_lease.split("/") if p)
 
     def hypercorn(self) -> HypercornConfig:
         """The HTTP server's settings."""

@@ -14,7 +14,6 @@ once.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from .deployspec import FleetModel
 from .footprints import with_memory
 from .httpserve import serve
 from .kvindex import KVIndex
-from .leadership import FileLock, Leadership, hold_file_lock
+from .leaders import election
+from .leadership import Leadership
 from .link import AgentLink
 from .metrics import CoordinatorMetrics
 from .modelsize import ModelFootprint
@@ -101,7 +101,9 @@ class Coordinator:
         if leader_settle is None:
             leader_settle = 2 * cfg.heartbeat_interval_s
         # With no lock this is the only coordinator: it leads from the start (leadership.py).
-        self.leadership = Leadership(settle_s=leader_settle, leader=cfg.leader_lock is None)
+        alone = cfg.leader_lock is None and cfg.leader_lease is None
+        self.leadership = Leadership(settle_s=leader_settle, leader=alone)
+        self._election = election(cfg, self.leadership, on_change=lambda _: self._bump())
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
@@ -251,14 +253,8 @@ class Coordinator:
                 async with trio.open_nursery() as control:  # what a drain stops at once
                     endpoint = await control.start(self._run_link)
                     control.start_soon(self._upkeep)
-                    if self.cfg.leader_lock is not None:  # released when draining
-                        lock = FileLock(Path(self.cfg.leader_lock), self.cfg.coordinator_id)
-                        await control.start(
-                            functools.partial(
-                                hold_file_lock, lock, self.leadership,
-                                retry_s=self.cfg.leader_retry_s, on_change=lambda _: self._bump(),
-                            )
-                        )  # fmt: skip
+                    if self._election is not None:  # lock or lease let go when draining
+                        await control.start(self._election)
                     if self.book.folder is not None:
                         control.start_soon(self._watch_folder, self.book.folder)
                     nursery.start_soon(self._gateway.watch_silent)

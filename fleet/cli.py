@@ -130,6 +130,19 @@ def _parser() -> argparse.ArgumentParser:
         help="several coordinators on one machine: the one holding this lock file places "
         "engines (default: this is the only coordinator)",
     )
+    coord.add_argument(
+        "--leader-lease",
+        default=None,
+        metavar="NAMESPACE/NAME",
+        help="several coordinators in a cluster: the holder of this coordination.k8s.io Lease "
+        "places engines",
+    )
+    coord.add_argument(
+        "--kube-api",
+        default=None,
+        metavar="URL",
+        help="the Kubernetes API server (default: in-cluster configuration, else kubeconfig)",
+    )
     coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
     coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -610,6 +623,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         drain_s=args.drain_timeout,
         http_fd=args.http_fd,
         leader_lock=args.leader_lock,
+        leader_lease=args.leader_lease,
+        kube_api=args.kube_api,
         **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )
     if args.hot_restart:
