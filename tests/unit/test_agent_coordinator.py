@@ -30,6 +30,8 @@ from fleet.protocol.messages import EngineStatus, PrestageModel, Register, Unass
 from fleet.protocol.vllm_events import encode_vllm_message
 from fleet.protocol.zmqio import recv_batch
 
+from ..k8sapi import running_emulator
+
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT_S = 0.1
 # A node is lost after this many missed beats: 1 s of silence, so a loaded machine that sends
@@ -259,6 +261,44 @@ async def test_two_coordinators_one_leader_places_and_the_other_takes_over(
         await _until(b, lambda: b.registry.routable("m"))
         assert agent.engines["m-0"].supervisor.pid != pid
         nursery.cancel_scope.cancel()
+
+
+async def test_two_coordinators_elect_through_a_kubernetes_lease(tmp_path: Path) -> None:
+    """The same with a coordination.k8s.io Lease on an API server (the test emulator): one
+    leads, places the engine once; when it stops it hands the Lease back and the other leads,
+    the engine not started again."""
+    with running_emulator() as url:
+        lease = {"leader_lease": "fleet-system/fleet-leader", "kube_api": url,
+                 "lease_duration_s": 2, "lease_renew_deadline_s": 1.0,
+                 "leader_retry_s": 0.1}  # fmt: skip
+        coords = {n: _coordinator(coordinator_id=n, **lease) for n in ("coord-a", "coord-b")}
+        scopes = {n: trio.CancelScope() for n in coords}
+        async with trio.open_nursery() as nursery:
+
+            async def run(name: str, *, task_status: trio.TaskStatus[CoordinatorAddresses]) -> None:
+                with scopes[name]:
+                    await coords[name].run(task_status=task_status)
+
+            addrs = {n: await nursery.start(run, n) for n in coords}
+            with trio.fail_after(20):
+                while sum(c.leadership.leader for c in coords.values()) != 1:
+                    with trio.move_on_after(0.1):  # a leadership change bumps either one
+                        await coords["coord-a"].changed()
+            leader = next(n for n, c in coords.items() if c.leadership.leader)
+            other = next(n for n in coords if n != leader)
+            agent = _agent(",".join(a.agent_endpoint for a in addrs.values()), tmp_path)
+            await nursery.start(agent.run)
+            await _until(coords[other], lambda: coords[other].registry.routable("m"))
+            pid = agent.engines["m-0"].supervisor.pid
+            assert coords[other].placer.pending() == {} and len(agent.engines) == 1
+
+            scopes[leader].cancel()  # it drains: the Lease is handed back
+            follower = coords[other]
+            await _until(follower, lambda: follower.leadership.may_place(trio.current_time()), 10)
+            await trio.sleep(4 * HEARTBEAT_S)
+            assert follower.placer.pending() == {}
+            assert list(agent.engines) == ["m-0"] and agent.engines["m-0"].supervisor.pid == pid
+            nursery.cancel_scope.cancel()
 
 
 async def test_garbage_on_the_agent_link_is_counted_not_fatal(tmp_path: Path) -> None:
