@@ -25,10 +25,11 @@ from fleet.coordinator.engineclient import (
     Response,
     Timeouts,
 )
+from fleet.coordinator.errors import NoCapacity
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.validation import validate
 
-from .simgateway import sim_gateway, start_sim_server
+from .simgateway import sim_gateway, start_hung_listener, start_sim_server
 
 # -- the idle stack, sans-I/O --------------------------------------------------------------------
 
@@ -431,3 +432,30 @@ async def test_gateway_streams_reuse_their_engine_connection(
     assert client.connections_opened == 1
     assert (client.in_use, client.idle) == (0, 1)
     await pools.aclose()
+
+
+async def test_gateway_files_engine_failures_under_their_reasons(
+    demo_model: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A hung engine times out on read (``timeout``); a closed port refuses (``refused``: the
+    engine is ejected at once)."""
+    hung = await start_hung_listener(nursery)
+    refused = trio.socket.socket()
+    await refused.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{refused.getsockname()[1]}"
+    refused.close()
+    raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
+    for engine_id, url, error in (("hung", hung, "EngineTimeout"), ("dead", dead, "Connect")):
+        gateway, pools = sim_gateway({engine_id: url}, demo_model, ResilienceConfig())
+        start = trio.current_time()
+        with pytest.raises(NoCapacity, match=error):
+            await gateway.forward("/v1/completions", validate("completion", raw), raw, {})
+        if engine_id == "hung":  # sim_gateway's pools time out reads after 10 s
+            assert trio.current_time() - start == pytest.approx(10)
+            assert gateway.breakers.get(engine_id).state == "closed"  # one failure of five
+        else:
+            assert gateway.breakers.get(engine_id).state == "open"  # refused: ejected
+        assert gateway.metrics.upstream_errors.labels(engine=engine_id)._value.get() == 1
+        assert gateway.inflight.get(engine_id) == 0
+        assert (pools.get(url).in_use, pools.get(url).idle) == (0, 0)
+        await pools.aclose()
