@@ -12,6 +12,7 @@ BENCHMARKS = {
     "kv-ingest": "kv_ingest",
     "routing-quality": "routing_quality",
     "pick-overhead": "pick_overhead",
+    "engine-client": "engine_client",
 }
 
 
