@@ -6,15 +6,13 @@ its CPU (1.3 ms a request): the pool scans its connections on every request and 
 (``is_readable``). An engine is one origin with one protocol, so its pool can be much simpler.
 Control calls (health probes, metric scrapes) stay on httpx.
 
-Connections. An :class:`EngineClient` serves one engine (``http://host:port``). Its idle
-connections form a last-in-first-out stack (:class:`IdleStack`, sans-I/O): a request takes the one
-used last, so a few connections stay hot, the surplus ages out at the bottom, and taking one is a
-pop, never a scan. ``max_connections`` (a semaphore) bounds the connections in use; a request
-waits up to the pool timeout for one to free. A connection goes back on the stack only when h11
-says the exchange is complete on both sides (``our_state`` and ``their_state`` are ``DONE``, then
-``start_next_cycle()``), that is when the response body was read to its end: a response that is
-closed part-way closes its connection. Closing is a synchronous ``socket.close()``, so releasing a
-response never awaits (safe in ``finally`` blocks and cancelled scopes).
+Connections. An :class:`EngineClient` serves one engine (``http://host:port``); its idle
+connections form a last-in-first-out stack (:mod:`.idlestack`), and a semaphore bounds those in
+use (a request waits up to the pool timeout for one). A connection goes back on the stack only
+when h11 says the exchange is complete on both sides (``our_state`` and ``their_state`` are
+``DONE``, then ``start_next_cycle()``), i.e. once the response body was read to its end; a
+response closed part-way closes its connection. Closing is a synchronous ``socket.close()``, so
+releasing a response never awaits (safe in ``finally`` blocks and cancelled scopes).
 
 Stale connections. An engine closes a connection that stays idle past its keep-alive timeout
 (uvicorn's default: 5 s); idle connections older than ``idle_expiry_s`` are not reused. Where the
@@ -33,26 +31,26 @@ stream may last as long as bytes keep coming) and pool (waiting for a connection
 Errors, with the ``reason`` the proxy files them under (:class:`~.errors.UpstreamError`)::
 
     FleetError (fleet.protocol.errors)
-    └── EngineHTTPError          an exchange with an engine failed          reason
-        ├── EngineConnectError   no connection: refused, unreachable        refused
-        ├── EngineTimeout        connect, write, read or pool wait timed out timeout
-        └── EngineBroken         reset, closed early, malformed HTTP        connect
+    └── EngineHTTPError          an exchange with an engine failed        reason
+        ├── EngineConnectError   no connection: refused, unreachable      refused
+        ├── EngineTimeout        connect, write, read or pool wait ran out timeout
+        └── EngineBroken         reset, closed early, malformed HTTP      connect
     EngineURLError (ValueError)  the base URL is not ``http://host:port``
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 import h11
 import trio
 
 from fleet.protocol.errors import FleetError
+
+from .idlestack import IdleStack
 
 READ_BYTES = 65536
 # Set by the client itself; a caller's own are dropped.
@@ -110,64 +108,6 @@ class Timeouts:
             value = getattr(self, name)
             if not value > 0:  # also rejects NaN
                 raise ValueError(f"Timeouts.{name} must be > 0 seconds (inf: none), got {value!r}")
-
-
-T = TypeVar("T")
-
-
-class IdleStack(Generic[T]):
-    """One engine's idle connections, the one used last on top (sans-I/O: the caller closes
-    what the methods hand back).
-
-    Args:
-        max_idle: idle connections kept; beyond it the oldest is handed back to close.
-        expiry_s: an idle connection older than this is not reused (the engine closes idle
-            connections after its keep-alive timeout).
-    """
-
-    def __init__(self, max_idle: int, expiry_s: float) -> None:
-        if max_idle < 0:
-            raise ValueError(f"max_idle must be >= 0, got {max_idle!r}")
-        if not expiry_s > 0:
-            raise ValueError(f"expiry_s must be > 0 seconds, got {expiry_s!r}")
-        self.max_idle = max_idle
-        self.expiry_s = expiry_s
-        self.closed = False
-        self._items: deque[tuple[float, T]] = deque()  # (idle since, connection), oldest first
-
-    def take(self, now: float) -> tuple[T | None, list[T]]:
-        """The connection used last, unless it expired; and the expired ones, to close."""
-        expired = self._expire(now)
-        if self._items:
-            return self._items.pop()[1], expired
-        return None, expired
-
-    def put(self, conn: T, now: float) -> list[T]:
-        """Keep ``conn`` idle; the connections to close (``conn`` itself once closed or when
-        nothing is kept, else any expired or over ``max_idle``, oldest first)."""
-        if self.closed or self.max_idle == 0:
-            return [conn]
-        out = self._expire(now)
-        self._items.append((now, conn))
-        while len(self._items) > self.max_idle:
-            out.append(self._items.popleft()[1])
-        return out
-
-    def close(self) -> list[T]:
-        """Keep nothing from now on; every idle connection, to close."""
-        self.closed = True
-        out = [conn for _, conn in self._items]
-        self._items.clear()
-        return out
-
-    def _expire(self, now: float) -> list[T]:
-        out: list[T] = []
-        while self._items and now - self._items[0][0] >= self.expiry_s:
-            out.append(self._items.popleft()[1])
-        return out
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class _Connection:
@@ -478,7 +418,6 @@ __all__ = [
     "EngineHTTPError",
     "EngineTimeout",
     "EngineURLError",
-    "IdleStack",
     "Response",
     "Timeouts",
     "parse_base_url",

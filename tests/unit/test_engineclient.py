@@ -21,11 +21,11 @@ from fleet.coordinator.engineclient import (
     EngineConnectError,
     EngineTimeout,
     EngineURLError,
-    IdleStack,
     Response,
     Timeouts,
 )
 from fleet.coordinator.errors import NoCapacity
+from fleet.coordinator.idlestack import IdleStack
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.validation import validate
 
