@@ -13,6 +13,7 @@ BENCHMARKS = {
     "routing-quality": "routing_quality",
     "pick-overhead": "pick_overhead",
     "coordinators": "coordinators",
+    "engine-client": "engine_client",
 }
 
 

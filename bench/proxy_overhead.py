@@ -12,12 +12,19 @@ the engines themselves, spread round-robin by the client.
    p50/p99, and what each proxy adds over direct.
 2. Max sustained throughput: ``wrk`` (C, closed loop, ``--connections``) for ``--wrk-seconds``
    per target, where wrk is installed (``apt-get install wrk``); one coordinator process.
+
+For Fleet, the CPU time of the ``fleet up`` process (coordinator and agent; the engines are
+separate processes) over each latency run, from ``/proc/PID/stat``, divided by its requests:
+coordinator CPU ms per request (the agent's share at rest is a few heartbeats). ``--targets``
+picks a subset (``direct`` always runs: the others are compared with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +39,7 @@ from .loadgen import Request, Sample, open_loop, poisson_schedule
 from .stats import summary_ms
 
 FAST_SIM = ("--sim-prefill-ms-per-token=0", "--sim-decode-ms-per-token=0.05")
+TARGETS = ("direct", "fleet", "vllm-router", "sglang-router")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +56,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help=f"simulator flag (repeatable; default {' '.join(FAST_SIM)})",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="comma-separated subset (direct always runs; the peers install on first use)",
+    )
 
 
 def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
@@ -59,18 +72,27 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     }
     # the engines also answer to "unknown": sglang-router routes nothing else to vLLM
     engine_args = (*sim_args, "--served-model-name", *targets.SGLANG_NAMES)
-    with (
-        targets.fleet_up(args.engines, log_dir, engine_args) as (fleet_url, engine_urls),
-        targets.vllm_router(engine_urls, log_dir, "round_robin") as router_url,
-        targets.sglang_router(engine_urls, log_dir, "round_robin") as sglang_url,
-    ):
-        urls = {
-            "direct": engine_urls,
-            "fleet": [fleet_url],
-            "vllm-router": [router_url],
-            "sglang-router": [sglang_url],
-        }
-        result["latency"] = _latency(args, urls)
+    wanted = set(args.targets.split(",")) | {"direct"}
+    unknown = wanted - set(TARGETS)
+    if unknown:
+        raise SystemExit(f"--targets: unknown {sorted(unknown)}; choose from {TARGETS}")
+    fleet_pids: list[int] = []
+    with contextlib.ExitStack() as stack:
+        fleet_url, engine_urls = stack.enter_context(
+            targets.fleet_up(args.engines, log_dir, engine_args, pids=fleet_pids)
+        )
+        urls = {"direct": engine_urls}
+        if "fleet" in wanted:
+            urls["fleet"] = [fleet_url]
+        if "vllm-router" in wanted:
+            urls["vllm-router"] = [
+                stack.enter_context(targets.vllm_router(engine_urls, log_dir, "round_robin"))
+            ]
+        if "sglang-router" in wanted:
+            urls["sglang-router"] = [
+                stack.enter_context(targets.sglang_router(engine_urls, log_dir, "round_robin"))
+            ]
+        result["latency"] = _latency(args, urls, fleet_pids[0])
         result["throughput"] = _throughput(args, urls)
     result["logs"] = str(log_dir)
     samples_by = result["latency"].pop("_samples")
@@ -103,7 +125,16 @@ def _workload(args: argparse.Namespace, stream: bool) -> list[Request]:
     return [Request("/v1/completions", body)] * args.requests
 
 
-def _latency(args: argparse.Namespace, urls: dict[str, list[str]]) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (its threads, not its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _latency(
+    args: argparse.Namespace, urls: dict[str, list[str]], fleet_pid: int
+) -> dict[str, Any]:
     schedule = poisson_schedule(args.requests, args.rate, args.seed)
     out: dict[str, Any] = {}
     samples_by: dict[tuple[str, str], list[Sample]] = {}
@@ -111,7 +142,9 @@ def _latency(args: argparse.Namespace, urls: dict[str, list[str]]) -> dict[str, 
         mode = "stream" if stream else "plain"
         requests = _workload(args, stream)
         for name, bases in urls.items():
+            cpu_before = _cpu_s(fleet_pid)
             samples = trio.run(_spread, bases, requests, schedule)
+            cpu_s = _cpu_s(fleet_pid) - cpu_before
             samples_by[(name, mode)] = samples
             ok = [s for s in samples if s.ok]
             out[f"{name}/{mode}"] = {
@@ -121,6 +154,10 @@ def _latency(args: argparse.Namespace, urls: dict[str, list[str]]) -> dict[str, 
                 "latency": summary_ms([s.latency_s for s in ok]),
                 "ttft": summary_ms([s.ttft_s for s in ok if s.ttft_s is not None]),
             }
+            if name == "fleet":
+                out[f"{name}/{mode}"]["coordinator_cpu_ms_per_request"] = round(
+                    cpu_s * 1000 / len(samples), 3
+                )
     out["_samples"] = samples_by
     return out
 
@@ -221,6 +258,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 r["ttft"].get("p50_ms", "-"),
                 "-" if name == "direct" else round(added50, 2),
                 "-" if name == "direct" else round(added99, 2),
+                r.get("coordinator_cpu_ms_per_request", "-"),
             ]
         )
     cfg = result["config"]
@@ -229,7 +267,17 @@ def _markdown(result: dict[str, Any]) -> str:
         f"req/s, {cfg['requests']} requests per target and mode)\n\n"
     )
     md += report.table(
-        ["target", "mode", "ok", "p50 ms", "p99 ms", "TTFT p50 ms", "added p50 ms", "added p99 ms"],
+        [
+            "target",
+            "mode",
+            "ok",
+            "p50 ms",
+            "p99 ms",
+            "TTFT p50 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "coordinator CPU ms/req",
+        ],
         rows,
     )
     thr = result["throughput"]

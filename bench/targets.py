@@ -203,8 +203,11 @@ def fleet_up(
     extra: Sequence[str] = (),
     *,
     kind: str = "sim",
+    pids: list[int] | None = None,
 ) -> Iterator[tuple[str, list[str]]]:
-    """``fleet up --engine KIND``; yields the coordinator URL and the engines' own URLs."""
+    """``fleet up --engine KIND``; yields the coordinator URL and the engines' own URLs.
+    ``pids``, when given, gets the pid of the ``fleet up`` process (coordinator and agent; the
+    engines are its children)."""
     port = free_port()
     argv = [
         sys.executable,
@@ -227,6 +230,8 @@ def fleet_up(
     for arg in sim_args:
         argv.append(f"--engine-arg={arg}")  # "=": the value itself starts with "--"
     proc = start("fleet-up", [*argv, *extra], log_dir)
+    if pids is not None:
+        pids.append(proc.popen.pid)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, proc, timeout_s=600, path="/readyz")

@@ -32,6 +32,7 @@ import httpx
 import trio
 
 from .admission import Admission, Overloaded, WaitEstimate, priority_of
+from .engineclient import EngineHTTPError, EngineURLError
 from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 # Headers worth passing to the engine; everything else (host, cookies, auth) stays here.
 FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate")
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the engine gets what is left of it
+# After a stream's [DONE], the engine's chunked terminator follows at once; wait this long for it
+# (so the connection is reused) before closing the connection instead.
+END_WAIT_S = 0.5
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -90,7 +94,7 @@ class Gateway:
     """Routes requests to engines and proxies the answers.
 
     Args:
-        pools: one httpx client per engine (owned by the coordinator service).
+        pools: the clients of each engine (owned by the coordinator service).
         registry: where routable engines come from.
         metrics: where counts go.
         scheduler: the scheduling pipeline.
@@ -378,6 +382,7 @@ class Gateway:
                         if out is not None:
                             yield out
                         if event.startswith(DONE):
+                            await _read_to_end(body)
                             return
             finally:
                 aclose = getattr(body, "aclose", None)
@@ -685,49 +690,45 @@ class Gateway:
                 self.metrics.inflight.labels(engine=engine.id).dec()
 
         try:
-            client = self.pools.get(engine.url)
-            upstream = client.build_request("POST", engine.url + path, content=raw, headers=headers)
-            response = await client.send(upstream, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.pools.get(engine.url).request("POST", path, headers, raw)
+        except (EngineHTTPError, EngineURLError) as exc:
             release()
-            if isinstance(exc, httpx.TimeoutException):
-                reason = "timeout"
-            elif isinstance(exc, httpx.ConnectError):
-                reason = "refused"  # nothing listens (or the host refused): the engine is gone
-            else:
-                reason = "connect"
+            # refused: nothing listens (or the host refused), the engine is gone
+            reason = exc.reason if isinstance(exc, EngineHTTPError) else "connect"
             raise UpstreamError(engine.id, f"{type(exc).__name__}: {exc}", reason) from exc
         except BaseException:
             release()
             raise
         took = self.clock() - started
         self.metrics.ttfb.labels(model=request.model).observe(took)
-        if response.status_code == 200:
+        if response.status == 200:
             key = (request.model, request.stream)
             self._first_byte.setdefault(key, WaitEstimate()).record(took)
         self.progress[engine.id] = trio.current_time()
-        out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+        out_headers = {k: v for k, v in response.headers if k not in HOP_BY_HOP}
         out_headers["x-request-id"] = request_id
         out_headers["x-selected-pod"] = engine.id
 
         async def body() -> AsyncIterator[bytes]:
+            # Read to the body's end (a stream's chunked terminator included), so that the
+            # connection goes back to the engine's pool; stopped early, it is closed.
             try:
                 async for chunk in response.aiter_raw():
                     self.progress[engine.id] = trio.current_time()
                     yield chunk
-            except httpx.HTTPError as exc:
+            except EngineHTTPError as exc:
                 # The stream broke after it started; resuming it is the resilience work's job.
                 self.metrics.upstream_errors.labels(engine=engine.id).inc()
                 log.warning("engine %s broke a response mid-way: %s", engine.id, exc)
             finally:
                 release()
-                await response.aclose()
+                response.close()
 
         async def discard() -> None:
             release()
-            await response.aclose()
+            response.close()
 
-        return Forwarded(response.status_code, out_headers, body(), engine, discard)
+        return Forwarded(response.status, out_headers, body(), engine, discard)
 
 
 def _holding(forwarded: Forwarded, slot: contextlib.AsyncExitStack) -> Forwarded:
@@ -758,6 +759,15 @@ async def relay(
             await aclose()
         if then is not None:
             await then()
+
+
+async def _read_to_end(body: AsyncIterator[bytes]) -> None:
+    """Read what follows a stream's ``[DONE]`` (its chunked terminator), for at most
+    ``END_WAIT_S``: a body read to its end keeps its engine connection for the next request,
+    where one closed before it would close the connection. Anything more is dropped."""
+    with trio.move_on_after(END_WAIT_S):
+        async for _ in body:
+            pass
 
 
 def _is_sse(forwarded: Forwarded) -> bool:

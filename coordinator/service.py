@@ -1,9 +1,9 @@
 """The coordinator service: HTTP front door, agent link, registry upkeep and placement.
 
 :class:`Coordinator` owns, in one nursery: the agent link (ZMQ ROUTER), the HTTP server
-(hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), and the httpx
-client used to reach engines. ``run()`` reports ``started()`` once the link is bound and the
-HTTP port listens, with the bound addresses.
+(hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), and the
+clients used to reach engines (:mod:`.pools`). ``run()`` reports ``started()`` once the link is
+bound and the HTTP port listens, with the bound addresses.
 
 It stops two ways. ``drain()`` (what ``fleet coordinator`` does on SIGTERM or SIGINT) stops
 taking connections and releases the agent link at once (a successor may bind both), lets the
@@ -263,7 +263,7 @@ class Coordinator:
                         nursery.start_soon(
                             self.scheduler.stats.run,
                             lambda: [(e.id, e.url) for e in self.registry.routable()],
-                            pools.get,
+                            pools.control,
                         )
                     binds = await nursery.start(serve_http)
                     url = binds[0].replace("0.0.0.0", "127.0.0.1")

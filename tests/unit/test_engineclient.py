@@ -1,0 +1,461 @@
+"""The engine client (fleet.coordinator.engineclient): its LIFO idle stack with plain calls, and
+the client against a small h11 server on loopback that counts the connections it accepts."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from fleet.coordinator.engineclient import (
+    EngineBroken,
+    EngineClient,
+    EngineConnectError,
+    EngineTimeout,
+    EngineURLError,
+    Response,
+    Timeouts,
+)
+from fleet.coordinator.errors import NoCapacity
+from fleet.coordinator.idlestack import IdleStack
+from fleet.coordinator.resilience import ResilienceConfig
+from fleet.coordinator.validation import validate
+
+from .simgateway import sim_gateway, start_hung_listener, start_sim_server
+
+# -- the idle stack, sans-I/O --------------------------------------------------------------------
+
+
+def test_idle_stack_hands_out_the_connection_used_last() -> None:
+    stack: IdleStack[str] = IdleStack(max_idle=3, expiry_s=5)
+    for t, conn in enumerate("abc"):
+        assert stack.put(conn, float(t)) == []
+    assert stack.take(3.0) == ("c", [])
+    assert stack.take(3.0) == ("b", [])
+    assert len(stack) == 1
+
+
+def test_idle_stack_closes_the_oldest_beyond_max_idle() -> None:
+    stack: IdleStack[str] = IdleStack(max_idle=2, expiry_s=5)
+    stack.put("a", 0.0)
+    stack.put("b", 0.0)
+    assert stack.put("c", 0.0) == ["a"]
+    assert IdleStack[str](max_idle=0, expiry_s=5).put("x", 0.0) == ["x"]
+
+
+def test_idle_stack_expires_connections_idle_too_long() -> None:
+    stack: IdleStack[str] = IdleStack(max_idle=4, expiry_s=5)
+    stack.put("old", 0.0)
+    stack.put("new", 3.0)
+    assert stack.take(6.0) == ("new", ["old"])  # the bottom aged out, the top did not
+    stack.put("x", 6.0)
+    assert stack.take(11.0) == (None, ["x"])
+
+
+def test_a_closed_idle_stack_keeps_nothing() -> None:
+    stack: IdleStack[str] = IdleStack(max_idle=4, expiry_s=5)
+    stack.put("a", 0.0)
+    assert stack.close() == ["a"]
+    assert stack.put("b", 1.0) == ["b"]
+    assert stack.take(1.0) == (None, [])
+
+
+def test_bad_settings_are_rejected() -> None:
+    with pytest.raises(ValueError, match="read_s"):
+        Timeouts(read_s=math.nan)
+    with pytest.raises(ValueError, match="max_idle"):
+        IdleStack(max_idle=-1, expiry_s=1)
+    with pytest.raises(ValueError, match="max_connections"):
+        EngineClient("http://127.0.0.1:1", max_connections=0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://127.0.0.1:8000",
+        "unix:///tmp/engine.sock",
+        "http://127.0.0.1:8000/v1",
+        "http://user:pw@127.0.0.1:8000",
+        "http://127.0.0.1:8000?x=1",
+        "http://:8000",
+        "http://127.0.0.1:notaport",
+        "127.0.0.1:8000",
+    ],
+)
+def test_only_plain_http_base_urls_are_accepted(url: str) -> None:
+    with pytest.raises(EngineURLError, match="http://host:port"):
+        EngineClient(url)
+
+
+def test_plain_http_base_urls_name_host_and_port() -> None:
+    client = EngineClient("http://127.0.0.1:8000/")
+    assert (client.host, client.port, client.authority) == ("127.0.0.1", 8000, b"127.0.0.1:8000")
+    assert EngineClient("http://[::1]:9").authority == b"[::1]:9"
+
+
+# -- a small engine on loopback ------------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    """An h11 server; a request's path picks what it does (see :meth:`respond`)."""
+
+    url: str = ""
+    accepted: int = 0
+    requests: list[tuple[str, bytes]] = field(default_factory=list)
+    release: trio.Event = field(default_factory=trio.Event)  # ends /held responses
+    idle_closed: trio.Event = field(default_factory=trio.Event)  # /close-idle closed its side
+    peer_closed: trio.Event = field(default_factory=trio.Event)  # a client closed a response
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        async with trio.open_nursery() as nursery:
+            task_status.started(self.url)
+            await trio.serve_listeners(self.connection, listeners, handler_nursery=nursery)
+
+    async def connection(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                target, body = b"", b""
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        try:
+                            data = await stream.receive_some(65536)
+                        except trio.BrokenResourceError:
+                            return
+                        if not data:
+                            return
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        target = bytes(event.target)
+                    elif isinstance(event, h11.Data):
+                        body += bytes(event.data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                self.requests.append((target.decode(), body))
+                if not await self.respond(target.decode(), body, conn, stream):
+                    return
+                conn.start_next_cycle()
+
+    async def respond(
+        self, path: str, body: bytes, conn: h11.Connection, stream: trio.SocketStream
+    ) -> bool:
+        """Answer; False when the connection is to end."""
+
+        async def send(*events: h11.Event) -> None:
+            await stream.send_all(b"".join(conn.send(e) or b"" for e in events))
+
+        if path == "/hang":  # read the request, never answer
+            await trio.sleep_forever()
+        if path in ("/ok", "/close-idle"):
+            await send(
+                h11.Response(status_code=200, headers=[("content-length", str(len(body) + 2))]),
+                h11.Data(data=b"ok" + body),
+                h11.EndOfMessage(),
+            )
+            if path == "/close-idle":  # as an engine's keep-alive timeout would, later
+                self.idle_closed.set()
+                return False
+            return True
+        head = h11.Response(
+            status_code=200,
+            headers=[("content-type", "text/event-stream"), ("transfer-encoding", "chunked")],
+        )
+        if path == "/stream":
+            await send(head, *(h11.Data(data=f"data: {i}\n\n".encode()) for i in range(3)))
+            await send(h11.Data(data=b"data: [DONE]\n\n"))
+            await send(h11.EndOfMessage())
+            return True
+        if path == "/held":  # a first event, then the rest once released
+            await send(head, h11.Data(data=b"data: 0\n\n"))
+            with trio.move_on_after(30):
+                # the client either closes (EOF) or the test releases
+                async with trio.open_nursery() as nursery:
+
+                    async def watch_eof() -> None:
+                        try:
+                            data = await stream.receive_some(1)
+                        except trio.BrokenResourceError:
+                            data = b""
+                        if not data:
+                            self.peer_closed.set()
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(watch_eof)
+                    await self.release.wait()
+                    nursery.cancel_scope.cancel()
+            if self.peer_closed.is_set():
+                return False
+            await send(h11.Data(data=b"data: [DONE]\n\n"), h11.EndOfMessage())
+            return True
+        await send(h11.Response(status_code=404, headers=[("content-length", "0")]))
+        await send(h11.EndOfMessage())
+        return True
+
+
+@pytest.fixture
+async def engine(nursery: trio.Nursery) -> AsyncIterator[Engine]:
+    server = Engine()
+    await nursery.start(server.serve)
+    yield server
+    nursery.cancel_scope.cancel()
+
+
+async def _read(response: Response) -> bytes:
+    return b"".join([chunk async for chunk in response.aiter_raw()])
+
+
+# -- keep-alive ---------------------------------------------------------------------------------
+
+
+async def test_one_connection_serves_sequential_requests(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    for i in range(5):
+        response = await client.request("POST", "/ok", {"x-n": str(i)}, f"#{i}".encode())
+        assert response.status == 200
+        assert ("content-length", "4") in response.headers
+        assert await _read(response) == f"ok#{i}".encode()
+    assert engine.accepted == 1 and client.connections_opened == 1
+    assert (client.in_use, client.idle) == (0, 1)
+    await client.aclose()
+    assert client.idle == 0
+
+
+async def test_a_stream_read_to_its_end_returns_its_connection(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    for _ in range(3):
+        response = await client.request("POST", "/stream", {}, b"{}")
+        assert ("content-type", "text/event-stream") in response.headers
+        chunks = [chunk async for chunk in response.aiter_raw()]
+        assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+        assert client.idle == 1
+    assert engine.accepted == 1
+
+
+async def test_an_abandoned_stream_closes_its_connection(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    response = await client.request("POST", "/held", {}, b"")
+    events = response.aiter_raw()
+    assert await events.__anext__() == b"data: 0\n\n"
+    await events.aclose()  # the reader went away before the end
+    assert (client.in_use, client.idle) == (0, 0)
+    with trio.fail_after(5):
+        await engine.peer_closed.wait()  # the engine saw the connection close
+    assert await _read(await client.request("POST", "/ok", {}, b"")) == b"ok"
+    assert engine.accepted == 2
+
+
+async def test_a_response_closed_unread_closes_its_connection(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    response = await client.request("POST", "/held", {}, b"")
+    response.close()
+    response.close()  # idempotent
+    assert (client.in_use, client.idle) == (0, 0)
+    with trio.fail_after(5):
+        await engine.peer_closed.wait()
+
+
+async def test_a_connection_the_engine_closed_while_idle_is_retried_once(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    assert await _read(await client.request("POST", "/close-idle", {}, b"")) == b"ok"
+    assert client.idle == 1
+    with trio.fail_after(5):
+        await engine.idle_closed.wait()
+    response = await client.request("POST", "/ok", {}, b"again")
+    assert await _read(response) == b"okagain"
+    assert engine.accepted == 2 and client.connections_opened == 2
+    # the engine saw each request once: the stale connection never carried the second one
+    assert [path for path, _ in engine.requests] == ["/close-idle", "/ok"]
+
+
+async def test_idle_connections_past_their_expiry_are_not_reused(
+    engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = EngineClient(engine.url, idle_expiry_s=4)
+    await _read(await client.request("POST", "/ok", {}, b""))
+    await trio.sleep(4)
+    await _read(await client.request("POST", "/ok", {}, b""))
+    assert engine.accepted == 2 and client.idle == 1
+
+
+# -- errors and timeouts ------------------------------------------------------------------------
+
+
+async def test_connection_refused_is_a_connect_error_filed_as_refused() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    client = EngineClient(f"http://127.0.0.1:{port}")
+    with pytest.raises(EngineConnectError, match="cannot connect") as exc:
+        await client.request("POST", "/ok", {}, b"")
+    assert exc.value.reason == "refused"
+    assert client.in_use == 0
+
+
+async def test_a_silent_engine_times_out_on_read_filed_as_timeout(
+    engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = EngineClient(engine.url, timeouts=Timeouts(read_s=2))
+    start = trio.current_time()
+    with pytest.raises(EngineTimeout, match="read timed out after 2 s") as exc:
+        await client.request("POST", "/hang", {}, b"")
+    assert trio.current_time() - start == pytest.approx(2)
+    assert (exc.value.phase, exc.value.reason) == ("read", "timeout")
+    assert (client.in_use, client.idle) == (0, 0)
+
+
+async def test_a_stream_that_stops_times_out_on_read(
+    engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = EngineClient(engine.url, timeouts=Timeouts(read_s=3))
+    response = await client.request("POST", "/held", {}, b"")
+    start = trio.current_time()
+    with pytest.raises(EngineTimeout, match="read"):
+        await _read(response)
+    assert trio.current_time() - start == pytest.approx(3)
+    assert (client.in_use, client.idle) == (0, 0)
+
+
+async def test_an_engine_that_closes_mid_response_breaks_it(nursery: trio.Nursery) -> None:
+    async def half(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, half, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    client = EngineClient(f"http://127.0.0.1:{port}")
+    response = await client.request("POST", "/x", {}, b"")
+    with pytest.raises(EngineBroken) as exc:
+        await _read(response)
+    assert exc.value.reason == "connect"
+    assert (client.in_use, client.idle) == (0, 0)
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
+    nursery: trio.Nursery,
+) -> None:
+    accepted = 0
+
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        async with stream:
+            await stream.receive_some(65536)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, close_at_once, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    client = EngineClient(f"http://127.0.0.1:{port}")
+    with pytest.raises(EngineBroken, match="closed"):
+        await client.request("POST", "/x", {}, b"")
+    assert accepted == 1 and client.in_use == 0
+
+
+async def test_requests_wait_for_a_free_connection_then_reuse_it(engine: Engine) -> None:
+    client = EngineClient(engine.url, max_connections=1)
+    first = await client.request("POST", "/held", {}, b"")
+    got: list[bytes] = []
+
+    async def second() -> None:
+        got.append(await _read(await client.request("POST", "/ok", {}, b"")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.waiting == 1 and got == []
+        engine.release.set()
+        assert await _read(first) == b"data: 0\n\ndata: [DONE]\n\n"
+    assert got == [b"ok"]
+    assert engine.accepted == 1
+
+
+async def test_waiting_for_a_connection_past_the_pool_timeout_fails(
+    engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = EngineClient(engine.url, max_connections=1, timeouts=Timeouts(pool_s=1.5))
+    first = await client.request("POST", "/held", {}, b"")
+    start = trio.current_time()
+    with pytest.raises(EngineTimeout, match="pool") as exc:
+        await client.request("POST", "/ok", {}, b"")
+    assert trio.current_time() - start == pytest.approx(1.5)
+    assert exc.value.reason == "timeout"
+    assert (client.in_use, client.waiting) == (1, 0)
+    first.close()
+    assert client.in_use == 0
+
+
+async def test_a_request_cancelled_midway_releases_its_connection(
+    engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = EngineClient(engine.url)
+    await _read(await client.request("POST", "/ok", {}, b""))
+    with trio.move_on_after(1) as scope:
+        await client.request("POST", "/hang", {}, b"")
+    assert scope.cancelled_caught
+    assert (client.in_use, client.idle) == (0, 0)  # closed: its exchange was left part-way
+    assert await _read(await client.request("POST", "/ok", {}, b"")) == b"ok"
+    assert engine.accepted == 2
+
+
+# -- through the gateway ------------------------------------------------------------------------
+
+
+async def test_gateway_streams_reuse_their_engine_connection(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    """A stream is read past ``[DONE]`` to its chunked terminator, so its connection is kept."""
+    _, url = await start_sim_server(demo_model, nursery)
+    gateway, pools = sim_gateway({"a": url}, demo_model, ResilienceConfig())
+    for stream in (True, True, False, True):
+        body = {"model": "demo", "prompt": "hello there", "max_tokens": 4, "stream": stream}
+        raw = json.dumps(body).encode()
+        parsed = validate("completion", raw)
+        forwarded = await gateway.forward("/v1/completions", parsed, raw, {})
+        assert forwarded.status == 200
+        text = b"".join([chunk async for chunk in forwarded.body])
+        assert text.endswith(b"data: [DONE]\n\n") == stream
+    client = pools.get(url)
+    assert client.connections_opened == 1
+    assert (client.in_use, client.idle) == (0, 1)
+    await pools.aclose()
+
+
+async def test_gateway_files_engine_failures_under_their_reasons(
+    demo_model: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A hung engine times out on read (``timeout``); a closed port refuses (``refused``: the
+    engine is ejected at once)."""
+    hung = await start_hung_listener(nursery)
+    refused = trio.socket.socket()
+    await refused.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{refused.getsockname()[1]}"
+    refused.close()
+    raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
+    for engine_id, url, error in (("hung", hung, "EngineTimeout"), ("dead", dead, "Connect")):
+        gateway, pools = sim_gateway({engine_id: url}, demo_model, ResilienceConfig())
+        start = trio.current_time()
+        with pytest.raises(NoCapacity, match=error):
+            await gateway.forward("/v1/completions", validate("completion", raw), raw, {})
+        if engine_id == "hung":  # sim_gateway's pools time out reads after 10 s
+            assert trio.current_time() - start == pytest.approx(10)
+            assert gateway.breakers.get(engine_id).state == "closed"  # one failure of five
+        else:
+            assert gateway.breakers.get(engine_id).state == "open"  # refused: ejected
+        assert gateway.metrics.upstream_errors.labels(engine=engine_id)._value.get() == 1
+        assert gateway.inflight.get(engine_id) == 0
+        assert (pools.get(url).in_use, pools.get(url).idle) == (0, 0)
+        await pools.aclose()
