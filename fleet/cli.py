@@ -138,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
         "places engines",
     )
     coord.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        metavar="S",
+        help="how long a silent leader keeps the Lease; it stops leading after two thirds of "
+        "it without a renew (default %(default)s)",
+    )
+    coord.add_argument(
         "--kube-api",
         default=None,
         metavar="URL",
@@ -624,6 +632,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         http_fd=args.http_fd,
         leader_lock=args.leader_lock,
         leader_lease=args.leader_lease,
+        lease_duration_s=args.lease_duration,
+        lease_renew_deadline_s=args.lease_duration * 2 / 3,
         kube_api=args.kube_api,
         **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )

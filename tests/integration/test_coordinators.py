@@ -9,20 +9,29 @@ placed twice or restarted (chaos/coordinators.py has the figures)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from fleet.agent.launcher import free_port
 from fleet.chaos import ChaosConfig, connect, run
 
+from ..k8sapi import running_emulator
 from .fleetproc import FleetProcess
 
 pytestmark = pytest.mark.engine
 
 MODEL = "demo"
+LEASE_S = 3
 
 
 def _lock_pid(lock: Path) -> int:
@@ -55,3 +64,91 @@ async def test_the_leaders_sigkill_loses_no_request_sent_after_it(
         assert len(assigned) == 2, assigned
     finally:
         proc.stop(signal.SIGTERM)
+
+
+# -- in a cluster: separate processes, leadership through a Kubernetes Lease --------------------
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _get(url: str) -> Any:
+    try:
+        return httpx.get(url, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _wait(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> float:
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_a_sigkilled_lease_holder_is_replaced_within_the_lease_duration(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    """Two ``fleet coordinator --leader-lease`` processes on the test API server and one agent
+    reporting to both: SIGKILL of the leader (no hand-back) and the other leads once the Lease
+    lapsed; the engines are neither restarted nor placed again."""
+    fleet = [sys.executable, "-m", "fleet"]
+    procs: list[subprocess.Popen[bytes]] = []
+    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
+    with running_emulator() as kube:
+        try:
+            for name, (http, link) in ports.items():
+                argv = [*fleet, "coordinator", "--port", str(http), "--agent-endpoint",
+                        f"tcp://127.0.0.1:{link}", "--model", str(demo_model), "--engine", "sim",
+                        "--replicas", "2", "--leader-lease", "fleet-system/fleet-leader",
+                        "--kube-api", kube, "--lease-duration", str(LEASE_S),
+                        "--coordinator-id", f"coord-{name}",
+                        "--log-dir", str(tmp_path / name)]  # fmt: skip
+                with open(tmp_path / f"{name}.out", "ab") as out:
+                    procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                  start_new_session=True))  # fmt: skip
+            links = ",".join(f"tcp://127.0.0.1:{link}" for _, link in ports.values())
+            with open(tmp_path / "agent.out", "ab") as out:
+                procs.append(subprocess.Popen(
+                    [*fleet, "agent", "--coordinator", links, "--node-id", "n1", "--http-port",
+                     "0", "--log-dir", str(tmp_path / "agent")],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                ))  # fmt: skip
+            urls = {n: f"http://127.0.0.1:{http}" for n, (http, _) in ports.items()}
+
+            def engines(name: str) -> dict[str, tuple[int, int]]:
+                found = _get(urls[name] + "/api/v1/engines") or {"engines": []}
+                return {e["id"]: (e["pid"], e["restarts"]) for e in found["engines"]
+                        if e["state"] == "ready"}  # fmt: skip
+
+            _wait("2 ready engines seen by both", lambda: all(len(engines(n)) == 2 for n in urls))
+            leaders = [n for n in urls if (_get(urls[n] + "/healthz") or {}).get("leader")]
+            assert len(leaders) == 1
+            (leader,) = leaders
+            (other,) = set(urls) - {leader}
+            before = engines(other)
+            procs[list(urls).index(leader)].send_signal(signal.SIGKILL)
+            took = _wait(
+                "the other coordinator leads",
+                lambda: bool((_get(urls[other] + "/healthz") or {}).get("leader")),
+            )
+            print(f"\nthe Lease changed hands {took:.2f} s after the leader's SIGKILL "
+                  f"(lease duration {LEASE_S} s)")  # fmt: skip
+            reply = httpx.post(urls[other] + "/v1/completions", timeout=30,
+                               json={"model": MODEL, "prompt": "Hi", "max_tokens": 4})  # fmt: skip
+            assert reply.status_code == 200, reply.text
+            time.sleep(2.0)  # two of the new leader's placement rounds: nothing to place
+            assert engines(other) == before
+            started = (tmp_path / "agent.out").read_text().count(": started pid")
+            assert started == 2, started  # each engine started once
+        finally:
+            for proc in procs:
+                _stop(proc)
