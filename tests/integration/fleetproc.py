@@ -146,3 +146,15 @@ def _alive(pid: int) -> bool:
 def alive(pids: set[int]) -> set[int]:
     """The subset of ``pids`` that still runs."""
     return {pid for pid in pids if _alive(pid)}
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM a process started in its own session; SIGKILL its group if it outlives
+    ``timeout_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -39,7 +39,7 @@ from fleet.chaos.outcomes import figures
 from fleet.chaos.scenarios import load_spec
 from fleet.chaos.tcpproxy import FaultProxy
 
-from .fleetproc import alive
+from .fleetproc import alive, stop_process
 
 REPLICAS = 6
 # A request sent this soon after the coordinator's SIGKILL may still go out on a keep-alive
@@ -127,16 +127,6 @@ class Topology:
             time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def topology(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     logs = tmp_path_factory.mktemp("chaos-nodes")
@@ -173,7 +163,7 @@ def topology(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         pids: set[int] = set()
         for proc in [top.coordinator, *top.agents.values()]:
             pids |= {p for p in _descendants(proc.pid)}
-            _stop(proc)
+            stop_process(proc)
         deadline = time.monotonic() + 10
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.1)

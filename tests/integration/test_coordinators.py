@@ -9,7 +9,6 @@ placed twice or restarted (chaos/coordinators.py has the figures)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from fleet.agent.launcher import free_port
 from fleet.chaos import ChaosConfig, connect, run
 
 from ..k8sapi import running_emulator
-from .fleetproc import FleetProcess
+from .fleetproc import FleetProcess, stop_process
 
 pytestmark = pytest.mark.engine
 
@@ -67,16 +66,6 @@ async def test_the_leaders_sigkill_loses_no_request_sent_after_it(
 
 
 # -- in a cluster: separate processes, leadership through a Kubernetes Lease --------------------
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _get(url: str) -> Any:
@@ -151,4 +140,4 @@ def test_a_sigkilled_lease_holder_is_replaced_within_the_lease_duration(
             assert started == 2, started  # each engine started once
         finally:
             for proc in procs:
-                _stop(proc)
+                stop_process(proc)

@@ -10,8 +10,6 @@ the old copy's stop is printed.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,19 +24,9 @@ import trio
 
 from fleet.agent.launcher import free_port
 
-from .fleetproc import alive, children_tree
+from .fleetproc import alive, children_tree, stop_process
 
 CLIENTS = 4
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 class Fleet:
@@ -84,7 +72,7 @@ class Fleet:
         pids: set[int] = set()
         for proc in self.procs:
             pids |= children_tree(proc.pid)
-            _stop(proc)
+            stop_process(proc)
         deadline = time.monotonic() + 10
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -30,7 +30,7 @@ import yaml
 
 from fleet.agent.launcher import free_port
 
-from .fleetproc import alive, children_tree
+from .fleetproc import alive, children_tree, stop_process
 
 pytestmark = pytest.mark.engine
 
@@ -70,16 +70,6 @@ class Fleet:
             text = log.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"\n--- {log.relative_to(self.logs)} ---\n" + "\n".join(text))
         return "".join(out)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
@@ -125,7 +115,7 @@ def fleet(demo_model: Path, tmp_path: Path) -> Iterator[Fleet]:
         for proc in top.procs.values():
             pids |= children_tree(proc.pid) | {proc.pid}
         for proc in reversed(list(top.procs.values())):  # agents first: they stop the engines
-            _stop(proc)
+            stop_process(proc, 60.0)
         deadline = time.monotonic() + 30
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.2)
