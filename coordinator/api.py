@@ -201,6 +201,13 @@ def create_app(coord: Coordinator) -> QuartTrio:
         adminapi.authorize(coord, headers)
         return headers
 
+    async def _admin_body() -> bytes:
+        """The request's body, once its admin key is checked."""
+        _admin()
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        return raw
+
     @app.get("/admin/v1/deployments")
     async def deployments_list() -> Response:
         _admin()
@@ -208,9 +215,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.post("/admin/v1/deployments")
     async def deployments_create() -> Response:
-        _admin()
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)
+        raw = await _admin_body()
         return _json(*await adminapi.put(coord, raw, None))
 
     @app.get("/admin/v1/deployments/<name>")
@@ -220,9 +225,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.put("/admin/v1/deployments/<name>")
     async def deployments_put(name: str) -> Response:
-        _admin()
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)
+        raw = await _admin_body()
         return _json(*await adminapi.put(coord, raw, name))
 
     @app.delete("/admin/v1/deployments/<name>")
@@ -237,9 +240,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.post("/admin/v1/prestage")
     async def prestage_post() -> Response:
-        _admin()
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)
+        raw = await _admin_body()
         return _json(*prestage.post(coord, raw))
 
     @app.post("/api/v1/route/explain")

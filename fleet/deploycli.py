@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
-from fleet.protocol.errors import FleetError
+from fleet.modelscli import call, coordinator_args
 
 
 def add_parser(sub: Any, default_coordinator: str) -> None:
     """Add ``fleet deployments [-o json]`` to the ``fleet`` command's subparsers."""
     p = sub.add_parser("deployments", help="declared deployments: desired, ready, and why not")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.add_argument(
-        "--coordinator",
-        default=os.environ.get("FLEET_COORDINATOR", default_coordinator),
-        help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
-    )
-    p.add_argument(
-        "--admin-key",
-        default=os.environ.get("FLEET_ADMIN_KEY", ""),
-        help="the coordinator's admin key (default $FLEET_ADMIN_KEY)",
-    )
+    coordinator_args(p, default_coordinator)
     p.set_defaults(func=run)
 
 
@@ -33,22 +23,7 @@ def fetch(coordinator: str, admin_key: str = "") -> dict[str, Any]:
     Raises:
         FleetError: the coordinator is unreachable or answered with an error.
     """
-    import httpx
-
-    headers = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
-    url = coordinator.rstrip("/") + "/admin/v1/deployments"
-    try:
-        response = httpx.get(url, headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
-        raise FleetError(f"cannot reach the coordinator at {coordinator}: {exc}") from exc
-    if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise FleetError(f"{url}: {response.status_code}: {message}")
-    data: dict[str, Any] = response.json()
-    return data
+    return call(coordinator, "/admin/v1/deployments", admin_key)
 
 
 def run(args: argparse.Namespace) -> int:

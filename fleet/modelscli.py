@@ -19,19 +19,20 @@ from fleet.protocol.errors import FleetError
 def add_parser(sub: Any, default_coordinator: str) -> None:
     """Add ``fleet models`` and ``fleet models prestage`` to the ``fleet`` subparsers."""
     p = sub.add_parser("models", help="models cached or being fetched on each node; prestage")
-    _common(p, default_coordinator)
+    coordinator_args(p, default_coordinator)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=run_list)
     msub = p.add_subparsers(dest="models_cmd", metavar="COMMAND")
     pre = msub.add_parser("prestage", help="fetch a model onto nodes before engines need it")
     pre.add_argument("name", metavar="NAME", help="a deployment, or a source URI (has ://)")
     pre.add_argument("--nodes", default="", help="comma-separated node ids (default: all live)")
-    _common(pre, default_coordinator)
+    coordinator_args(pre, default_coordinator)
     pre.add_argument("-o", "--output", choices=("table", "json"), default="table")
     pre.set_defaults(func=run_prestage)
 
 
-def _common(p: Any, default_coordinator: str) -> None:
+def coordinator_args(p: Any, default_coordinator: str) -> None:
+    """``--coordinator`` and ``--admin-key``, for commands that call the admin API."""
     p.add_argument(
         "--coordinator",
         default=os.environ.get("FLEET_COORDINATOR", default_coordinator),
