@@ -76,7 +76,8 @@ def fleet(
         proc.wait_for(r"Fleet is serving `alpha`", 120)
         proc.wait_for(r"Fleet is serving `chat`", 120)
         with httpx.Client(base_url=proc.url, timeout=30) as http:
-            _until(lambda: _status(http, "chat-v2")["ready"] == 1, "chat-v2 ready")
+            # "serving `chat`" means one version is up; the split needs both (and alpha)
+            _until(lambda: _all_ready(http, ["alpha", "chat-v1", "chat-v2"]), "all ready")
             yield http, folder
     finally:
         pids = proc.descendants()
@@ -99,6 +100,11 @@ def _until(predicate: Callable[[], bool], what: str) -> float:
 def _status(http: httpx.Client, name: str) -> dict[str, Any]:
     response = http.get(f"/admin/v1/deployments/{name}")
     return response.json() if response.status_code == 200 else {"ready": -1, "desired": -1}
+
+
+def _all_ready(http: httpx.Client, names: list[str]) -> bool:
+    statuses = [_status(http, n) for n in names]
+    return all(s["ready"] == s["desired"] >= 1 for s in statuses)
 
 
 def _models(http: httpx.Client) -> set[str]:
