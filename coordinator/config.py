@@ -76,6 +76,9 @@ class CoordinatorConfig:
     leader_lease: str | None = None
     kube_api: str | None = None
     lease_duration_s: int = 15
+    # Serve the FleetModel custom resources of this namespace (through kube_api); None: none.
+    fleetmodels_namespace: str | None = None
+    fleetmodels_watch_s: int = 60  # each watch request's timeoutSeconds
     lease_renew_deadline_s: float = 10.0
     leader_retry_s: float = 0.5
     leader_settle_s: float | None = None

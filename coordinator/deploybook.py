@@ -1,8 +1,9 @@
 """The declared deployments of a fleet and what placement makes of them: sans-I/O.
 
-Deployments come from three places, kept apart so that each can change without the others:
+Deployments come from four places, kept apart so that each can change without the others:
 the ``--model`` shorthand of ``fleet up``/``fleet coordinator`` (fixed), a ``--deployments``
-folder of FleetModel YAML files (replaced whole on every change), and the admin API (one
+folder of FleetModel YAML files (replaced whole on every change), FleetModel custom resources
+(``--fleetmodels NAMESPACE``; replaced whole on every change), and the admin API (one
 deployment at a time; kept in memory when there is no folder). :class:`DeploymentBook` holds
 them, refuses a name two places claim, and turns each FleetModel into the
 :class:`~.deployment.Deployment` placement works with (:func:`to_deployment`), higher priority
@@ -26,6 +27,7 @@ from .registry import FleetRegistry
 from .tpgroups import TPGroups
 
 API = "api"  # the origin of deployments made through the admin API
+CLUSTER = "FleetModel"  # ... of FleetModel custom resources (a cluster's API server)
 SHORTHAND = "--model"  # ... and of the command line's one-model shorthand
 # Flags the Deployment carries as fields; taken out of the engine arguments so the engine
 # gets them once.
@@ -126,13 +128,29 @@ class DeploymentBook:
             ConfigError: a name the shorthand or the admin API holds already (nothing changes).
         """
         self._check_free([m.name for m in models])
-        kept = {n: v for n, v in self._models.items() if v[0] == API}
+        kept = {n: v for n, v in self._models.items() if v[0] in (API, CLUSTER)}
         for m in models:
             if m.name in kept:
-                raise ConfigError("metadata.name", m.name, "is declared through the admin API")
+                by = "the admin API" if kept[m.name][0] == API else "a FleetModel resource"
+                raise ConfigError("metadata.name", m.name, f"is declared through {by}")
         kept.update({m.name: (files.get(m.name, str(self.folder)), m) for m in models})
         self._models = kept
         self.folder_error = ""
+
+    def set_cluster(self, models: list[FleetModel]) -> dict[str, str]:
+        """Replace every deployment of FleetModel resources with ``models``; the problem of
+        each one not taken (its name declared elsewhere), by name."""
+        kept = {n: v for n, v in self._models.items() if v[0] != CLUSTER}
+        taken = {d.name for d in self.shorthand}
+        problems: dict[str, str] = {}
+        for m in models:
+            if m.name in taken or m.name in kept:
+                where = SHORTHAND if m.name in taken else kept[m.name][0]
+                problems[m.name] = f"metadata.name: {m.name!r} is declared by {where}"
+                continue
+            kept[m.name] = (CLUSTER, m)
+        self._models = kept
+        return problems
 
     def put(self, model: FleetModel, origin: str = API) -> bool:
         """Add or replace one deployment; True if it is new.
@@ -266,4 +284,12 @@ def status(
     return out
 
 
-__all__ = ["API", "SHORTHAND", "DeploymentBook", "EngineDefaults", "status", "to_deployment"]
+__all__ = [
+    "API",
+    "CLUSTER",
+    "SHORTHAND",
+    "DeploymentBook",
+    "EngineDefaults",
+    "status",
+    "to_deployment",
+]

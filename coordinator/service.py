@@ -26,6 +26,7 @@ import zmq
 from fleet.protocol.errors import ConfigError
 
 from .api import create_app
+from .clustermodels import fleetmodels_task
 from .config import CoordinatorConfig
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
@@ -104,6 +105,7 @@ class Coordinator:
         alone = cfg.leader_lock is None and cfg.leader_lease is None
         self.leadership = Leadership(settle_s=leader_settle, leader=alone)
         self._election = election(cfg, self.leadership, on_change=lambda _: self._bump())
+        self._fleetmodels = fleetmodels_task(self)  # --fleetmodels NAMESPACE
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         self.scheduler = Scheduler(profile, self.kvindex)
@@ -251,6 +253,8 @@ class Coordinator:
         try:
             async with trio.open_nursery() as nursery:
                 async with trio.open_nursery() as control:  # what a drain stops at once
+                    if self._fleetmodels is not None:  # the resources read before placing
+                        await control.start(self._fleetmodels)
                     endpoint = await control.start(self._run_link)
                     control.start_soon(self._upkeep)
                     if self._election is not None:  # lock or lease let go when draining

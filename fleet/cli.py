@@ -151,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the Kubernetes API server (default: in-cluster configuration, else kubeconfig)",
     )
+    coord.add_argument(
+        "--fleetmodels",
+        default=None,
+        metavar="NAMESPACE",
+        help="serve the FleetModel custom resources of this namespace (every coordinator "
+        "watches them; the leader writes their status)",
+    )
     coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
     coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -317,7 +324,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help=f"model folder the engines serve (default {DEFAULT_MODEL}, none with --deployments)",
+        help=f"model folder the engines serve (default {DEFAULT_MODEL}; none with --deployments "
+        "or --fleetmodels)",
     )
     p.add_argument(
         "--deployments",
@@ -475,8 +483,8 @@ def api_keys(args: argparse.Namespace) -> Any:
 
 def _deployments(args: argparse.Namespace) -> tuple[Any, ...]:
     """The command line's one-model shorthand, if it is used: ``--model``, or no
-    ``--deployments`` folder (then the default model)."""
-    if args.model is None and args.deployments:
+    ``--deployments`` folder nor ``--fleetmodels`` (then the default model)."""
+    if args.model is None and (args.deployments or getattr(args, "fleetmodels", None)):
         return ()
     if args.model is None:
         args.model = DEFAULT_MODEL
@@ -635,6 +643,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         lease_duration_s=args.lease_duration,
         lease_renew_deadline_s=args.lease_duration * 2 / 3,
         kube_api=args.kube_api,
+        fleetmodels_namespace=args.fleetmodels,
         **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )
     if args.hot_restart:
