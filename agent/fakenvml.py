@@ -33,7 +33,9 @@ FLAG = "--fake-gpus"
 #: The XID :meth:`FakeNvml.inject_xid` sends when none is given: 79, "GPU has fallen off the bus".
 DEFAULT_FAULT_XID = 79
 _UNITS = {"MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_ITEM = re.compile(r"^(\d+)x(\d+(?:\.\d+)?)(MiB|GiB|TiB|MB|GB|TB)(?::(unhealthy))?$")
+_ITEM = re.compile(
+    r"^(\d+)x(\d+(?:\.\d+)?)(MiB|GiB|TiB|MB|GB|TB)(?:@([a-z][a-z0-9]*\d[a-z0-9]*))?(?::(unhealthy))?$"
+)
 _MAX_GPUS = 64
 
 
@@ -44,10 +46,13 @@ class FakeGpuSpec:
     Args:
         memory_bytes: total memory.
         healthy: False for a GPU that is lost from the start.
+        tier: the GPU model it stands for (``h100``, ``l4``); its name then says it, so that
+            placement reads the tier as from a real GPU's name.
     """
 
     memory_bytes: int
     healthy: bool = True
+    tier: str = ""
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -55,10 +60,11 @@ class FakeGpuSpec:
 
 
 def parse_fake_gpus(spec: str, *, flag: str = FLAG) -> tuple[FakeGpuSpec, ...]:
-    """Parse a ``--fake-gpus`` value: comma-separated ``NxSIZE[:unhealthy]`` items.
+    """Parse a ``--fake-gpus`` value: comma-separated ``NxSIZE[@TIER][:unhealthy]`` items.
 
     Args:
-        spec: for example ``4x80GiB,2x24GiB:unhealthy``; sizes in MiB, GiB, TiB, MB, GB or TB.
+        spec: for example ``4x80GiB@h100,2x24GiB@l4:unhealthy``; sizes in MiB, GiB, TiB, MB, GB
+            or TB; a TIER is a GPU model name with a digit (``h100``, ``a10g``, ``rtx4090``).
         flag: the flag named in errors.
 
     Returns:
@@ -70,19 +76,24 @@ def parse_fake_gpus(spec: str, *, flag: str = FLAG) -> tuple[FakeGpuSpec, ...]:
     """
     items = [item.strip() for item in spec.split(",")]
     if not spec.strip() or not all(items):
-        raise ConfigError(flag, spec, "expected NxSIZE[:unhealthy] items separated by commas")
+        raise ConfigError(
+            flag, spec, "expected NxSIZE[@TIER][:unhealthy] items separated by commas"
+        )
     gpus: list[FakeGpuSpec] = []
     for item in items:
         match = _ITEM.match(item)
         if match is None:
             raise ConfigError(
-                flag, item, "expected NxSIZE[:unhealthy], for example 4x80GiB or 2x24GiB:unhealthy"
+                flag,
+                item,
+                "expected NxSIZE[@TIER][:unhealthy], for example 4x80GiB, 4x80GiB@h100 or "
+                "2x24GiB:unhealthy (a TIER is lower case with a digit: h100, l4, a10g)",
             )
-        count, size, unit, unhealthy = match.groups()
+        count, size, unit, tier, unhealthy = match.groups()
         memory = int(float(size) * _UNITS[unit])
         if int(count) == 0 or memory == 0:
             raise ConfigError(flag, item, "count and size must be > 0")
-        gpus += [FakeGpuSpec(memory, healthy=unhealthy is None)] * int(count)
+        gpus += [FakeGpuSpec(memory, healthy=unhealthy is None, tier=tier or "")] * int(count)
     if len(gpus) > _MAX_GPUS:
         raise ConfigError(flag, spec, f"at most {_MAX_GPUS} GPUs")
     return tuple(gpus)
@@ -198,7 +209,9 @@ class FakeNvml:
 
     def nvmlDeviceGetName(self, device: _Device) -> str:  # noqa: N802
         self._reading(device)
-        return f"Fake GPU {device.spec.memory_bytes / 1024**3:g}GiB"
+        size = f"{device.spec.memory_bytes / 1024**3:g}GiB"
+        tier = device.spec.tier
+        return f"Fake NVIDIA {tier.upper()} {size}" if tier else f"Fake GPU {size}"
 
     def nvmlDeviceGetMemoryInfo(self, device: _Device) -> SimpleNamespace:  # noqa: N802
         self._reading(device)

@@ -63,6 +63,7 @@ class CoordinatorConfig:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    gpu_prices: dict[str, float] = field(default_factory=dict)  # dollars per GPU-hour by tier
     # An engine no deployment wants (scaled down, deleted) is stopped once idle, or after this.
     engine_drain_s: float = 30.0
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from fleet.protocol.errors import ConfigError
 
+from .costs import engine_costs
 from .deployment import Deployment
 from .deployspec import FleetModel
 from .placement import Placer
@@ -218,7 +219,8 @@ def status(
 
     Per deployment: ``name``, ``servedModelNames``, ``version``, ``trafficWeight``, ``origin``,
     ``desired`` (engines wanted), ``placed`` (engines a live node runs or was asked to run),
-    ``ready`` (routable), ``engines`` (id, node, state) and ``reasons``: engine id -> why it is
+    ``ready`` (routable), ``costPerHour`` (dollars, from the placer's prices), ``engines``
+    (id, node, state) and ``reasons``: engine id -> why it is
     not ready, plus ``"deployment"`` -> why fewer engines are wanted than declared.
     """
     running: dict[str, tuple[str, str, str]] = {}  # engine id -> (node, state, last error)
@@ -226,6 +228,7 @@ def status(
         for engine_id, engine in node.engines.items():
             running[engine_id] = (node.node_id, engine.state, engine.last_error)
     routable = {e.id for e in registry.routable()}
+    costs = engine_costs(registry, placer.prices)
     pending = placer.pending()
     declared = {name: (origin, model) for origin, model in book.models() for name in [model.name]}
     out: list[dict[str, Any]] = []
@@ -277,6 +280,7 @@ def status(
                 "desired": d.replicas,
                 "placed": placed,
                 "ready": ready,
+                "costPerHour": round(sum(costs.get(e, 0.0) for e in d.engine_ids()), 4),
                 "engines": engines,
                 "reasons": reasons,
             }

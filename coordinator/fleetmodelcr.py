@@ -109,6 +109,7 @@ def resource_status(
             _condition("Degraded", True, "Invalid", problem),
         ]
         body: Obj = {"observedGeneration": generation, "desired": 0, "placed": 0, "ready": 0}
+        body["costPerHour"] = 0.0
         body["engines"] = []
     else:
         desired, placed, ready = row["desired"], row["placed"], row["ready"]
@@ -145,7 +146,7 @@ def resource_status(
             degraded_c = _condition("Degraded", False, "AsExpected", scaled)
         conditions = [ready_c, placed_c, degraded_c]
         body = {"observedGeneration": generation, "desired": desired, "placed": placed}
-        body |= {"ready": ready, "engines": engines}
+        body |= {"ready": ready, "costPerHour": row.get("costPerHour", 0.0), "engines": engines}
     before = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
     for c in conditions:
         old = before.get(c["type"])

@@ -20,13 +20,14 @@ from .gpumemory import EngineMemory, gib
 if TYPE_CHECKING:
     from .gpufit import Engine
 
-_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro"}
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "fake", "gpu"}  # "fake": --fake-gpus
 
 
 def gpu_tier(name: str) -> str:
     """A GPU's tier from its NVML name: ``NVIDIA H100 80GB HBM3`` -> ``h100``, ``NVIDIA
     A100-SXM4-40GB`` -> ``a100``, ``NVIDIA GeForce RTX 4090`` -> ``rtx4090``, ``Tesla T4`` ->
-    ``t4``, ``NVIDIA RTX A6000`` -> ``a6000``; ``""`` when no word names a model."""
+    ``t4``, ``NVIDIA RTX A6000`` -> ``a6000``, ``Fake NVIDIA L4 24GiB`` -> ``l4``; ``""`` when no
+    word names a model (``Fake GPU 80GiB``)."""
     words = [w for w in re.split(r"[\s_-]+", name.lower()) if w and w not in _VENDOR_WORDS]
     for i, word in enumerate(words):
         if re.fullmatch(r"[a-z]+\d+[a-z]*", word):
@@ -158,12 +159,14 @@ def choose(
     spread: Mapping[str, int],
     *,
     node_counts: Sequence[int] | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> Choice | None:
     """Pick ``tp`` GPUs for one engine, or None when no arrangement fits.
 
     Candidates are groups of one tier (or, last, of mixed tiers) on ``k`` nodes with ``tp / k``
     GPUs each, each node's best-fitting GPUs; the best is the least by: real before fake,
-    worst tier's rank in ``tiers`` (unlisted tiers after the listed), ``k``, one tier before
+    worst tier's rank in ``tiers`` (unlisted tiers after the listed), the GPUs' price per hour
+    (``prices`` by tier; an unpriced tier costs 0), ``k``, one tier before
     mixed, engines of the deployment already on the nodes (``spread``), memory left over on the
     chosen GPUs (tightest first), node names. ``node_counts`` limits ``k`` (default: any divisor
     of ``tp``).
@@ -176,6 +179,8 @@ def choose(
 
     def rank(tier: str) -> int:
         return tiers.index(tier) if tier in tiers else len(tiers)
+
+    price = prices or {}
 
     best: tuple[tuple[object, ...], Choice] | None = None
     for fake in (False, True):
@@ -203,6 +208,7 @@ def choose(
                 key = (
                     fake,
                     max(rank(x[2].tier) for x in picked),
+                    sum(price.get(x[2].tier, 0.0) for x in picked),
                     k,
                     tier is None,
                     sum(spread.get(n, 0) for n in chosen),

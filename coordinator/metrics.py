@@ -63,6 +63,12 @@ class CoordinatorMetrics:
             ["deployment"],
             registry=r,
         )
+        self.deployment_cost = Gauge(
+            "fleet_deployment_cost_dollars_per_hour",
+            "What each deployment's running engines cost, from --gpu-prices (0 unpriced).",
+            ["deployment"],
+            registry=r,
+        )
         self.autoscaler_decisions = Counter(
             "fleet_autoscaler_decisions_total",
             "Replica count changes, by deployment and mode (stable, panic, from-zero, to-zero, "

@@ -74,6 +74,7 @@ class Placer:
         self.deployments: tuple[Deployment, ...] = ()
         self._owner: dict[str, Deployment] = {}  # engine id -> its deployment
         self.crash_loops = CrashLoops()  # engines moved off nodes they keep crashing on
+        self.prices: dict[str, float] = {}  # dollars per GPU-hour by tier (costs.py)
         self.replace(deployments)
 
     def replace(self, deployments: tuple[Deployment, ...]) -> None:
@@ -298,6 +299,7 @@ class Placer:
             (),
             spread,
             node_counts=(1,),  # one engine process: its GPUs share a node
+            prices=self.prices,
         )
         if found is None:
             return None

@@ -19,6 +19,8 @@ from fleet.protocol.messages import (
     Register,
 )
 
+from .gpuchoice import gpu_tier
+
 
 @dataclass(frozen=True)
 class EngineView:
@@ -36,6 +38,7 @@ class EngineView:
     block_size: int
     gpus: tuple[int, ...]
     routable: bool
+    tier: str = ""  # its GPUs' tier (gpuchoice.gpu_tier; "a+b" if mixed); "" without GPUs
 
     def as_json(self) -> dict[str, object]:
         """Return the JSON shape of ``fleet engines -o json``."""
@@ -52,6 +55,7 @@ class EngineView:
             "block_size": self.block_size,
             "gpus": list(self.gpus),
             "routable": self.routable,
+            "tier": self.tier,
         }
 
 
@@ -279,7 +283,14 @@ class FleetRegistry:
             and status.state == "ready"
             and status.node_rank == 0
             and (status.nnodes == 1 or self._group_complete(status)),
+            tier=engine_tier(record.gpus, status.gpus),
         )
 
 
-__all__ = ["EngineView", "FleetRegistry", "NodeRecord", "on_healthy_gpus"]
+def engine_tier(node_gpus: Iterable[GpuInfo], indices: Iterable[int]) -> str:
+    """The tier of an engine's GPUs (``h100``; ``a100+h100`` when mixed; ``""`` for none)."""
+    names = {g.index: g.name for g in node_gpus}
+    return "+".join(sorted({gpu_tier(names[i]) for i in indices if i in names} - {""}))
+
+
+__all__ = ["EngineView", "engine_tier", "FleetRegistry", "NodeRecord", "on_healthy_gpus"]

@@ -28,6 +28,7 @@ from fleet.protocol.errors import ConfigError
 from .api import create_app
 from .clustermodels import fleetmodels_task
 from .config import CoordinatorConfig
+from .costs import deployment_costs
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
 from .deployment import Deployment
@@ -96,6 +97,7 @@ class Coordinator:
         deployments, self.deployment_notes = self.book.deployments(self.scaling.counts)
         deployments = with_memory(deployments, self._footprints)
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
+        self.placer.prices = dict(cfg.gpu_prices)
         self.groups = TPGroups(assign_timeout_s=cfg.assign_timeout_s)
         self.prestages = PrestageBook()  # /admin/v1/prestage requests (prestage.py)
         leader_settle = cfg.leader_settle_s
@@ -375,6 +377,9 @@ class Coordinator:
         self.metrics.autoscaler_replicas.clear()
         for name, decision in self.scaling.decisions.items():
             self.metrics.autoscaler_replicas.labels(deployment=name).set(decision.replicas)
+        self.metrics.deployment_cost.clear()
+        for name, cost in deployment_costs(self.registry, self.placer, self.placer.prices).items():
+            self.metrics.deployment_cost.labels(deployment=name).set(cost)
         self.metrics.kv_blocks.set(self.kvindex.block_count())
         self.metrics.kv_entries.set(self.kvindex.entries)
         self.metrics.kv_engines.set(self.kvindex.engine_count())

@@ -276,8 +276,8 @@ def _fake_gpus_arg(p: argparse.ArgumentParser, what: str) -> None:
         "--fake-gpus",
         metavar="SPEC",
         default=None,
-        help=f"{what} these GPUs instead of NVML's, for tests: NxSIZE[:unhealthy] items, "
-        "comma-separated (4x80GiB,2x24GiB:unhealthy); engines on them run as CPU engines, "
+        help=f"{what} these GPUs instead of NVML's, for tests: NxSIZE[@TIER][:unhealthy] items, "
+        "comma-separated (4x80GiB@h100,2x24GiB@l4:unhealthy); engines on them run as CPU engines, "
         "so use --engine sim or CPU vLLM",
     )
 
@@ -313,6 +313,13 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="with minReplicas 0, stop the last engine after this long without "
         "requests (default %(default)s)",
+    )
+    p.add_argument(
+        "--gpu-prices",
+        default=None,
+        metavar="TIER=DOLLARS,...",
+        help="dollars per GPU-hour by tier (h100=4.10,l4=0.70): placement prefers the cheapest "
+        "tier that fits; costs show in metrics and `fleet deployments`",
     )
     p.add_argument("--engine-drain-timeout", type=float, default=30.0, metavar="S",
                    help="an engine scaled down or deleted stops once idle, or after this; its "
@@ -522,8 +529,11 @@ def declared(args: argparse.Namespace) -> dict[str, Any]:
         panic_window_s=args.autoscale_window / 10,
         scale_to_zero_after_s=args.scale_to_zero_after,
     )
+    from fleet.coordinator.costs import parse_prices
+
     return {
         "autoscale": autoscale,
+        "gpu_prices": parse_prices(args.gpu_prices) if args.gpu_prices else {},
         "engine_drain_s": args.engine_drain_timeout,
         "deployments": _deployments(args),
         "deployments_dir": str(Path(args.deployments).resolve()) if args.deployments else None,

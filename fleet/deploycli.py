@@ -35,16 +35,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("name", "served", "version", "weight", "desired", "placed", "ready", "why"):
+    columns = ("name", "served", "version", "weight", "desired", "placed", "ready", "$/hour", "why")
+    for column in columns:
         table.add_column(column.upper())
     for d in data["deployments"]:
         why = "; ".join(f"{k}: {v}" for k, v in d["reasons"].items()) or "-"
         table.add_row(
             d["name"], ",".join(d["servedModelNames"]), d["version"] or "-",
-            str(d["trafficWeight"]), str(d["desired"]), str(d["placed"]), str(d["ready"]), why,
+            str(d["trafficWeight"]), str(d["desired"]), str(d["placed"]), str(d["ready"]),
+            f"{d.get('costPerHour', 0.0):.2f}", why,
         )  # fmt: skip
     console = Console()
     console.print(table)
+    total = sum(d.get("costPerHour", 0.0) for d in data["deployments"])
+    console.print(f"fleet: ${total:.2f} per hour (--gpu-prices)")
     if data.get("folderError"):
         console.print(f"[bold red]deployments folder not applied:[/] {data['folderError']}")
     return 0

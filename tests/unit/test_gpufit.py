@@ -415,9 +415,11 @@ def test_nodes_from_agent_readings() -> None:
             "Tesla T4",
             "NVIDIA L40S",
             "NVIDIA RTX A6000",
+            "Fake NVIDIA H100 80GiB",
+            "Fake GPU 80GiB",
             "",
         )
-    ] == ["a100", "rtx4090", "t4", "l40s", "a6000", ""]
+    ] == ["a100", "rtx4090", "t4", "l40s", "a6000", "h100", "", ""]
 
 
 def test_start_records_what_the_caller_passes_back() -> None:

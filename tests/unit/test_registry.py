@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from fleet.coordinator.registry import EngineView, FleetRegistry
+from fleet.coordinator.registry import EngineView, FleetRegistry, engine_tier
 from fleet.protocol.messages import (
     CachedModelInfo,
     EngineStatus,
@@ -259,6 +259,7 @@ def test_engine_view_as_json_shape() -> None:
         "block_size": 16,
         "gpus": [0, 1],
         "routable": True,
+        "tier": "",  # the node reported no GPU readings
     }
     assert json.loads(json.dumps(data)) == data
 
@@ -343,3 +344,14 @@ def test_two_copies_of_an_engine_route_to_the_ready_one_on_healthy_gpus() -> Non
     assert reg.models() == ["m"]
     view = reg.engine("m-0")
     assert view is not None and view.node == "b"
+
+
+def test_an_engines_tier_comes_from_its_gpus_names() -> None:
+    def gpu(index: int, name: str) -> GpuInfo:
+        return GpuInfo(index, f"u{index}", name, 1, 0, 0.0, 0.0, 0.0, 0, True)
+
+    gpus = [gpu(0, "NVIDIA H100 80GB HBM3"), gpu(1, "NVIDIA L4"), gpu(2, "Fake NVIDIA L4 24GiB")]
+    assert engine_tier(gpus, (0,)) == "h100"
+    assert engine_tier(gpus, (1, 2)) == "l4"
+    assert engine_tier(gpus, (0, 1)) == "h100+l4"
+    assert engine_tier(gpus, ()) == "" and engine_tier(gpus, (7,)) == ""
