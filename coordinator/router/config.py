@@ -21,6 +21,7 @@ import yaml
 
 from fleet.protocol.errors import ConfigError
 
+from . import sizeclass  # noqa: F401  (registers prompt-size-filter)
 from .plugins import Filter, Picker, Plugin, Scorer, make_plugin
 from .scheduler import Profile, WeightedScorer
 

@@ -45,6 +45,7 @@ random-picker                      uniform
 weighted-random-picker             proportional to the weighted sum
 round-robin-picker (Fleet)         in turn, a baseline
 single-profile-handler             accepted (one profile is the only kind Fleet runs yet)
+prompt-size-filter (Fleet)         requests to GPU tiers by prompt tokens (:mod:`.sizeclass`)
 =================================  =========================================================
 
 Scorers whose data is missing (metrics never scraped, or older than the staleness limit) give
@@ -87,6 +88,8 @@ class Candidate:
         labels = {"fleet.dev/model": e.model, "fleet.dev/node": e.node, "fleet.dev/kind": e.kind}
         if e.role:
             labels[ROLE_LABEL] = e.role
+        if e.tier:
+            labels["fleet.dev/gpu-tier"] = e.tier
         return labels
 
 
