@@ -64,6 +64,7 @@ class CoordinatorConfig:
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     gpu_prices: dict[str, float] = field(default_factory=dict)  # dollars per GPU-hour by tier
+    tier_speeds: dict[str, float] = field(default_factory=dict)  # autoscaler units per engine
     # An engine no deployment wants (scaled down, deleted) is stopped once idle, or after this.
     engine_drain_s: float = 30.0
     coordinator_id: str = field(default_factory=lambda: f"coord-{uuid.uuid4().hex[:8]}")

@@ -47,7 +47,10 @@ class EngineDefaults:
 
 
 def to_deployment(
-    model: FleetModel, defaults: EngineDefaults, count: int | None = None
+    model: FleetModel,
+    defaults: EngineDefaults,
+    count: int | None = None,
+    slot_tiers: tuple[str, ...] = (),
 ) -> tuple[Deployment, list[str]]:
     """The placement view of a FleetModel, and why it places fewer engines than declared.
 
@@ -56,7 +59,7 @@ def to_deployment(
     each agent fetches it into its model store before launching. A tensor-parallel size above 1
     makes each engine a group (:mod:`.tpgroups`); replicas given as ``minReplicas``/
     ``maxReplicas`` run ``count`` (the autoscaler's, :mod:`.autoscale`; default
-    ``minReplicas``).
+    ``minReplicas``), on the tiers ``slot_tiers`` prefers per engine (:mod:`.costmix`).
     """
     notes: list[str] = []
     args = model.engine
@@ -85,6 +88,7 @@ def to_deployment(
         tensor_parallel_size=model.tensor_parallel_size,
         tp_layout=model.tensor_parallel_layout,
         tiers=model.gpu_tiers,
+        slot_tiers=slot_tiers,
     )
     return deployment, notes
 
@@ -184,17 +188,21 @@ class DeploymentBook:
         return True
 
     def deployments(
-        self, counts: Mapping[str, int] | None = None
+        self,
+        counts: Mapping[str, int] | None = None,
+        slots: Mapping[str, tuple[str, ...]] | None = None,
     ) -> tuple[tuple[Deployment, ...], dict[str, list[str]]]:
         """What placement should run, higher priority first, and each deployment's notes;
-        ``counts``: the autoscaler's replica counts by deployment name."""
+        ``counts``: the autoscaler's replica counts by deployment name, ``slots`` the tier of
+        each engine slot it chose."""
         notes: dict[str, list[str]] = {}
         ranked: list[tuple[int, str, Deployment]] = []
         for d in self.shorthand:
             ranked.append((0, d.name, d))
         for _, model in self._models.values():
             count = (counts or {}).get(model.name)
-            deployment, why = to_deployment(model, self.defaults, count)
+            tiers = (slots or {}).get(model.name, ())
+            deployment, why = to_deployment(model, self.defaults, count, tiers)
             notes[model.name] = why
             ranked.append((-model.effective_priority, model.name, deployment))
         ranked.sort(key=lambda r: (r[0], r[1]))

@@ -44,6 +44,9 @@ class Deployment:
     memory: EngineMemory | None = None
     # Preferred GPU tiers, best first (``spec.gpuTier``; soft: other tiers when these are full).
     tiers: tuple[str, ...] = ()
+    # The tier each engine slot should run on (NAME-i: slot_tiers[i]), from the autoscaler's
+    # cheapest mix (.costmix); soft, like ``tiers``, and only for engines being placed.
+    slot_tiers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -72,6 +75,13 @@ class Deployment:
 
     def engine_ids(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(self.replicas)]
+
+    def tiers_for(self, engine_id: str) -> tuple[str, ...]:
+        """The tiers an engine of this deployment prefers: its slot's, else ``tiers``."""
+        index = engine_id.removeprefix(f"{self.name}-")
+        if index.isdigit() and int(index) < len(self.slot_tiers):
+            return (self.slot_tiers[int(index)],)
+        return self.tiers
 
     def owned_ids(self) -> list[str]:
         """Every engine id this deployment owns: its engines and their groups' other ranks."""

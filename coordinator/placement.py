@@ -31,7 +31,7 @@ from fleet.protocol.messages import AssignEngine, EngineSpec, GpuInfo
 
 from .crashloop import CrashLoops
 from .deployment import Deployment
-from .gpuchoice import Capacity, Node, choose, no_fit_reason
+from .gpuchoice import Capacity, Node, choose, gpu_tier, no_fit_reason
 from .gpumemory import EngineMemory
 from .registry import FleetRegistry, NodeRecord, on_healthy_gpus
 
@@ -295,7 +295,7 @@ class Placer:
             Capacity(nodes, ()),
             deployment.gpus_per_engine,
             deployment.memory or ANY_MEMORY,
-            deployment.tiers,
+            deployment.tiers_for(engine_id),
             (),
             spread,
             node_counts=(1,),  # one engine process: its GPUs share a node
@@ -304,6 +304,35 @@ class Placer:
         if found is None:
             return None
         return found.gpus[0].node, deployment.spec(engine_id, tuple(g.index for g in found.gpus))
+
+    def tier_room(self, gpus_per_engine: int, registry: FleetRegistry) -> dict[str, int]:
+        """New engines of ``gpus_per_engine`` GPUs (on one node) each tier's free GPUs fit."""
+        room: dict[str, int] = {}
+        if not gpus_per_engine:
+            return room
+        for node in registry.live_nodes():
+            if not node.healthy:
+                continue
+            tiers = {g.index: gpu_tier(g.name) for g in node.gpus}
+            free: dict[str, int] = {}
+            for index in self._free_gpus(node, node.node_id):
+                free[tiers[index]] = free.get(tiers[index], 0) + 1
+            for tier, n in free.items():
+                room[tier] = room.get(tier, 0) + n // gpus_per_engine
+        return room
+
+    def engine_tiers(self, registry: FleetRegistry) -> dict[str, str]:
+        """The tier of the GPUs each engine of a live node runs on or was assigned."""
+        out: dict[str, str] = {}
+        for node in registry.live_nodes():
+            tiers = {g.index: gpu_tier(g.name) for g in node.gpus}
+            for engine_id, engine in node.engines.items():
+                if engine.gpus:
+                    out[engine_id] = tiers.get(engine.gpus[0], "")
+            for engine_id, (node_id, spec, _) in self._pending.items():
+                if node_id == node.node_id and spec.gpus and engine_id not in out:
+                    out[engine_id] = tiers.get(spec.gpus[0], "")
+        return out
 
     def _unused(self, node: NodeRecord) -> list[GpuInfo]:
         free = set(self._free_gpus(node, node.node_id))

@@ -50,7 +50,7 @@ from .resilience import STATE_VALUES
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
-from .scaling import Scaling, demand, running
+from .scaling import Scaling, demand, running, tier_slots
 from .tpgroups import TPGroups
 from .versions import engines_for
 
@@ -93,8 +93,9 @@ class Coordinator:
             self.book.set_folder(models, files)
             self._folder_seen = folder_signature(self.book.folder)
         self._footprints: dict[str, ModelFootprint | None] = {}  # model folder -> its sizes
-        self.scaling = Scaling(cfg.autoscale)  # minReplicas/maxReplicas deployments' counts
-        deployments, self.deployment_notes = self.book.deployments(self.scaling.counts)
+        speed = max(cfg.tier_speeds.values(), default=1.0)  # the fastest tier's units per engine
+        self.scaling = Scaling(cfg.autoscale, speed)  # minReplicas/maxReplicas deployments' counts
+        deployments, self.deployment_notes = self.book.deployments()  # nothing scaled yet
         deployments = with_memory(deployments, self._footprints)
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
         self.placer.prices = dict(cfg.gpu_prices)
@@ -165,7 +166,8 @@ class Coordinator:
 
     def apply_declared(self) -> None:
         """Place what the deployment book declares now."""
-        deployments, self.deployment_notes = self.book.deployments(self.scaling.counts)
+        counts, slots = self.scaling.counts, self.scaling.slots
+        deployments, self.deployment_notes = self.book.deployments(counts, slots)
         self.set_deployments(with_memory(deployments, self._footprints))
 
     async def reload_folder(self) -> bool:
@@ -353,9 +355,14 @@ class Coordinator:
         def demand_of(model: FleetModel) -> float:
             return demand(model, self.placer, gateway.inflight.get, gateway.admission.queued)
 
-        changed = self.scaling.tick(models, demand_of, now)
+        def mix(model: FleetModel, units: int, before: tuple[str, ...]) -> tuple[str, ...] | None:
+            speeds = self.cfg.tier_speeds
+            return tier_slots(model, units, before, self.placer, self.registry, speeds)
+
+        changed = self.scaling.tick(models, demand_of, now, mix)
         for name, decision in changed:
-            log.info("autoscaler: %s %s", name, decision)
+            tiers = ",".join(self.scaling.slots.get(name, ())) or "any tier"
+            log.info("autoscaler: %s %s; engines on %s", name, decision, tiers)
             self.metrics.autoscaler_decisions.labels(deployment=name, mode=decision.mode).inc()
         if changed:
             self.apply_declared()

@@ -321,6 +321,13 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
         help="dollars per GPU-hour by tier (h100=4.10,l4=0.70): placement prefers the cheapest "
         "tier that fits; costs show in metrics and `fleet deployments`",
     )
+    p.add_argument(
+        "--tier-speeds",
+        default=None,
+        metavar="TIER=SPEED,...",
+        help="how many autoscaler units (--autoscale-target requests) one engine of a tier holds "
+        "(h100=3,l4=1; unlisted: 1): with --gpu-prices the autoscaler runs the cheapest mix",
+    )
     p.add_argument("--engine-drain-timeout", type=float, default=30.0, metavar="S",
                    help="an engine scaled down or deleted stops once idle, or after this; its "
                    "streams then resume on another engine (default %(default)s)")  # fmt: skip
@@ -529,11 +536,13 @@ def declared(args: argparse.Namespace) -> dict[str, Any]:
         panic_window_s=args.autoscale_window / 10,
         scale_to_zero_after_s=args.scale_to_zero_after,
     )
+    from fleet.coordinator.costmix import parse_speeds
     from fleet.coordinator.costs import parse_prices
 
     return {
         "autoscale": autoscale,
         "gpu_prices": parse_prices(args.gpu_prices) if args.gpu_prices else {},
+        "tier_speeds": parse_speeds(args.tier_speeds) if args.tier_speeds else {},
         "engine_drain_s": args.engine_drain_timeout,
         "deployments": _deployments(args),
         "deployments_dir": str(Path(args.deployments).resolve()) if args.deployments else None,

@@ -6,10 +6,14 @@ from __future__ import annotations
 import pytest
 
 from fleet.agent.fakenvml import FakeNvml, parse_fake_gpus
+from fleet.coordinator.autoscale import AutoscaleConfig
 from fleet.coordinator.costs import deployment_costs, engine_costs, parse_prices
+from fleet.coordinator.deploybook import DeploymentBook, EngineDefaults
 from fleet.coordinator.deployment import Deployment
+from fleet.coordinator.deployspec import FleetModel, parse_model
 from fleet.coordinator.placement import Placer
 from fleet.coordinator.registry import FleetRegistry
+from fleet.coordinator.scaling import Scaling, tier_slots
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineStatus, GpuInfo, Heartbeat, Register
 
@@ -106,3 +110,55 @@ def test_fake_gpus_carry_the_tier_they_stand_for() -> None:
     for bad in ("1x80GiB@H100", "1x80GiB@h", "1x80GiB@"):
         with pytest.raises(ConfigError, match="TIER"):
             parse_fake_gpus(bad)
+
+
+# -- the autoscaler's cheapest mix, through Scaling and the placer ------------------------------
+
+
+def autoscaled(name: str, low: int, high: int) -> FleetModel:
+    doc = {"apiVersion": "fleet.dev/v1alpha1", "kind": "FleetModel", "metadata": {"name": name},
+           "spec": {"source": "/m", "minReplicas": low, "maxReplicas": high}}  # fmt: skip
+    return parse_model(doc)
+
+
+def test_units_become_the_cheapest_tiers_and_their_slots_are_placed_there() -> None:
+    registry = fleet(big=gpus("h100", "h100"), small=gpus("l4", "l4"))
+    model = autoscaled("m", 0, 6)
+    book = DeploymentBook(defaults=EngineDefaults(gpus_per_engine=1))
+    book.put(model)
+    placer = Placer(book.deployments()[0], assign_timeout_s=30)
+    placer.prices = {"h100": 4.0, "l4": 1.0}
+    speeds = {"h100": 6.0, "l4": 1.0}  # an h100 engine: 6 units at 4 $/h, cheaper per unit
+    cfg = AutoscaleConfig(target_per_engine=1, stable_window_s=10, panic_window_s=1)
+    scaling = Scaling(cfg, max_speed=6.0)
+
+    def mix(m: FleetModel, units: int, before: tuple[str, ...]) -> tuple[str, ...] | None:
+        return tier_slots(m, units, before, placer, registry, speeds)
+
+    def tick(demand: float, now: float) -> None:
+        if scaling.tick([model], lambda _: demand, now, mix):
+            placer.replace(book.deployments(scaling.counts, scaling.slots)[0])
+
+    tick(1.0, 0.0)  # from zero: one unit, the cheapest engine is an l4 (1 $/h)
+    assert (scaling.units, scaling.counts, scaling.slots) == ({"m": 1}, {"m": 1}, {"m": ("l4",)})
+    assert placed(placer, registry) == {"m-0": ("small", (0,))}
+    tick(9.0, 0.5)  # panic: mean 5 units; m-0 keeps its l4 (1), 4 more as one h100 (6)
+    assert scaling.units == {"m": 5} and scaling.slots == {"m": ("l4", "h100")}
+    assert placed(placer, registry) == {"m-1": ("big", (0,))}
+    tick(13.0, 0.9)  # mean 7.67: 8 units; 1 short: the second l4 (1 $/h) beats an h100
+    assert scaling.slots == {"m": ("l4", "h100", "l4")}
+    assert placed(placer, registry) == {"m-2": ("small", (1,))}
+    tick(0.0, 30.0)  # quiet: 1 unit (idle); the last slots go while the rest still reach it
+    assert scaling.slots == {"m": ("l4",)} and scaling.counts == {"m": 1}
+
+
+def test_no_prices_or_a_tier_list_means_one_engine_per_unit_anywhere() -> None:
+    registry = fleet(big=gpus("h100"))
+    placer = Placer((Deployment("m", "/m", name="m", gpus_per_engine=1),), assign_timeout_s=30)
+    assert tier_slots(autoscaled("m", 0, 4), 2, (), placer, registry, {}) is None  # no prices
+    placer.prices = PRICES
+    assert tier_slots(autoscaled("m", 0, 4), 2, (), placer, registry, {}) == ("h100",)  # room 1
+    listed = parse_model({"apiVersion": "fleet.dev/v1alpha1", "kind": "FleetModel",
+                          "metadata": {"name": "m"}, "spec": {"source": "/m", "minReplicas": 0,
+                          "maxReplicas": 4, "gpuTier": ["h100"]}})  # fmt: skip
+    assert tier_slots(listed, 2, (), placer, registry, {}) is None  # its own preference rules
