@@ -15,6 +15,7 @@ from .autoscale import AutoscaleConfig
 from .deploybook import EngineDefaults
 from .deployment import Deployment
 from .kvindex import DEFAULT_MAX_ENTRIES
+from .nodescale import NodeScaleConfig
 from .resilience import ResilienceConfig
 from .router.scheduler import Profile
 
@@ -84,6 +85,9 @@ class CoordinatorConfig:
     lease_renew_deadline_s: float = 10.0
     leader_retry_s: float = 0.5
     leader_settle_s: float | None = None
+    # Ask for GPU nodes through a scale target's /scale when placement lacks GPUs (leader
+    # only; the API at kube_api); None: never (nodescale.py, kubescale.py).
+    node_scale: NodeScaleConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

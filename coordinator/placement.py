@@ -30,10 +30,12 @@ from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import AssignEngine, EngineSpec, GpuInfo
 
 from .crashloop import CrashLoops
-from .deployment import Deployment
+from .deployment import Deployment, rank_engine_id
 from .gpuchoice import Capacity, Node, choose, gpu_tier, no_fit_reason
 from .gpumemory import EngineMemory
 from .registry import FleetRegistry, NodeRecord, on_healthy_gpus
+from .shortfall import GpuShortfall, engine_shortfall, group_shortfall
+from .tpgroups import TPGroups
 
 #: The memory of an engine whose needs are unknown: any free GPU fits it.
 ANY_MEMORY = EngineMemory(0, 0, 0, 0, 0, utilization=0.0)
@@ -136,6 +138,39 @@ class Placer:
                     f"{best.node_id} has {free}"
                 )
         return "being placed"
+
+    def gpu_shortfall(
+        self, registry: FleetRegistry, now: float, groups: TPGroups | None = None
+    ) -> list[GpuShortfall]:
+        """Engines, and tensor-parallel groups of ``groups``, that no healthy live node has the
+        free GPUs for now, in placement order (:mod:`.shortfall`): what more nodes would
+        place. Not short: an engine some live node reports (running, crash-looping, on an
+        unhealthy GPU), one assigned and not reported yet, a group ``groups`` placed. None
+        while settling."""
+        if now < self.settle_until:
+            return []
+        live = registry.live_nodes()
+        held = groups.held_gpus() if groups is not None else {}
+        free = {
+            n.node_id: [g for g in self._unused(n) if g.index not in held.get(n.node_id, ())]
+            for n in live
+            if n.healthy
+        }
+        reported = {e for n in live for e in n.engines} | set(self._pending)
+        out: list[GpuShortfall] = []
+        for d in self.deployments:
+            tp = d.tensor_parallel_size
+            for engine_id in d.engine_ids() if d.gpus_per_engine else ():
+                if tp == 1 and engine_id not in reported:
+                    short = engine_shortfall(d, engine_id, d.memory or ANY_MEMORY, free)
+                elif tp > 1 and groups is not None and groups.group(engine_id) is None:
+                    ranks = {rank_engine_id(engine_id, r) for r in range(tp)}
+                    short = None if ranks & reported else group_shortfall(d, engine_id, free)
+                else:
+                    continue
+                if short is not None:
+                    out.append(short)
+        return out
 
     def unwanted(self, registry: FleetRegistry, now: float) -> list[tuple[str, str]]:
         """Engines live nodes run that no deployment wants (deleted, scaled down), as (node id,

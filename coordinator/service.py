@@ -35,6 +35,7 @@ from .deployment import Deployment
 from .deployspec import FleetModel
 from .footprints import with_memory
 from .httpserve import serve
+from .kubescale import NodeScaling
 from .kvindex import KVIndex
 from .leaders import election
 from .leadership import Leadership
@@ -265,6 +266,8 @@ class Coordinator:
                         await control.start(self._election)
                     if self.book.folder is not None:
                         control.start_soon(self._watch_folder, self.book.folder)
+                    if (node_scaling := NodeScaling.of(self)) is not None:  # kubescale.py
+                        control.start_soon(node_scaling.run)
                     nursery.start_soon(self._gateway.watch_silent)
                     if self.scheduler.profile.uses_metrics:
                         pools = self._pools

@@ -84,6 +84,14 @@ class TPGroups:
     def group(self, group_id: str) -> Group | None:
         return self._groups.get(group_id)
 
+    def held_gpus(self) -> dict[str, set[int]]:
+        """Node id -> the GPUs placed groups hold there (reported by their nodes or not)."""
+        out: dict[str, set[int]] = {}
+        for g in self._groups.values():
+            for node_id, gpus in zip(g.nodes, g.rank_gpus, strict=False):
+                out.setdefault(node_id, set()).update(gpus)
+        return out
+
     def reconcile(
         self,
         deployments: tuple[Deployment, ...],

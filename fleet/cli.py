@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet.nodescalecli import add_node_scale_args, node_scale_config
 from fleet.protocol.errors import FleetError
 from fleet.storecli import add_store_args, store_config
 
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         "watches them; the leader writes their status)",
     )
     coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
+    add_node_scale_args(coord)
     coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.set_defaults(func=_cmd_coordinator)
@@ -663,6 +665,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         lease_renew_deadline_s=args.lease_duration * 2 / 3,
         kube_api=args.kube_api,
         fleetmodels_namespace=args.fleetmodels,
+        node_scale=node_scale_config(args),
         **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )
     if args.hot_restart:

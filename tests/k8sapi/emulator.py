@@ -9,9 +9,20 @@ custom resources alike) from its own store and leaves only discovery (/api, /api
 (the parsed request handed to `_handle`, and its `_raw_request`) and on the
 `_handle` hook of `kmock._internal.apps.RawHandler`: kmock is pinned to 0.8.
 
-Not emulated: /scale and other subresources (404), JSON patch (415), strategic-merge
-list semantics (a dict patch is an RFC 7386 merge), set-based selectors (400),
-deletecollection, admission, schema validation, namespace existence, 410 Gone.
+The `/scale` subresource of a custom resource whose CRD declares `subresources.scale`
+follows apiextensions-apiserver's `ScaleREST` (pkg/registry/customresource/etcd.go): GET
+answers an `autoscaling/v1` Scale built from the parent (spec.replicas at specReplicasPath,
+500 when absent; status.replicas at statusReplicasPath, 0 when absent; status.selector at
+labelSelectorPath, "" when absent); PUT and merge PATCH write spec.replicas back to the
+parent (a new resourceVersion and generation, a MODIFIED event), 409 on a stale
+resourceVersion, 422 on a negative replicas (validator.go's ValidateScaleSpec, also checked
+on every write of the parent) or a PATCH that makes replicas a non-int32 (patch.go), 400 on
+such a PUT body or one naming another object or kind.
+
+Not emulated: /scale of built-in resources (apps/v1 Deployments...) and other
+subresources (404), JSON patch (415), strategic-merge list semantics (a dict patch is an
+RFC 7386 merge), set-based selectors (400), deletecollection, admission, schema
+validation, managedFields, namespace existence, 410 Gone.
 """
 
 import asyncio
@@ -30,37 +41,12 @@ import aiohttp.web
 import attrs
 import kmock
 
-Obj = dict[str, Any]
-Key = tuple[str, str, str | None, str]  # group, plural, namespace, name
+from .scale import CRDS, Key, ScaleSubresource
+from .wire import ApiError, Obj, merge_patch, status_body
 
 # Built-in resources without a /status subresource: writes to them change status too.
 NO_STATUS = {"leases", "configmaps", "secrets", "events", "serviceaccounts", "endpoints"}
-CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 MAX_WATCH_S = 1800.0  # a real server ends a watch after 30-60 min
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
-
-
-def status_body(code: int, reason: str, message: str) -> Obj:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}  # fmt: skip
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: dicts merge recursively, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            result.pop(k, None)
-        else:
-            result[k] = merge_patch(result.get(k), v)
-    return result
 
 
 def parse_selector(text: str, fields: bool) -> list[tuple[str, str, str | None]]:
@@ -104,7 +90,7 @@ def matches(obj: Obj, labels: list[Any], fields: list[Any]) -> bool:
 
 
 @attrs.define(kw_only=True)
-class KubernetesEmulator(kmock.KubernetesEmulator):
+class KubernetesEmulator(ScaleSubresource, kmock.KubernetesEmulator):
     _store: dict[Key, Obj] = attrs.field(factory=dict, init=False)
     _kinds: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
     _log: list[tuple[int, Key, Obj]] = attrs.field(factory=list, init=False)  # rv, key, event
@@ -122,7 +108,7 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         if request.resource is None or not request.resource.plural:
             return await super()._handle(request)  # discovery: /api, /apis/GROUP/VERSION, ...
         try:
-            if request.subresource not in (None, "status"):
+            if request.subresource not in (None, "status", "scale"):
                 raise ApiError(404, "NotFound", f"subresource {request.subresource} not emulated")
             if request.method == "GET" and request.params.get("watch", "").lower() in ("true", "1"):
                 return await self._watch(request)
@@ -140,6 +126,9 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         what = f"{gp[1]}.{gp[0]}".rstrip(".")  # leases.coordination.k8s.io, configmaps
         if request.subresource == "status" and not self._has_status(gp, res.version):
             raise ApiError(404, "NotFound", f"{what} have no status subresource")
+        scale = self._scale_paths(gp, res.version) if request.subresource == "scale" else None
+        if request.subresource == "scale" and scale is None:
+            raise ApiError(404, "NotFound", f"{what} have no scale subresource")
         if request.name is None:
             if method == "GET":
                 return 200, self._list(request, gp)
@@ -150,6 +139,8 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
         old = self._store.get(key)
         if old is None:
             raise ApiError(404, "NotFound", f'{what} "{request.name}" not found')
+        if scale is not None:
+            return self._serve_scale(request, key, old, scale)
         if method == "GET":
             return 200, old
         if method == "DELETE":
@@ -213,6 +204,7 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             meta.pop(k, None)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now, generation=1)
+        self._check_replicas(gp, request.resource.version if request.resource else None, obj)
         self._kinds.setdefault(gp, obj.get("kind", ""))
         self._store[key] = self._emit("ADDED", key, obj)
         return obj
@@ -231,6 +223,7 @@ class KubernetesEmulator(kmock.KubernetesEmulator):
             meta.pop(k, None)
             if k in old_meta:
                 meta[k] = old_meta[k]
+        self._check_replicas((key[0], key[1]), version, new)
         if new == old:
             return old  # a no-op write keeps the resourceVersion and sends no event
         skip = {"metadata", "kind", "apiVersion"} | ({"status"} if has_status else set())

@@ -21,6 +21,13 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from ..k8sapi import running_emulator
+from ..k8sapi.machinedeployment import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    machine_deployment,
+    machine_deployment_crd,
+)
 
 CRD = pathlib.Path(__file__).parents[2] / "daemonset" / "crds" / "fleetmodel.yaml"
 NS = "fleet"
@@ -335,3 +342,132 @@ def test_leader_election_yields_one_leader_and_fails_over(api: client.ApiClient)
         assert second != first
         held = client.CoordinationV1Api(api).read_namespaced_lease("fleet-leader", NS)
         assert held.spec.holder_identity == second
+
+
+class MachineDeployments:
+    """A CRD with a scale subresource (Cluster API's MachineDeployment) and its objects."""
+
+    def __init__(self, api: client.ApiClient, *, scale: bool = True) -> None:
+        crd = machine_deployment_crd(scale=scale)
+        client.ApiextensionsV1Api(api).create_custom_resource_definition(
+            crd, _request_timeout=TIMEOUT
+        )
+        self.objects = client.CustomObjectsApi(api)
+        self.where = (GROUP, VERSION, NS, PLURAL)
+
+    def create(self, name: str, replicas: int | None) -> dict[str, Any]:
+        obj: dict[str, Any] = self.objects.create_namespaced_custom_object(
+            *self.where, machine_deployment(name, replicas), _request_timeout=TIMEOUT
+        )
+        return obj
+
+    def __getattr__(self, verb: str) -> Any:  # get_scale -> get_..._custom_object_scale
+        base, _, sub = verb.partition("_")
+        suffix = f"_{sub}" if sub else ""
+        method = getattr(self.objects, f"{base}_namespaced_custom_object{suffix}")
+        return lambda *args: method(*self.where, *args, _request_timeout=TIMEOUT)
+
+
+def test_scale_get_is_an_autoscaling_v1_scale_of_the_parent(api: client.ApiClient) -> None:
+    mds = MachineDeployments(api)
+    made = mds.create("gpu", 1)
+    scale = mds.get_scale("gpu")
+    assert (scale["apiVersion"], scale["kind"]) == ("autoscaling/v1", "Scale")
+    meta = made["metadata"]
+    for key in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp"):
+        assert scale["metadata"][key] == meta[key]
+    assert scale["spec"] == {"replicas": 1}
+    assert scale["status"] == {"replicas": 0, "selector": ""}  # no status yet: 0 and ""
+
+    mds.patch_status("gpu", {"status": {"replicas": 1, "selector": "pool=gpu"}})
+    assert mds.get_scale("gpu")["status"] == {"replicas": 1, "selector": "pool=gpu"}
+
+    mds.create("unsized", None)  # no spec.replicas: GET /scale is an error, as in etcd.go
+    with pytest.raises(ApiException) as e:
+        mds.get_scale("unsized")
+    assert e.value.status == 500 and status_of(e)["reason"] == "InternalError"
+    with pytest.raises(ApiException) as e:
+        mds.get_scale("nope")
+    assert e.value.status == 404 and status_of(e)["reason"] == "NotFound"
+
+
+def test_scale_patch_and_replace_write_spec_replicas_to_the_parent(
+    api: client.ApiClient,
+) -> None:
+    mds = MachineDeployments(api)
+    made = mds.create("gpu", 1)
+    scaled = mds.patch_scale("gpu", {"spec": {"replicas": 3}})
+    assert scaled["kind"] == "Scale" and scaled["spec"]["replicas"] == 3
+    parent = mds.get("gpu")
+    assert parent["spec"]["replicas"] == 3 and parent["spec"]["clusterName"] == "gpu"
+    assert parent["metadata"]["generation"] == 2  # a spec change
+    assert parent["metadata"]["resourceVersion"] == scaled["metadata"]["resourceVersion"]
+    assert int(scaled["metadata"]["resourceVersion"]) > int(made["metadata"]["resourceVersion"])
+    since = made["metadata"]["resourceVersion"]
+    events = watch.Watch().stream(
+        mds.objects.list_namespaced_custom_object, *mds.where, resource_version=since,
+        timeout_seconds=1, _request_timeout=TIMEOUT,
+    )  # fmt: skip
+    seen = [(e["type"], e["object"]["spec"]["replicas"]) for e in events]
+    assert seen == [("MODIFIED", 3)]
+    again = mds.patch_scale("gpu", {"spec": {"replicas": 3}})  # no change: no new version
+    assert again["metadata"]["resourceVersion"] == scaled["metadata"]["resourceVersion"]
+
+    # PUT a Scale: its resourceVersion is a precondition; without one the write is unconditional.
+    read = mds.get_scale("gpu")
+    replaced = mds.replace_scale("gpu", dict(read, spec={"replicas": 2}))
+    assert replaced["spec"]["replicas"] == 2 and mds.get("gpu")["spec"]["replicas"] == 2
+    with pytest.raises(ApiException) as e:
+        mds.replace_scale("gpu", dict(read, spec={"replicas": 5}))  # read before the PUT above
+    assert e.value.status == 409 and status_of(e)["reason"] == "Conflict"
+    with pytest.raises(ApiException) as e:
+        stale = {"metadata": {"resourceVersion": read["metadata"]["resourceVersion"]}}
+        mds.patch_scale("gpu", stale | {"spec": {"replicas": 5}})
+    assert e.value.status == 409
+    body = {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "gpu"}}
+    assert mds.replace_scale("gpu", body | {"spec": {"replicas": 4}})["spec"]["replicas"] == 4
+
+    # A Scale carries spec.replicas only: other fields of the patch do not reach the parent.
+    mds.patch_scale("gpu", {"metadata": {"labels": {"x": "y"}}, "status": {"replicas": 9}})
+    parent = mds.get("gpu")
+    assert "labels" not in parent["metadata"] and "status" not in parent
+
+    mds.create("unsized", None)  # a patch may set an absent spec.replicas, never leave it out
+    assert mds.patch_scale("unsized", {"spec": {"replicas": 1}})["spec"]["replicas"] == 1
+    mds.create("unsized2", None)
+    with pytest.raises(ApiException) as e:
+        mds.patch_scale("unsized2", {"metadata": {"labels": {"x": "y"}}})
+    assert e.value.status == 400 and status_of(e)["reason"] == "BadRequest"
+
+
+@pytest.mark.parametrize("replicas", [-1, "two", 1.5, 2**31, True])
+def test_scale_rejects_replicas_that_are_no_non_negative_int32(
+    api: client.ApiClient, replicas: Any
+) -> None:
+    mds = MachineDeployments(api)
+    mds.create("gpu", 1)
+    with pytest.raises(ApiException) as e:  # a patch: decoded or validated, 422 either way
+        mds.patch_scale("gpu", {"spec": {"replicas": replicas}})
+    assert e.value.status == 422 and status_of(e)["reason"] == "Invalid"
+    body = dict(mds.get_scale("gpu"), spec={"replicas": replicas})
+    with pytest.raises(ApiException) as e:  # a PUT body that does not decode is 400
+        mds.replace_scale("gpu", body)
+    assert e.value.status == (422 if replicas == -1 else 400)
+    kept = mds.get("gpu")
+    assert kept["spec"]["replicas"] == 1 and kept["metadata"]["generation"] == 1
+    with pytest.raises(ApiException) as e:  # the parent itself is validated the same way
+        mds.patch("gpu", {"spec": {"replicas": replicas}})
+    assert e.value.status == 422 and status_of(e)["reason"] == "Invalid"
+
+
+def test_scale_of_a_resource_without_the_subresource_is_404(api: client.ApiClient) -> None:
+    mds = MachineDeployments(api, scale=False)
+    mds.create("gpu", 1)
+    with pytest.raises(ApiException) as e:
+        mds.get_scale("gpu")
+    assert e.value.status == 404 and status_of(e)["reason"] == "NotFound"
+    with pytest.raises(ApiException) as e:
+        mds.patch_scale("gpu", {"spec": {"replicas": 2}})
+    assert e.value.status == 404
+    assert mds.get("gpu")["spec"]["replicas"] == 1
+    mds.patch("gpu", {"spec": {"replicas": -1}})  # no scale subresource: no replicas rule
