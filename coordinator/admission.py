@@ -9,6 +9,10 @@ request is shed. A shed request gets 503 with ``Retry-After``. A model with no r
 is starting, or scaling from zero) has no slots: its requests wait in the queue until an engine
 is ready or their deadline passes (then 503 with ``Retry-After``). Every waiter is answered:
 admitted, shed, or timed out.
+
+``max_queue`` is the fleet's: with several coordinators the waiters are counted by
+:mod:`.sharedlimits` (in Redis, or each coordinator holding its share). A full fleet-wide queue
+lets a request displace a lower-priority waiter of the coordinator it reached, not of another.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import ApiError, InvalidRequest
+from .sharedlimits import LocalLimits, SharedLimits
 
 PRIORITIES = {"critical": 0, "high": 1, "standard": 2, "batch": 3}
 PRIORITY_HEADER = "x-priority"
@@ -117,8 +122,10 @@ class Admission:
     Args:
         engines_of: the number of routable engines of a model, now.
         slots_per_engine: requests in flight per engine before requests queue.
-        max_queue: waiters per model.
+        max_queue: waiters per model (when ``limits`` is not given).
         on_change: called with (model, queued) when a queue's length changes (metrics).
+        limits: counts waiters against the fleet-wide bound (default: this coordinator's
+            queue alone, ``max_queue``).
     """
 
     def __init__(
@@ -128,11 +135,13 @@ class Admission:
         slots_per_engine: int = 64,
         max_queue: int = 500,
         on_change: Callable[[str, int], None] | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         self.engines_of = engines_of
         self.slots_per_engine = slots_per_engine
         self.max_queue = max_queue
         self.on_change = on_change
+        self.limits = limits or LocalLimits(max_queue)
         self._queues: dict[str, _ModelQueue] = {}
         self._seq = itertools.count()
         self.shed = 0
@@ -172,20 +181,21 @@ class Admission:
 
     async def _wait(self, model: str, q: _ModelQueue, priority: int, deadline: float) -> None:
         waiter = _Waiter(priority, next(self._seq))
-        if len(q.waiters) >= self.max_queue:
-            lowest = max(q.waiters)
-            if lowest.priority <= priority:
+        if not await self.limits.reserve(model):  # full: take a less urgent waiter's place
+            lowest = max(q.waiters) if q.waiters else None
+            if lowest is None or lowest.priority <= priority:
                 self.shed += 1
                 raise Overloaded(
                     f"The queue for `{model}` is full ({self.max_queue} waiting); retry shortly.",
                     retry_after_s=2,
                 )
-            q.waiters.remove(lowest)
+            q.waiters.remove(lowest)  # its place in the count passes to the new waiter
             heapq.heapify(q.waiters)
             lowest.outcome = "shed"
             lowest.event.set()
         heapq.heappush(q.waiters, waiter)
         self._changed(model, q)
+        self.wake(model)  # a slot may have come free while the count was asked
         try:
             with trio.move_on_at(deadline):
                 await waiter.event.wait()
@@ -214,6 +224,7 @@ class Admission:
         elif waiter in q.waiters:
             q.waiters.remove(waiter)
             heapq.heapify(q.waiters)
+            self.limits.release(model)
             self._changed(model, q)
 
     def wake(self, model: str) -> None:
@@ -224,6 +235,7 @@ class Admission:
         woke = False
         while q.waiters and q.inflight < self._capacity(model):
             waiter = heapq.heappop(q.waiters)
+            self.limits.release(model)
             waiter.outcome = "admitted"
             q.inflight += 1
             waiter.event.set()

@@ -21,6 +21,7 @@ from . import adminapi, prestage, routeapi
 from .apikeys import ApiKey, RateLimited
 from .errors import ApiError, PayloadTooLarge, error_body, render
 from .proxy import relay
+from .sharedlimits import retry_after_s
 from .validation import RequestKind, validate
 
 if TYPE_CHECKING:
@@ -78,17 +79,20 @@ def create_app(coord: Coordinator) -> QuartTrio:
             content_type="application/json",
         )
 
-    def _authorize(headers: dict[str, str], *, spend: bool = True) -> ApiKey | None:
-        try:
-            return coord.cfg.api_keys.check(headers, trio.current_time(), spend=spend)
-        except RateLimited as exc:
-            coord.metrics.rate_limited.labels(key=exc.key_name).inc()
-            raise
+    async def _authorize(headers: dict[str, str], *, spend: bool = True) -> ApiKey | None:
+        key = coord.cfg.api_keys.check(headers)
+        if key is None or not spend:
+            return key
+        wait_s = await coord.limits.take(key, trio.current_time())  # the fleet's bucket
+        if wait_s > 0:
+            coord.metrics.rate_limited.labels(key=key.name).inc()
+            raise RateLimited(key.name, retry_after_s(wait_s))
+        return key
 
     async def _inference(path: str) -> Response:
         kind = ENDPOINTS[path]
         headers = {k.lower(): v for k, v in request.headers.items()}
-        key = _authorize(headers)  # before the body is read
+        key = await _authorize(headers)  # before the body is read
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
         parsed = validate(kind, raw, context_len_of=coord.placer.context_len)
@@ -114,7 +118,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        _authorize({k.lower(): v for k, v in request.headers.items()}, spend=False)
+        await _authorize({k.lower(): v for k, v in request.headers.items()}, spend=False)
         created = int(coord.started_at)
         data = []
         for model in coord.served_models():

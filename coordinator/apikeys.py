@@ -6,7 +6,8 @@ Without a keys file the API is open, as vLLM's is without ``--api-key``: any key
 key's tier is its requests' priority class and the most urgent one it may ask for: a
 ``x-priority`` header may lower a request below its tier, never raise it. A key with a rate limit
 gets a token bucket (``requests_per_s``, ``burst``); past it, 429 with ``Retry-After``
-(OpenAI's ``rate_limit_exceeded``), counted in ``fleet_requests_rate_limited_total{key}``.
+(OpenAI's ``rate_limit_exceeded``), counted in ``fleet_requests_rate_limited_total{key}``. The
+limit is the fleet's, whichever coordinators serve the key (:mod:`.sharedlimits`).
 
 The file (YAML or JSON)::
 
@@ -27,7 +28,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,31 +64,16 @@ class RateLimited(ApiError):
         self.key_name = name
 
 
-@dataclass
+@dataclass(frozen=True)
 class ApiKey:
-    """One key's identity, tier and (optional) token bucket."""
+    """One key's identity, tier and (optional) rate limit; :mod:`.sharedlimits` keeps its
+    bucket."""
 
     name: str
     digest: bytes  # sha256 of the key
     tier: int = PRIORITIES["standard"]
     requests_per_s: float | None = None
     burst: float = 1.0
-    tokens: float = field(default=0.0, repr=False)
-    stamp: float | None = field(default=None, repr=False)
-
-    def take(self, now: float) -> float:
-        """Spend one request; return 0, or the seconds until one is allowed."""
-        if self.requests_per_s is None:
-            return 0.0
-        if self.stamp is None:
-            self.tokens = self.burst
-        else:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.requests_per_s)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.requests_per_s
 
 
 class ApiKeys:
@@ -105,12 +91,11 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self.keys)
 
-    def check(self, headers: Mapping[str, str], now: float, *, spend: bool = True) -> ApiKey | None:
-        """The request's key (None when the API is open), one request spent if ``spend``.
+    def check(self, headers: Mapping[str, str]) -> ApiKey | None:
+        """The request's key (None when the API is open); its rate limit is not checked here.
 
         Raises:
             Unauthorized: no key, or one not listed.
-            RateLimited: the key is over its rate limit.
         """
         if not self.keys:
             return None
@@ -124,9 +109,6 @@ class ApiKeys:
         key = self._by_digest.get(digest)
         if key is None or not hmac.compare_digest(key.digest, digest):
             raise Unauthorized("Incorrect API key provided.")
-        wait = key.take(now) if spend else 0.0
-        if wait > 0:
-            raise RateLimited(key.name, max(1, math.ceil(wait)))
         return key
 
 

@@ -56,6 +56,10 @@ class CoordinatorConfig:
     # model before new ones are shed (503).
     slots_per_engine: int = 64
     max_queue: int = 500
+    # Fleet-wide rate limits and max_queue (sharedlimits.py): shared in this Redis, else (and
+    # while it is down) each of coordinators_expected coordinators enforces its share.
+    redis_url: str | None = None
+    coordinators_expected: int = 1
     # No engine is placed this long after start, so every live node can report what it runs
     # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
     placement_settle_s: float | None = None
@@ -124,7 +128,7 @@ class CoordinatorConfig:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
         if not self.deployments_poll_s > 0:
             raise ConfigError("deployments_poll_s", self.deployments_poll_s, "must be > 0")
-        for key in ("slots_per_engine", "max_queue"):
+        for key in ("slots_per_engine", "max_queue", "coordinators_expected"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be >= 1")
         if self.kv_index_max_entries < 1:

@@ -154,6 +154,19 @@ class CoordinatorMetrics:
         self.nodes = Gauge("fleet_nodes", "Known nodes, by state.", ["state"], registry=r)
         self.engines = Gauge("fleet_engines", "Known engines, by state.", ["state"], registry=r)
         self.nodes_lost = Counter("fleet_nodes_lost_total", "Nodes marked lost.", registry=r)
+        self.limits_fallback = Counter(
+            "fleet_shared_limits_fallback_total",
+            "Rate-limit and queue-bound decisions made on this coordinator's share because Redis "
+            "(--redis-url) could not be reached, by limit (rate, queue).",
+            ["limit"],
+            registry=r,
+        )
+        self.limits_redis_up = Gauge(
+            "fleet_shared_limits_redis_up",
+            "1 while the shared limits' Redis answers, 0 while this coordinator enforces its "
+            "local share instead (absent without --redis-url).",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """Return the text exposition of every metric."""

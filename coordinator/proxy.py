@@ -50,6 +50,7 @@ from .resume import (
 )
 from .router.prompt import PromptTokenizer, RoutingRequest
 from .router.scheduler import Decision, Scheduler
+from .sharedlimits import SharedLimits
 from .validation import ParsedRequest
 from .versions import session_key
 
@@ -104,6 +105,8 @@ class Gateway:
             per engine, ``max_queue`` waiting).
         slots_per_engine: requests in flight per engine before requests queue.
         max_queue: waiters per model before new requests are shed.
+        limits: counts waiters against the fleet-wide ``max_queue`` (default: this
+            coordinator's queue alone).
         is_deployed: whether a model is deployed (its requests wait for engines to start).
         max_queue_wait_s: longest wait for a slot when the request has no deadline.
     """
@@ -120,6 +123,7 @@ class Gateway:
         admission: Admission | None = None,
         slots_per_engine: int = 64,
         max_queue: int = 500,
+        limits: SharedLimits | None = None,
         is_deployed: Callable[[str], bool] = lambda model: False,
         engines_for: Callable[[str, str | None], list[EngineView]] | None = None,
         max_queue_wait_s: float = 30.0,
@@ -149,6 +153,7 @@ class Gateway:
             slots_per_engine=slots_per_engine,
             max_queue=max_queue,
             on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
+            limits=limits,
         )
         self.is_deployed = is_deployed
         self.max_queue_wait_s = max_queue_wait_s

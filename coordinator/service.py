@@ -46,9 +46,11 @@ from .placement import Placer
 from .pools import EnginePools
 from .prestage import PrestageBook
 from .proxy import Gateway
+from .redislimits import limits_for
 from .registry import EngineView, FleetRegistry
 from .resilience import STATE_VALUES
 from .router.config import DEFAULT_CONFIG, load_config
+from .router.plugins import SessionStore
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
 from .scaling import Scaling, demand, running, tier_slots
@@ -111,8 +113,11 @@ class Coordinator:
         self._election = election(cfg, self.leadership, on_change=lambda _: self._bump())
         self._fleetmodels = fleetmodels_task(self)  # --fleetmodels NAMESPACE
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
+        self.limits = limits_for(cfg, self.metrics)  # fleet-wide rate limits and queue bounds
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
-        self.scheduler = Scheduler(profile, self.kvindex)
+        # Several coordinators: a session's engine by rendezvous hash, alike on each (plugins.py).
+        sessions = SessionStore(remember=cfg.coordinators_expected == 1)
+        self.scheduler = Scheduler(profile, self.kvindex, sessions=sessions)
         self.prompt_tokenizer = PromptTokenizer(_model_paths(deployments))
         self._index_stats_seen: dict[str, int] = {}
         self.link = AgentLink(
@@ -239,6 +244,7 @@ class Coordinator:
             resilience=self.cfg.resilience,
             slots_per_engine=self.cfg.slots_per_engine,
             max_queue=self.cfg.max_queue,
+            limits=self.limits,
             is_deployed=lambda model: bool(self.placer.serving(model)),
             engines_for=self.engines_for,
         )
@@ -269,6 +275,7 @@ class Coordinator:
                     if (node_scaling := NodeScaling.of(self)) is not None:  # kubescale.py
                         control.start_soon(node_scaling.run)
                     nursery.start_soon(self._gateway.watch_silent)
+                    await nursery.start(self.limits.run)
                     if self.scheduler.profile.uses_metrics:
                         pools = self._pools
                         nursery.start_soon(

@@ -159,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the FleetModel custom resources of this namespace (every coordinator "
         "watches them; the leader writes their status)",
     )
+    coord.add_argument(
+        "--coordinators-expected",
+        type=int,
+        default=1,
+        metavar="N",
+        help="how many coordinators serve the fleet: without --redis-url (or while it is down) "
+        "each enforces 1/N of every rate limit and of --max-queue (default %(default)s; "
+        "`fleet up --coordinators N` passes N)",
+    )
     coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
     add_node_scale_args(coord)
     coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -389,6 +398,14 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="requests waiting per model before new ones get 503 (default %(default)s)",
     )
     p.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="share rate limits and --max-queue among coordinators in this Redis, e.g. "
+        "redis://127.0.0.1:6379/0 (default: each coordinator enforces its share; "
+        "docs/RESILIENCE.md)",
+    )
+    p.add_argument(
         "--scheduler-config",
         default=None,
         metavar="FILE",
@@ -497,6 +514,19 @@ def api_keys(args: argparse.Namespace) -> Any:
     return load_api_keys(args.api_keys) if args.api_keys else ApiKeys()
 
 
+def check_redis_url(args: argparse.Namespace) -> str | None:
+    """``--redis-url``, checked (nothing is sent to it).
+
+    Raises:
+        ConfigError: not a Redis URL.
+    """
+    if args.redis_url:
+        from fleet.coordinator.redislimits import connect
+
+        connect(args.redis_url, 1.0).close()
+    return args.redis_url  # type: ignore[no-any-return]
+
+
 def _deployments(args: argparse.Namespace) -> tuple[Any, ...]:
     """The command line's one-model shorthand, if it is used: ``--model``, or no
     ``--deployments`` folder nor ``--fleetmodels`` (then the default model)."""
@@ -583,6 +613,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _setup_logging(args.log_dir, verbose_stderr=False)
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
+    check_redis_url(args)
     args.fake_gpus = _fake_gpus(args)
     args.store = store_config(args)
     model = Path(args.model) if args.model is not None else None
@@ -654,6 +685,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         kv_index_max_entries=args.kv_index_max_entries,
         slots_per_engine=args.engine_slots,
         max_queue=args.max_queue,
+        redis_url=check_redis_url(args),
+        coordinators_expected=args.coordinators_expected,
         scheduling=scheduling(args),
         resilience=resilience(args),
         api_keys=api_keys(args),

@@ -48,6 +48,7 @@ async def run_up(
             kv_index_max_entries=args.kv_index_max_entries,
             slots_per_engine=args.engine_slots,
             max_queue=args.max_queue,
+            redis_url=args.redis_url,
             scheduling=scheduling,
             resilience=resilience or ResilienceConfig(),
             api_keys=api_keys or ApiKeys(),

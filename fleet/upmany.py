@@ -39,15 +39,17 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 
 def child_argv(
-    flags: Sequence[str], *, index: int, endpoint: str, lock: Path, log_dir: Path
+    flags: Sequence[str], *, index: int, endpoint: str, lock: Path, log_dir: Path, count: int = 1
 ) -> Callable[[int, int], list[str]]:
-    """The command line of coordinator ``index``, given the HTTP and control descriptors."""
+    """The command line of coordinator ``index`` of ``count``, given the HTTP and control
+    descriptors."""
 
     def argv(http_fd: int, parent_fd: int) -> list[str]:
         return [
             sys.executable, "-m", "fleet", "coordinator", *flags,
             f"--agent-endpoint={endpoint}", f"--leader-lock={lock}",
             f"--coordinator-id=coord-{index}", f"--log-dir={log_dir / f'coord-{index}'}",
+            f"--coordinators-expected={count}",
             f"--http-fd={http_fd}", f"--parent-fd={parent_fd}",
         ]  # fmt: skip
 
@@ -65,7 +67,10 @@ async def run_up_many(args: argparse.Namespace, flags: Sequence[str], count: int
     lock = log_dir / "leader.lock"
     endpoints = [f"tcp://127.0.0.1:{free_tcp_port()}" for _ in range(count)]
     supervisors = [
-        HotRestart(child_argv(flags, index=i, endpoint=e, lock=lock, log_dir=log_dir), listener)
+        HotRestart(
+            child_argv(flags, index=i, endpoint=e, lock=lock, log_dir=log_dir, count=count),
+            listener,
+        )
         for i, e in enumerate(endpoints)
     ]
     status = 0

@@ -39,7 +39,10 @@ recent-load-scorer (Fleet)         1 − recent / busiest recent, over decayed c
                                    new prefix goes to the engine with the least traffic
 session-affinity-scorer            1 for the engine that served the request's session
                                    (``x-session-id``, or llm-d's ``x-session-token``) within
-                                   ``ttlSeconds`` (300), else 0
+                                   ``ttlSeconds`` (300), else 0; with several coordinators
+                                   (no shared memory of sessions) 1 for the session's
+                                   rendezvous-hash engine among the candidates, the same on
+                                   every coordinator
 max-score-picker                   the highest weighted sum, ties at random
 random-picker                      uniform
 weighted-random-picker             proportional to the weighted sum
@@ -54,6 +57,7 @@ Scorers whose data is missing (metrics never scraped, or older than the stalenes
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,10 +98,18 @@ class Candidate:
 
 
 class SessionStore:
-    """Which engine served a session last, for ``ttl_s`` seconds."""
+    """Which engine served a session last, for ``ttl_s`` seconds.
 
-    def __init__(self, max_sessions: int = 100_000) -> None:
+    Args:
+        max_sessions: sessions remembered (the oldest go first).
+        remember: False where several coordinators serve the fleet: what one remembers the
+            others do not know, so a session's engine is its rendezvous-hash engine instead
+            (:func:`rendezvous`), which every coordinator computes alike.
+    """
+
+    def __init__(self, max_sessions: int = 100_000, *, remember: bool = True) -> None:
         self.max_sessions = max_sessions
+        self.remember_sessions = remember
         self._entries: dict[str, tuple[str, float]] = {}
 
     def get(self, session: str, now: float, ttl_s: float) -> str | None:
@@ -107,10 +119,24 @@ class SessionStore:
         return found[0]
 
     def remember(self, session: str, engine_id: str, now: float) -> None:
+        if not self.remember_sessions:
+            return
         if len(self._entries) >= self.max_sessions and session not in self._entries:
             self._entries.pop(next(iter(self._entries)))  # the oldest insertion
         self._entries.pop(session, None)
         self._entries[session] = (engine_id, now)
+
+
+def rendezvous(session: str, engine_ids: Sequence[str]) -> str | None:
+    """The session's engine among ``engine_ids`` by highest-random-weight hashing (BLAKE2b of
+    session and engine id): the same in every process, and an engine joining or leaving moves
+    only the sessions it wins or held."""
+    if not engine_ids:
+        return None
+    return max(
+        engine_ids,
+        key=lambda e: hashlib.blake2b(f"{session}\0{e}".encode(), digest_size=8).digest(),
+    )
 
 
 @dataclass
@@ -549,7 +575,11 @@ class SessionAffinityScorer(Scorer):
 
     def score(self, ctx: SchedulingContext, candidates: Sequence[Candidate]) -> dict[str, float]:
         session = ctx.request.session_id
-        engine = ctx.sessions.get(session, ctx.now, self.ttl_s) if session else None
+        engine = None
+        if session and ctx.sessions.remember_sessions:
+            engine = ctx.sessions.get(session, ctx.now, self.ttl_s)
+        elif session:
+            engine = rendezvous(session, [c.id for c in candidates])
         return {c.id: 1.0 if c.id == engine else 0.0 for c in candidates}
 
 
@@ -664,4 +694,5 @@ __all__ = [
     "Scorer",
     "SessionStore",
     "make_plugin",
+    "rendezvous",
 ]

@@ -10,7 +10,7 @@ import openai
 import pytest
 import trio
 
-from fleet.coordinator.apikeys import ApiKey, ApiKeys, Unauthorized, load_api_keys
+from fleet.coordinator.apikeys import ApiKeys, Unauthorized, load_api_keys
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 from fleet.protocol.errors import ConfigError
 
@@ -36,15 +36,15 @@ def _keys_file(tmp_path: Path) -> Path:
 
 def test_the_file_lists_names_tiers_and_limits(tmp_path: Path) -> None:
     keys = load_api_keys(_keys_file(tmp_path))
-    search = keys.check({"authorization": "Bearer sk-search-0123456789"}, 0.0)
+    search = keys.check({"authorization": "Bearer sk-search-0123456789"})
     assert search is not None and search.name == "search" and search.tier == 1
-    nightly = keys.check({"authorization": f"bearer {NIGHTLY}"}, 0.0)
+    nightly = keys.check({"authorization": f"bearer {NIGHTLY}"})
     assert nightly is not None and nightly.name == "nightly" and nightly.requests_per_s is None
     for headers in ({}, {"authorization": "Bearer nope-nope-nope"}, {"authorization": "Basic x"}):
         with pytest.raises(Unauthorized) as err:
-            keys.check(headers, 0.0)
+            keys.check(headers)
         assert err.value.status == 401 and err.value.code == "invalid_api_key"
-    assert ApiKeys().check({}, 0.0) is None  # no file: open
+    assert ApiKeys().check({}) is None  # no file: open
 
 
 @pytest.mark.parametrize(
@@ -67,15 +67,6 @@ def test_bad_files_are_rejected_naming_the_entry(tmp_path: Path, text: str, wher
     with pytest.raises(ConfigError) as err:
         load_api_keys(path)
     assert err.value.key == where
-
-
-def test_the_bucket_allows_the_burst_then_the_rate() -> None:
-    key = ApiKey("k", b"", requests_per_s=2.0, burst=3.0)
-    assert [key.take(10.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert key.take(10.0) == pytest.approx(0.5)  # one token comes back every 0.5 s
-    assert key.take(10.5) == 0.0
-    assert key.take(10.5) > 0
-    assert [key.take(100.0) for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # refilled, capped at 3
 
 
 async def test_a_coordinator_with_keys_answers_401_and_429(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from fleet.coordinator.picker import InflightCounter
 from fleet.coordinator.registry import EngineView
 from fleet.coordinator.router.config import DEFAULT_CONFIG, load_config, load_config_file
 from fleet.coordinator.router.enginestats import EngineStats, EngineStatsStore, parse_vllm_metrics
+from fleet.coordinator.router.plugins import SessionStore, rendezvous
 from fleet.coordinator.router.prompt import RoutingRequest, prompt_tokens
 from fleet.coordinator.router.scheduler import Scheduler
 from fleet.protocol.errors import ConfigError
@@ -128,6 +129,45 @@ def test_session_affinity_keeps_a_session_on_its_engine_for_the_ttl() -> None:
     assert {s.schedule(req, engines, counts().get, 105.0).engine.id for _ in range(10)} == {"c"}  # type: ignore[union-attr]
     later = {s.schedule(req, engines, counts().get, 111.0).engine.id for _ in range(40)}  # type: ignore[union-attr]
     assert len(later) > 1  # expired: ties broken at random
+
+
+def test_without_shared_memory_a_session_goes_to_its_engine_on_every_coordinator() -> None:
+    # Several coordinators: none remembers for the others, so each scores the session's
+    # rendezvous-hash engine, and two coordinators (their own tie-breaking) agree.
+    config = HEADER + (
+        "plugins:\n- {type: session-affinity-scorer}\n- {type: max-score-picker}\n"
+        "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: session-affinity-scorer},"
+        " {pluginRef: max-score-picker}]\n"
+    )
+    one, two = (
+        Scheduler(
+            load_config(config),
+            KVIndex(),
+            sessions=SessionStore(remember=False),
+            rng=random.Random(seed),
+        )
+        for seed in (1, 2)
+    )
+    engines = [view(e) for e in "abcd"]
+
+    def pick(s: Scheduler, session: str, among: list[EngineView]) -> str:
+        req = RoutingRequest("m", None, headers={"x-session-id": session})
+        engine = s.schedule(req, among, counts().get, 0.0).engine
+        assert engine is not None
+        s.served(req, engine.id, 0.0)
+        return engine.id
+
+    sessions = [f"s{i}" for i in range(40)]
+    on_one = {s: pick(one, s, engines) for s in sessions}
+    assert on_one == {s: pick(two, s, engines) for s in sessions}
+    assert on_one == {s: pick(one, s, engines) for s in sessions}  # and again later
+    assert set(on_one.values()) == set("abcd")  # sessions spread over the engines
+    # engine b leaves: only its sessions move
+    without_b = {s: pick(two, s, [e for e in engines if e.id != "b"]) for s in sessions}
+    assert {s for s in sessions if without_b[s] != on_one[s]} == {
+        s for s in sessions if on_one[s] == "b"
+    }
+    assert rendezvous("s1", []) is None
 
 
 def test_filters_drop_engines_and_explain_says_which() -> None:

@@ -24,7 +24,7 @@ def test_children_inherit_the_deployment_flags_not_the_up_only_ones() -> None:
                      "--engine-arg=--seed=1", "--engine-arg=--enforce-eager"]  # fmt: skip
     # what a child gets parses as `fleet coordinator` does
     argv = child_argv(flags, index=1, endpoint="tcp://127.0.0.1:5001",
-                      lock=Path("/l/leader.lock"), log_dir=Path("/l"))(7, 8)  # fmt: skip
+                      lock=Path("/l/leader.lock"), log_dir=Path("/l"), count=3)(7, 8)  # fmt: skip
     assert argv[1:4] == ["-m", "fleet", "coordinator"]
     child = cli._parser().parse_args(argv[3:])
     assert (child.model, child.engine, child.replicas, child.engine_arg, child.admin_key) == (
@@ -33,6 +33,7 @@ def test_children_inherit_the_deployment_flags_not_the_up_only_ones() -> None:
     assert (child.agent_endpoint, child.leader_lock, child.coordinator_id, child.http_fd) == (
         "tcp://127.0.0.1:5001", "/l/leader.lock", "coord-1", 7,
     )  # fmt: skip
+    assert child.coordinators_expected == 3  # each holds its share without --redis-url
 
 
 def test_fewer_than_one_coordinator_is_refused() -> None:
