@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fleet.protocol.errors import ConfigError
 
+from .discovery import DiscoveryConfig
 from .fakenvml import FakeGpuSpec
 from .gpus import GpuConfig
 from .launcher import LaunchConfig
@@ -25,8 +26,11 @@ class AgentConfig:
 
     node_id: str = field(default_factory=socket.gethostname)
     # ZMQ endpoint of the coordinator; several coordinators: comma-separated, each told
-    # everything (heartbeats, KV events), and whichever leads sends placement.
+    # everything (heartbeats, KV events), and whichever leads sends placement. Empty when
+    # ``discovery`` finds them instead (one or the other).
     coordinator_endpoint: str = "tcp://127.0.0.1:5555"
+    # Every coordinator behind a DNS name (a headless Service), followed as it changes.
+    discovery: DiscoveryConfig | None = None
     http_host: str = "127.0.0.1"
     http_port: int = 8081
     heartbeat_interval_s: float = 1.0
@@ -43,7 +47,14 @@ class AgentConfig:
         if not self.node_id or len(self.node_id) > 253:
             raise ConfigError("node_id", self.node_id, "must be 1..253 characters")
         endpoints = self.coordinator_endpoints
-        if not endpoints or not all(
+        if self.discovery is not None:
+            if endpoints:
+                raise ConfigError(
+                    "coordinator_endpoint",
+                    self.coordinator_endpoint,
+                    "must be empty when discovery finds the coordinators",
+                )
+        elif not endpoints or not all(
             e.startswith(("tcp://", "ipc://", "inproc://")) for e in endpoints
         ):
             raise ConfigError(

@@ -5,9 +5,11 @@ fake GPUs. Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import TYPE_CHECKING
 
+from hypercorn.config import Config as HypercornConfig
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -15,6 +17,17 @@ from .fakenvml import DEFAULT_FAULT_XID, FakeNvml
 
 if TYPE_CHECKING:
     from .service import Agent
+
+
+def hypercorn_config(host: str, port: int) -> HypercornConfig:
+    """The agent's HTTP server settings: bind ``host:port``, one second of grace, no access
+    log."""
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.graceful_timeout = 1.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("fleet.agent.http")
+    return config
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -76,4 +89,4 @@ def create_app(agent: Agent) -> QuartTrio:
     return app
 
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "hypercorn_config"]

@@ -1,25 +1,25 @@
-"""The node agent: GPUs, engines, KV relays, and the link to the coordinator.
+"""The node agent: GPUs, engines, KV relays, and the links to the coordinators.
 
-:class:`Agent` owns, in one nursery: the GPU monitor (NVML, or none), the DEALER socket to the
-coordinator (register, heartbeats, KV batches out; assignments in), one supervisor and one KV
-relay per assigned engine, and a small HTTP server (``/healthz``, ``/metrics``,
+:class:`Agent` owns, in one nursery: the GPU monitor (NVML, or none), one DEALER socket per
+coordinator (:mod:`.links`: register, heartbeats, KV batches out; assignments in), kept in step
+with a headless Service's DNS records when one is configured (:mod:`.discovery`), one supervisor
+and one KV relay per assigned engine, and a small HTTP server (``/healthz``, ``/metrics``,
 ``/api/v1/engines``, ``/api/v1/gpus``, and ``POST /api/v1/gpus/{index}/xid``, which injects an
-XID into a fake GPU). ``run()`` reports ``started()`` once the HTTP port
-listens and the first Register is queued. It stops on cancellation: every engine's process group
-gets SIGTERM, its grace period, then SIGKILL (see :mod:`fleet.agent.supervisor`).
+XID into a fake GPU). ``run()`` reports ``started()`` once the HTTP port listens, the first
+Register is queued and, with a Service, its first lookup is done. It stops on cancellation:
+every engine's process group gets SIGTERM, its grace period, then SIGKILL (see
+:mod:`fleet.agent.supervisor`); the links close after the engines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from dataclasses import dataclass, replace
 
 import httpx
 import trio
 import zmq
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 import fleet
@@ -40,13 +40,15 @@ from fleet.protocol.messages import (
     UnassignEngine,
     Welcome,
 )
-from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
+from fleet.protocol.zmqio import recv_batch, send_nowait
 
 from .config import AgentConfig
+from .discovery import DiscoveryConfig, LinkChanges, follow_service
 from .fakenvml import FakeNvml
 from .gpus import GpuMonitor
-from .httpapi import create_app
+from .httpapi import create_app, hypercorn_config
 from .kvrelay import KVRelay
+from .links import CoordinatorLinks
 from .metrics import AgentMetrics
 from .reaper import Reaper
 from .store import ModelStore, StoreError
@@ -88,7 +90,9 @@ class Agent:
         self.heartbeat_interval_s = cfg.heartbeat_interval_s
         self.coordinator_id = ""
         self.http_url = ""
-        self._socks: list[zmq.Socket[bytes]] = []  # one per coordinator
+        self.links = CoordinatorLinks(
+            zmq.Context.instance(), routing_id=cfg.node_id.encode(), receive=self._receive
+        )
         self._engine_nursery: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None
         self._reaper: Reaper | None = None  # started by run()
@@ -101,49 +105,40 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``started()`` gives the agent's HTTP URL."""
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._reaper = Reaper()
         with contextlib.closing(self._reaper):
-            await self._serve(ctx, task_status)
+            await self._serve(task_status)
 
-    async def _serve(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], task_status: trio.TaskStatus[str]
-    ) -> None:
+    async def _serve(self, task_status: trio.TaskStatus[str]) -> None:
         async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
             self._client = client
             await nursery.start(self.gpus.run)
             if self.cfg.store is not None:
                 self.store = ModelStore(self.cfg.store, http=client)
                 await nursery.start(self.store.run)
-            with contextlib.ExitStack() as links:
-                for endpoint in self.cfg.coordinator_endpoints:
-                    sock = links.enter_context(open_socket(ctx, zmq.DEALER))
-                    sock.setsockopt(zmq.ROUTING_ID, self.cfg.node_id.encode())
-                    sock.connect(endpoint)
-                    self._socks.append(sock)
+            # The links outlive the engines: an engine's last heartbeat goes out as it stops.
+            with self.links:
                 try:
                     async with trio.open_nursery() as engines:
                         self._engine_nursery = engines
-                        for sock in self._socks:
-                            engines.start_soon(self._receive, sock)
+                        for endpoint in self.cfg.coordinator_endpoints:
+                            self.links.open(endpoint, engines)
                         engines.start_soon(self._heartbeats)
                         if self.store is not None:
                             engines.start_soon(self._report_store, self.store)
                         http11.install()  # never HTTP/2: hypercorn's can crash the server
-                        binds = await engines.start(
-                            functools.partial(serve, create_app(self), self._hypercorn_config())
-                        )
+                        http = hypercorn_config(self.cfg.http_host, self.cfg.http_port)
+                        binds = await engines.start(serve, create_app(self), http)
                         self.http_url = binds[0]
                         self._register()
-                        log.info(
-                            "agent %s up: http %s, coordinator %s",
-                            self.cfg.node_id,
-                            self.http_url,
-                            self.cfg.coordinator_endpoint,
-                        )
+                        if self.cfg.discovery is not None:  # links to what it resolves to now
+                            await engines.start(self._follow, self.cfg.discovery)
+                        d = self.cfg.discovery
+                        where = d.service if d is not None else self.cfg.coordinator_endpoint
+                        log.info("agent %s up: http %s, coordinators %s", self.cfg.node_id,
+                                 self.http_url, where)  # fmt: skip
                         task_status.started(self.http_url)
                 finally:
-                    self._socks = []
                     self._engine_nursery = None
             nursery.cancel_scope.cancel()  # the GPU monitor and the model store
 
@@ -252,10 +247,28 @@ class Agent:
 
     # -- the coordinator link ----------------------------------------------------------------
 
+    async def _follow(
+        self, discovery: DiscoveryConfig, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Keep a link to every coordinator behind ``discovery``'s Service."""
+        await follow_service(
+            discovery, self.links.endpoints, self._apply_links, task_status=task_status
+        )
+
+    def _apply_links(self, changes: LinkChanges) -> None:
+        """Open and close coordinator links as discovery decided; a new coordinator gets a
+        Register at once."""
+        for endpoint in changes.close:
+            self.links.close(endpoint)
+        if self._engine_nursery is None:
+            return
+        for endpoint in changes.open:
+            self._register(self.links.open(endpoint, self._engine_nursery))
+
     def _send(self, msg: Message, to: zmq.Socket[bytes] | None = None) -> None:
         """Send ``msg`` to one coordinator (``to``), or to every one."""
         frames = codec.encode(msg)
-        socks = [to] if to is not None else self._socks
+        socks = [to] if to is not None else self.links.socks
         if not socks:
             self.metrics.link_dropped.inc()  # not connected yet, or stopping
         for sock in socks:
@@ -264,8 +277,9 @@ class Agent:
 
     def _send_kv(self, batch: KVEventBatch) -> None:
         frames = codec.encode(batch)
-        dropped = sum(not send_nowait(sock, frames) for sock in self._socks)
-        if dropped or not self._socks:
+        socks = self.links.socks
+        dropped = sum(not send_nowait(sock, frames) for sock in socks)
+        if dropped or not socks:
             self.metrics.kv_dropped.labels(engine=batch.engine_id).inc()
 
     def statuses(self) -> tuple[EngineStatus, ...]:
@@ -388,17 +402,6 @@ class Agent:
         else:
             self.metrics.link_rejected.labels(reason="direction").inc()
             log.warning("coordinator sent %s, which agents do not take", type(msg).__name__)
-
-    # -- HTTP --------------------------------------------------------------------------------
-
-    def _hypercorn_config(self) -> HypercornConfig:
-        config = HypercornConfig()
-        host = f"[{self.cfg.http_host}]" if ":" in self.cfg.http_host else self.cfg.http_host
-        config.bind = [f"{host}:{self.cfg.http_port}"]
-        config.graceful_timeout = 1.0
-        config.accesslog = None
-        config.errorlog = logging.getLogger("fleet.agent.http")
-        return config
 
 
 __all__ = ["Agent", "AgentConfig"]

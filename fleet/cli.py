@@ -175,10 +175,26 @@ def _parser() -> argparse.ArgumentParser:
     coord.set_defaults(func=_cmd_coordinator)
 
     agent = sub.add_parser("agent", help="run a node agent")
-    agent.add_argument(
+    where = agent.add_mutually_exclusive_group()
+    where.add_argument(
         "--coordinator",
-        default="tcp://127.0.0.1:5555",
-        help="the coordinator's agent endpoint (default %(default)s)",
+        default=None,
+        help="the coordinator's agent endpoint; several: comma-separated (default "
+        "tcp://127.0.0.1:5555)",
+    )
+    where.add_argument(
+        "--coordinator-service",
+        default=None,
+        metavar="HOST:PORT",
+        help="link to every address HOST resolves to (a headless Service of coordinators), "
+        "on PORT, and follow it as coordinators come and go",
+    )
+    agent.add_argument(
+        "--coordinator-resolve-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="with --coordinator-service, resolve HOST this often (default %(default)s)",
     )
     agent.add_argument("--node-id", default=None, help="default: the host name")
     agent.add_argument("--http-host", default="127.0.0.1")
@@ -733,6 +749,7 @@ def _hot_restart(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     import trio
 
+    from fleet.agent.discovery import DiscoveryConfig, ServiceAddress
     from fleet.agent.launcher import LaunchConfig
     from fleet.agent.service import Agent, AgentConfig
     from fleet.agent.supervisor import SupervisorConfig
@@ -741,8 +758,15 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.node_id:
         kwargs["node_id"] = args.node_id
+    discovery = None
+    if args.coordinator_service is not None:
+        discovery = DiscoveryConfig(
+            ServiceAddress.parse(args.coordinator_service),
+            interval_s=args.coordinator_resolve_interval,
+        )
     cfg = AgentConfig(
-        coordinator_endpoint=args.coordinator,
+        coordinator_endpoint="" if discovery else args.coordinator or "tcp://127.0.0.1:5555",
+        discovery=discovery,
         http_host=args.http_host,
         http_port=args.http_port,
         log_dir=args.log_dir,
