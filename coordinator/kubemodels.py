@@ -59,8 +59,8 @@ class FleetModelApi:
         an ERROR event)."""
         from kubernetes import watch
 
-        w = watch.Watch()  # type: ignore[no-untyped-call]
-        for event in w.stream(  # type: ignore[no-untyped-call]
+        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        for event in w.stream(
             self.objects.list_namespaced_custom_object,
             *self.where,
             resource_version=since,
