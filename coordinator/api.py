@@ -152,9 +152,11 @@ def create_app(coord: Coordinator) -> QuartTrio:
     async def readyz() -> Response:
         live = set(coord.registry.models())
         missing = [d.model for d in coord.placer.deployments if d.replicas and d.model not in live]
+        served = coord.served_models()  # no API key needed: what `fleet up` waits for
         if missing:
-            return _json({"status": "not ready", "models_without_engines": missing}, 503)
-        return _json({"status": "ready", "models": sorted(live)})
+            body = {"status": "not ready", "models_without_engines": missing, "models": served}
+            return _json(body, 503)
+        return _json({"status": "ready", "models": served})
 
     @app.get("/metrics")
     async def metrics() -> Response:

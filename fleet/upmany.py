@@ -142,7 +142,7 @@ async def _report_progress(url: str) -> None:
         while True:
             try:
                 engines = (await http.get("/api/v1/engines")).json()["engines"]
-                models = [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
+                models = (await http.get("/readyz")).json()["models"]  # /v1/models may need a key
             except (httpx.HTTPError, ValueError, KeyError):
                 engines, models = [], []  # the coordinators are starting
             for engine in engines:
