@@ -150,6 +150,10 @@ class Admission:
         q = self._queues.get(model)
         return len(q.waiters) if q else 0
 
+    def queued_counts(self) -> dict[str, int]:
+        """Every model with requests waiting, and how many."""
+        return {m: len(q.waiters) for m, q in self._queues.items() if q.waiters}
+
     def inflight(self, model: str) -> int:
         q = self._queues.get(model)
         return q.inflight if q else 0

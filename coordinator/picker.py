@@ -15,6 +15,10 @@ class InflightCounter:
     def get(self, engine_id: str) -> int:
         return self._counts.get(engine_id, 0)
 
+    def counts(self) -> dict[str, int]:
+        """Every engine with requests in flight, and how many."""
+        return dict(self._counts)
+
     def acquire(self, engine_id: str) -> None:
         self._counts[engine_id] = self._counts.get(engine_id, 0) + 1
 

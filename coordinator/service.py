@@ -26,13 +26,13 @@ import zmq
 from fleet.protocol.errors import ConfigError
 
 from .api import create_app
+from .autoscaling import Autoscaling
 from .clustermodels import fleetmodels_task
 from .config import CoordinatorConfig
 from .costs import deployment_costs
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
 from .deployment import Deployment
-from .deployspec import FleetModel
 from .footprints import with_memory
 from .httpserve import serve
 from .kubescale import NodeScaling
@@ -53,7 +53,7 @@ from .router.config import DEFAULT_CONFIG, load_config
 from .router.plugins import SessionStore
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
-from .scaling import Scaling, demand, running, tier_slots
+from .scaling import Scaling
 from .tpgroups import TPGroups
 from .versions import engines_for
 
@@ -98,6 +98,7 @@ class Coordinator:
         self._footprints: dict[str, ModelFootprint | None] = {}  # model folder -> its sizes
         speed = max(cfg.tier_speeds.values(), default=1.0)  # the fastest tier's units per engine
         self.scaling = Scaling(cfg.autoscale, speed)  # minReplicas/maxReplicas deployments' counts
+        self.autoscaling = Autoscaling(self)  # the leader's tick, and demand shared for it
         deployments, self.deployment_notes = self.book.deployments()  # nothing scaled yet
         deployments = with_memory(deployments, self._footprints)
         self.placer = Placer(deployments, assign_timeout_s=cfg.assign_timeout_s)
@@ -275,6 +276,7 @@ class Coordinator:
                     if (node_scaling := NodeScaling.of(self)) is not None:  # kubescale.py
                         control.start_soon(node_scaling.run)
                     nursery.start_soon(self._gateway.watch_silent)
+                    control.start_soon(self.autoscaling.run)  # the others' demand, for the leader
                     await nursery.start(self.limits.run)
                     if self.scheduler.profile.uses_metrics:
                         pools = self._pools
@@ -333,7 +335,7 @@ class Coordinator:
                     "KV gap of engine %s not repaired in time: its entries resynced", engine_id
                 )
             if self._gateway is not None:
-                self._autoscale(trio.current_time())
+                self.autoscaling.tick(trio.current_time())
             self.link.reconcile()
             if self._gateway is not None:
                 self._gateway.admission.wake_all()
@@ -350,32 +352,6 @@ class Coordinator:
                     breakers.health_ok(engine.id, trio.current_time())
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):
                 await self._pools.prune(e.url for e in self.registry.engines())
-
-    def _autoscale(self, now: float) -> None:
-        """Leading: sample every autoscaled deployment's demand and place the counts that
-        changed. Following: take the counts the leader placed, from what the nodes run."""
-        models = [m for _, m in self.book.models()]
-        if not self.leadership.leader:
-            ids = {e for node in self.registry.live_nodes() for e in node.engines}
-            if self.scaling.follow(models, lambda m: running(m, ids)):
-                self.apply_declared()
-            return
-        gateway = self.gateway
-
-        def demand_of(model: FleetModel) -> float:
-            return demand(model, self.placer, gateway.inflight.get, gateway.admission.queued)
-
-        def mix(model: FleetModel, units: int, before: tuple[str, ...]) -> tuple[str, ...] | None:
-            speeds = self.cfg.tier_speeds
-            return tier_slots(model, units, before, self.placer, self.registry, speeds)
-
-        changed = self.scaling.tick(models, demand_of, now, mix)
-        for name, decision in changed:
-            tiers = ",".join(self.scaling.slots.get(name, ())) or "any tier"
-            log.info("autoscaler: %s %s; engines on %s", name, decision, tiers)
-            self.metrics.autoscaler_decisions.labels(deployment=name, mode=decision.mode).inc()
-        if changed:
-            self.apply_declared()
 
     def refresh_gauges(self) -> None:
         """Update the gauges that mirror registry state (called before /metrics renders)."""

@@ -141,3 +141,56 @@ def test_a_sigkilled_lease_holder_is_replaced_within_the_lease_duration(
         finally:
             for proc in procs:
                 stop_process(proc)
+
+
+def test_a_request_reaching_a_follower_scales_a_deployment_from_zero(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    """Two ``fleet coordinator --leader-lock`` processes share a deployments folder with a
+    ``minReplicas: 0`` deployment. Its first request goes to the follower, which cannot
+    place: the follower's queued request reaches the leader through the demand both share
+    beside the lock, the leader scales the deployment from zero, and the request is answered."""
+    folder = tmp_path / "deployments"
+    folder.mkdir()
+    doc = {"apiVersion": "fleet.dev/v1alpha1", "kind": "FleetModel", "metadata": {"name": "zero"},
+           "spec": {"source": str(demo_model), "minReplicas": 0, "maxReplicas": 2}}  # fmt: skip
+    (folder / "zero.yaml").write_text(json.dumps(doc))
+    fleet = [sys.executable, "-m", "fleet"]
+    procs: list[subprocess.Popen[bytes]] = []
+    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
+    try:
+        for name, (http, link) in ports.items():
+            argv = [*fleet, "coordinator", "--port", str(http), "--agent-endpoint",
+                    f"tcp://127.0.0.1:{link}", "--deployments", str(folder), "--engine", "sim",
+                    "--leader-lock", str(tmp_path / "leader.lock"), "--coordinator-id",
+                    f"coord-{name}", "--log-dir", str(tmp_path / name)]  # fmt: skip
+            with open(tmp_path / f"{name}.out", "ab") as out:
+                procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))  # fmt: skip
+        links = ",".join(f"tcp://127.0.0.1:{link}" for _, link in ports.values())
+        with open(tmp_path / "agent.out", "ab") as out:
+            procs.append(subprocess.Popen(
+                [*fleet, "agent", "--coordinator", links, "--node-id", "n1", "--http-port",
+                 "0", "--log-dir", str(tmp_path / "agent")],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+        urls = {n: f"http://127.0.0.1:{http}" for n, (http, _) in ports.items()}
+
+        def leads(name: str) -> bool | None:
+            health = _get(urls[name] + "/healthz")
+            return None if health is None else bool(health.get("leader"))
+
+        _wait("one coordinator leads", lambda: sorted(map(str, map(leads, urls))) == ["False",
+              "True"])  # fmt: skip
+        (follower,) = [n for n in urls if not leads(n)]
+        started = time.monotonic()
+        reply = httpx.post(urls[follower] + "/v1/completions", timeout=60,
+                           json={"model": "zero", "prompt": "Hi", "max_tokens": 4})  # fmt: skip
+        took = time.monotonic() - started
+        assert reply.status_code == 200, reply.text
+        print(f"\nscaled from zero through the follower: answered in {took:.2f} s")
+        logs = "".join((tmp_path / f"{n}.out").read_text() for n in urls)
+        assert "from-zero" in logs, logs[-3000:]
+    finally:
+        for proc in procs:
+            stop_process(proc)
