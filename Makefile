@@ -43,6 +43,7 @@ test: install
 # mypy cannot follow setuptools' package-dir mapping, so it reads a symlinked `fleet` tree.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	@rm -rf build/mypy && mkdir -p build/mypy/fleet
 	@for f in fleet/*.py; do ln -s "$(CURDIR)/$$f" build/mypy/fleet/; done
 	@for p in agent coordinator protocol bench chaos; do ln -s "$(CURDIR)/$$p" build/mypy/fleet/$$p; done
