@@ -14,6 +14,7 @@ BENCHMARKS = {
     "pick-overhead": "pick_overhead",
     "coordinators": "coordinators",
     "engine-client": "engine_client",
+    "simday": "simday",
 }
 
 
