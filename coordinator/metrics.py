@@ -167,6 +167,21 @@ class CoordinatorMetrics:
             "local share instead (absent without --redis-url).",
             registry=r,
         )
+        self.tokenizer_ready = Gauge(
+            "fleet_tokenizer_ready",
+            "1 once the tokenizer files of a deployment's remote source are on this coordinator "
+            "(prefix routing on for its models), 0 while they are being fetched, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.tokenizer_fetch_failures = Counter(
+            "fleet_tokenizer_fetch_failures_total",
+            "Failed fetches of a remote source's tokenizer files (retried with backoff), by "
+            "kind (not_found, unavailable, checksum_mismatch, not_a_model, no_space, "
+            "store_error, internal).",
+            ["kind"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """Return the text exposition of every metric."""

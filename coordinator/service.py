@@ -1,9 +1,10 @@
 """The coordinator service: HTTP front door, agent link, registry upkeep and placement.
 
 :class:`Coordinator` owns, in one nursery: the agent link (ZMQ ROUTER), the HTTP server
-(hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), and the
-clients used to reach engines (:mod:`.pools`). ``run()`` reports ``started()`` once the link is
-bound and the HTTP port listens, with the bound addresses.
+(hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), the clients
+used to reach engines (:mod:`.pools`) and the fetches of remote models' tokenizer files
+(:mod:`.tokenizers`). ``run()`` reports ``started()`` once the link is bound and the HTTP port
+listens, with the bound addresses.
 
 It stops two ways. ``drain()`` (what ``fleet coordinator`` does on SIGTERM or SIGINT) stops
 taking connections and releases the agent link at once (a successor may bind both), lets the
@@ -54,6 +55,7 @@ from .router.plugins import SessionStore
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
 from .scaling import Scaling
+from .tokenizers import FileFetcher, Tokenizers
 from .tpgroups import TPGroups
 from .versions import engines_for
 
@@ -78,9 +80,12 @@ class CoordinatorAddresses:
 
 
 class Coordinator:
-    """The central service. See the module docstring for what it owns and how it stops."""
+    """The central service. See the module docstring for what it owns and how it stops.
+    ``tokenizer_files`` fetches remote models' tokenizer files (:mod:`.tokenizers`)."""
 
-    def __init__(self, cfg: CoordinatorConfig) -> None:
+    def __init__(
+        self, cfg: CoordinatorConfig, *, tokenizer_files: FileFetcher | None = None
+    ) -> None:
         self.cfg = cfg
         self.started_at = time.time()
         self.metrics = CoordinatorMetrics()
@@ -120,6 +125,8 @@ class Coordinator:
         sessions = SessionStore(remember=cfg.coordinators_expected == 1)
         self.scheduler = Scheduler(profile, self.kvindex, sessions=sessions)
         self.prompt_tokenizer = PromptTokenizer(_model_paths(deployments))
+        self.tokenizers = Tokenizers(self.prompt_tokenizer, tokenizer_files, self.metrics)
+        self.tokenizers.want(deployments)
         self._index_stats_seen: dict[str, int] = {}
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
@@ -168,6 +175,7 @@ class Coordinator:
         self.placer.replace(deployments)
         for name, path in _model_paths(deployments).items():
             self.prompt_tokenizer.model_paths.setdefault(name, path)
+        self.tokenizers.want(deployments)  # remote sources' tokenizer files, in the background
         self.link.reconcile()
         self._bump()
 
@@ -278,6 +286,7 @@ class Coordinator:
                     nursery.start_soon(self._gateway.watch_silent)
                     control.start_soon(self.autoscaling.run)  # the others' demand, for the leader
                     await nursery.start(self.limits.run)
+                    await nursery.start(self.tokenizers.run)
                     if self.scheduler.profile.uses_metrics:
                         pools = self._pools
                         nursery.start_soon(

@@ -27,7 +27,13 @@ from typing import Any
 
 from fleet.nodescalecli import add_node_scale_args, node_scale_config
 from fleet.protocol.errors import FleetError
-from fleet.storecli import add_store_args, store_config
+from fleet.storecli import (
+    add_source_args,
+    add_store_args,
+    add_tokenizer_args,
+    store_config,
+    tokenizer_files,
+)
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
 DEFAULT_MODEL = ".fleet/models/demo"
@@ -98,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _fake_gpus_arg(up, "the local agent reports")
     add_store_args(up)
+    add_tokenizer_args(up)
     up.set_defaults(func=_cmd_up)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
@@ -170,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
     add_node_scale_args(coord)
+    add_source_args(coord)
+    add_tokenizer_args(coord)
     coord.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.add_argument("--parent-fd", type=int, default=None, help=argparse.SUPPRESS)
     coord.set_defaults(func=_cmd_coordinator)
@@ -632,6 +641,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     check_redis_url(args)
     args.fake_gpus = _fake_gpus(args)
     args.store = store_config(args)
+    args.tokenizer_files = tokenizer_files(args)
     model = Path(args.model) if args.model is not None else None
     if model is not None and not (model / "config.json").exists():
         if not args.build_demo_model:
@@ -717,9 +727,10 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         node_scale=node_scale_config(args),
         **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )
+    files = tokenizer_files(args)
     if args.hot_restart:
         return _hot_restart(args)
-    coordinator = Coordinator(cfg)
+    coordinator = Coordinator(cfg, tokenizer_files=files)
     return trio.run(_serve_until_signal, coordinator.run, coordinator.drain, args.parent_fd)
 
 

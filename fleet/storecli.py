@@ -1,4 +1,5 @@
-"""The model store's flags, shared by ``fleet agent`` and ``fleet up`` (docs/MODELSTORE.md)."""
+"""The model store's flags, shared by ``fleet agent`` and ``fleet up``, and the source and
+tokenizer-cache flags of ``fleet coordinator`` (docs/MODELSTORE.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B)?$")
 
 
 def add_store_args(p: argparse.ArgumentParser) -> None:
-    """``--model-cache``, ``--model-cache-budget``, ``--s3-endpoint-url``, ``--hf-endpoint``."""
+    """``--model-cache``, ``--model-cache-budget`` and :func:`add_source_args`'s flags."""
     p.add_argument(
         "--model-cache",
         type=Path,
@@ -30,6 +31,12 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
         help="most the cache may hold, e.g. 200GiB; least recently used models no engine uses "
         "are evicted (default 0: only the disk's free space limits it)",
     )
+    add_source_args(p)
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """``--s3-endpoint-url``, ``--hf-endpoint``: where remote sources are read (by the agent's
+    store, and by the coordinator for their tokenizer files)."""
     p.add_argument(
         "--s3-endpoint-url",
         default=os.environ.get("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL", "")),
@@ -40,6 +47,18 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
         "--hf-endpoint",
         default=os.environ.get("HF_ENDPOINT", ""),
         help="Hugging Face Hub endpoint for hf:// sources (default $HF_ENDPOINT or the hub)",
+    )
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    """``--tokenizer-cache``: where the coordinator keeps remote sources' tokenizer files."""
+    p.add_argument(
+        "--tokenizer-cache",
+        type=Path,
+        default=Path(".fleet/tokenizers"),
+        metavar="DIR",
+        help="where the coordinator keeps the tokenizer files (never the weights) it fetches "
+        "of hf://, s3:// and http(s):// sources, to route by prefix (default %(default)s)",
     )
 
 
@@ -73,4 +92,28 @@ def store_config(args: argparse.Namespace) -> Any:
     )
 
 
-__all__ = ["add_store_args", "parse_size", "store_config"]
+def tokenizer_files(args: argparse.Namespace) -> Any:
+    """The coordinator's fetcher of tokenizer files (a ``SubsetFetcher``) from the flags.
+
+    Raises:
+        ConfigError: a bad value.
+    """
+    from fleet.agent.store import StoreConfig, SubsetFetcher
+    from fleet.protocol.vllm_tokenizer import TOKENIZER_FILES
+
+    cfg = StoreConfig(
+        root=args.tokenizer_cache,
+        s3_endpoint_url=args.s3_endpoint_url,
+        hf_endpoint=args.hf_endpoint,
+    )
+    return SubsetFetcher(cfg, TOKENIZER_FILES)
+
+
+__all__ = [
+    "add_source_args",
+    "add_store_args",
+    "add_tokenizer_args",
+    "parse_size",
+    "store_config",
+    "tokenizer_files",
+]

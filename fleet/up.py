@@ -53,7 +53,8 @@ async def run_up(
             resilience=resilience or ResilienceConfig(),
             api_keys=api_keys or ApiKeys(),
             placement_settle_s=0.0,  # the only node is this process's own agent
-        )
+        ),
+        tokenizer_files=args.tokenizer_files,  # parsed by the CLI: a SubsetFetcher
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -43,6 +43,27 @@ _SPECIAL_NAMES = (
 )
 
 
+#: The files of a model folder a tokenizer needs (``fnmatch`` patterns of paths in the folder):
+#: what :class:`VllmTokenizer` reads (``tokenizer.json``, ``tokenizer_config.json``, the chat
+#: template files), and what vLLM's own tokenizer loading may read besides (slow-tokenizer
+#: vocabularies, added and special tokens, ``config.json`` and ``generation_config.json``).
+#: Never the weights: the coordinator fetches these alone for remote sources.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "config.json",
+    "generation_config.json",
+    "chat_template.json",
+    "*.jinja",
+)
+
+
 class ChatTemplateError(ValueError):
     """Raised when a conversation cannot be rendered (no template, empty, template error)."""
 
@@ -216,4 +237,4 @@ def _find_chat_template(model_path: Path, config: Mapping[str, Any]) -> str | No
     return chat_json if isinstance(chat_json, str) else None
 
 
-__all__ = ["ChatTemplateError", "VllmTokenizer"]
+__all__ = ["TOKENIZER_FILES", "ChatTemplateError", "VllmTokenizer"]

@@ -3,7 +3,9 @@
 Layers (each module one job; the cores are sans-I/O)::
 
     store.py        ModelStore: the service (shared downloads, budget, pins, progress)
+    subset.py       SubsetFetcher: chosen files only (the coordinator's tokenizers)
     download.py     one manifest into a partial folder: resume, verify
+    opener.py       a source URI → the Source below (endpoints, S3 client, limiters)
     cachedir.py     the folder layout on disk and its atomic steps
     httpsource.py   http(s):// manifests           ┐
     s3source.py     s3:// through boto3            ├ sources.py: the Source protocol
@@ -32,6 +34,7 @@ from .manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
 from .progress import FetchProgress
 from .retry import RetryPolicy
 from .store import CachedModel, ModelStore
+from .subset import SubsetFetcher
 
 __all__ = [
     "MANIFEST_NAME",
@@ -48,5 +51,6 @@ __all__ = [
     "SourceUnavailable",
     "StoreError",
     "StoreConfig",
+    "SubsetFetcher",
     "parse_manifest",
 ]

@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
@@ -36,14 +35,11 @@ from .cachedir import CacheDir, EntryMeta, cache_key, tree_bytes
 from .config import StoreConfig
 from .download import download
 from .errors import NoSpace, NotAModel, SourceNotFound, SourceUnavailable, StoreError
-from .hfsource import HfSource
-from .httpsource import HttpSource
 from .lru import Resident, plan_eviction
 from .manifest import MODEL_MARKER, Manifest
+from .opener import SourceOpener
 from .progress import FetchProgress, ProgressMeter
 from .retry import RetryPolicy
-from .s3source import S3Source
-from .sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +97,9 @@ class ModelStore:
         self.cfg = cfg
         self.clock = clock
         self.dir = CacheDir(cfg.root)
-        # One limiter per blocking library (shared/STYLE.md "Blocking calls").
-        self.s3_limiter = trio.CapacityLimiter(cfg.s3_threads)
-        self.hf_limiter = trio.CapacityLimiter(cfg.hf_threads)
+        self._opener = SourceOpener(cfg)  # the S3 client and the boto3/huggingface_hub limiters
         self.disk_limiter = trio.CapacityLimiter(cfg.disk_threads)
         self._http = http
-        self._s3_client: Any = None
         self._entries: dict[str, EntryMeta] = {}
         self._partials: dict[str, int] = {}  # leftover partial downloads not in flight
         self._pins: dict[str, set[str]] = {}
@@ -249,7 +242,8 @@ class ModelStore:
 
     async def _download(self, flight: _Flight, src: ModelSource) -> Path:
         uri, key = flight.uri, flight.key
-        source = await self._open(src)
+        assert self._http is not None
+        source = await self._opener.open(src, self._http)
         manifest = await source.manifest()
         if not manifest.is_model():
             names = ", ".join(f.path for f in manifest.files[:5])
@@ -285,48 +279,6 @@ class ModelStore:
                     await trio.to_thread.run_sync(
                         self.dir.remove_partial, key, limiter=self.disk_limiter
                     )
-
-    async def _open(self, src: ModelSource) -> Source:
-        cfg = self.cfg
-        if src.scheme in ("http", "https"):
-            assert self._http is not None
-            return HttpSource(
-                src.uri, self._http, timeout_s=cfg.http_timeout_s, chunk_bytes=cfg.chunk_bytes
-            )
-        if src.scheme == "s3":
-            if self._s3_client is None:
-                self._s3_client = await trio.to_thread.run_sync(
-                    self._new_s3_client, limiter=self.s3_limiter
-                )
-            bucket, _, prefix = src.location.partition("/")
-            return S3Source(
-                src.uri,
-                bucket=bucket,
-                prefix=prefix,
-                client=self._s3_client,
-                limiter=self.s3_limiter,
-                chunk_bytes=cfg.chunk_bytes,
-            )
-        return HfSource(
-            src.uri,
-            repo=src.location,
-            revision=src.revision,
-            endpoint=cfg.hf_endpoint,
-            limiter=self.hf_limiter,
-            timeout_s=cfg.http_timeout_s,
-            chunk_bytes=cfg.chunk_bytes,
-        )
-
-    def _new_s3_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.cfg.s3_endpoint_url or None,
-            region_name=self.cfg.s3_region,
-            config=Config(s3={"addressing_style": "path"}) if self.cfg.s3_endpoint_url else None,
-        )
 
     async def _local(self, src: ModelSource) -> Path:
         path = Path(src.location)

@@ -6,7 +6,10 @@ tokens unless ``add_special_tokens`` is false; token-id prompts are taken as the
 that cannot be tokenized here (no tokenizer for the model, a template error, several prompts) is
 routed without prefix information: the engine still answers it with its own error if it is bad.
 
-Tokenizers are loaded once per model, in a worker thread, and cached.
+Tokenizers are loaded once per model, in a worker thread, and cached. A model whose source is
+remote (``hf://``, ``s3://``, ``http(s)://``) has no tokenizer until the coordinator has fetched
+its tokenizer files (:mod:`fleet.coordinator.tokenizers`), which then calls
+:meth:`PromptTokenizer.set_folder`.
 """
 
 from __future__ import annotations
@@ -78,17 +81,33 @@ class PromptTokenizer:
             await pending.wait()
             return self._loaded.get(model)
         done = self._loading[model] = trio.Event()
+        path = self.model_paths.get(model)
         try:
-            self._loaded[model] = await trio.to_thread.run_sync(self._load, model)
+            loaded = await trio.to_thread.run_sync(self._load, model, path)
         finally:
             done.set()
             del self._loading[model]
-        return self._loaded[model]
+        if self.model_paths.get(model) == path:  # else set_folder() came meanwhile: load again
+            self._loaded[model] = loaded
+        return loaded
 
-    def _load(self, model: str) -> VllmTokenizer | None:
-        path = self.model_paths.get(model)
+    def set_folder(self, model: str, folder: str) -> None:
+        """Tokenize ``model`` with the tokenizer in ``folder`` from now on (loaded on next use;
+        a tokenizer loaded or found missing before is forgotten)."""
+        self.model_paths[model] = folder
+        self._loaded.pop(model, None)
+
+    def _load(self, model: str, path: str | None) -> VllmTokenizer | None:
         if path is None:
             log.warning("no model folder known for %r: routing it without prefix matching", model)
+            return None
+        if "://" in path:  # a remote source (deploybook.py): fetched by tokenizers.py
+            log.info(
+                "the tokenizer of %r (%s) is not here yet: routing it without prefix matching "
+                "until it is fetched",
+                model,
+                path,
+            )
             return None
         try:
             return VllmTokenizer(Path(path))

@@ -10,6 +10,7 @@ is fixed too (a hash), not a sample.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import functools
 import hashlib
 import http.server
@@ -27,6 +28,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from fleet.protocol.vllm_tokenizer import TOKENIZER_FILES, VllmTokenizer
 
 from .fleetproc import FleetProcess, alive
 
@@ -249,6 +252,48 @@ def test_a_deployment_from_an_http_source_is_fetched_by_the_agent(
     _until(lambda: "remote" not in _models(http), "remote deleted")
 
 
+def test_a_remote_model_routes_by_prefix_once_the_coordinator_has_its_tokenizer(
+    fleet: tuple[httpx.Client, Path], model_server: str, demo_model: Path
+) -> None:
+    http, _ = fleet
+    name = "remote-prefix"
+    doc = {
+        "apiVersion": "fleet.dev/v1alpha1",
+        "kind": "FleetModel",
+        "metadata": {"name": name},
+        "spec": {"servedModelNames": [name], "source": model_server, "replicas": 1},
+    }
+    assert http.post("/admin/v1/deployments", json=doc).status_code == 201
+    _until(lambda: name in _models(http), "http source fetched, engine ready")
+    prompt = " ".join(f"word{i} of a long shared prefix" for i in range(40))
+    expected = len(VllmTokenizer(demo_model).encode(prompt, add_special_tokens=True))
+
+    def tokenized() -> int | None:
+        answer = http.post("/api/v1/route/explain", json={"model": name, "prompt": prompt})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["prompt_tokens"]  # None: routed without prefix matching
+
+    _until(lambda: tokenized() is not None, "the coordinator has the tokenizer")
+    assert tokenized() == expected  # the prompt tokenized exactly as the engine will
+    metrics = http.get("/metrics").text
+    assert f'fleet_tokenizer_ready{{source="{model_server}"}} 1.0' in metrics
+    first = http.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 1})
+    assert first.status_code == 200 and first.headers["x-cache-prefix-length"] == "0"
+
+    def indexed() -> int:
+        scored = http.post("/api/v1/score", json={"model": name, "prompt": prompt}).json()
+        return max(e["blocks_present"] for e in scored["engines"])
+
+    _until(lambda: indexed() >= 3, "the engine's KV events indexed")
+    second = http.post(
+        "/v1/completions", json={"model": name, "prompt": prompt + " More.", "max_tokens": 1}
+    )
+    assert second.status_code == 200
+    assert int(second.headers["x-cache-prefix-length"]) >= 3 * 32  # prefix matching works
+    assert http.delete(f"/admin/v1/deployments/{name}").status_code == 200
+    _until(lambda: name not in _models(http), f"{name} deleted")
+
+
 class _CountingHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files and counts the GETs of each path (the test asks what was downloaded)."""
 
@@ -325,7 +370,7 @@ def test_a_prestaged_model_scales_up_without_a_download(
     rows = json.loads(listing.stdout)["models"]
     assert [r["state"] for r in rows if r["source"] == source] == ["cached"], rows
 
-    before = sum(gets.values())
+    before = collections.Counter(gets)
     warm = {
         "apiVersion": "fleet.dev/v1alpha1",
         "kind": "FleetModel",
@@ -336,7 +381,11 @@ def test_a_prestaged_model_scales_up_without_a_download(
     _until(lambda: "warm" in _models(http), "prestaged model deployed, engine ready")
     reply = http.post("/v1/completions", json={"model": "warm", "prompt": "Hi", "max_tokens": 2})
     assert reply.status_code == 200
-    assert sum(gets.values()) == before, gets  # the scale-up started warm: nothing requested
+    # The scale-up started warm: the agent requested nothing. Only the coordinator may have
+    # asked for the tokenizer files it routes by (never the weights).
+    asked = [path.rsplit("/", 1)[-1] for path in gets - before]
+    tokenizer_only = (*TOKENIZER_FILES, "fleet-manifest.json")
+    assert all(any(fnmatch.fnmatch(n, p) for p in tokenizer_only) for n in asked), asked
     again = http.post("/admin/v1/prestage", json={"deployment": "warm"})
     assert again.status_code == 202 and again.json()["nodes"][0]["state"] == "cached"
     assert again.json()["nodes"][0]["pinned"] is True  # the engine uses it now

@@ -299,6 +299,14 @@ def test_the_coordinator_args_parse_and_elect_through_a_lease() -> None:
         "terminationGracePeriodSeconds"
     ]
     assert args.drain_timeout + 2 <= grace  # drained before the kubelet's SIGKILL
+    # Remote sources' tokenizer files go on a writable emptyDir (the root fs is read-only).
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(args.tokenizer_cache)]
+    assert not mount.get("readOnly", False)
+    volumes = _one(objects, "Deployment", "fleet-coordinator")["spec"]["template"]["spec"][
+        "volumes"
+    ]
+    assert "emptyDir" in {v["name"]: v for v in volumes}[mount["name"]]
 
 
 def test_two_coordinators_roll_one_at_a_time_and_a_budget_keeps_one() -> None:
