@@ -37,7 +37,7 @@ from redis.retry import Retry
 
 from fleet.protocol.errors import ConfigError
 
-from .sharedlimits import LocalLimits, RedisHealth, SharedLimits
+from .sharedlimits import LocalLimits, QueueLedger, RedisHealth, SharedLimits
 
 if TYPE_CHECKING:
     from .apikeys import ApiKey
@@ -182,6 +182,9 @@ class RedisLimits:
         self._reserve = self.client.register_script(RESERVE_LUA)
         self._publish = self.client.register_script(PUBLISH_LUA)
         self._limiter = trio.CapacityLimiter(16)  # the redis library's threads
+        # Writes of this coordinator's counts go one at a time, each with the ledger as it is
+        # then: a heartbeat's snapshot written after a newer reserve would undercount.
+        self._counts_lock = trio.Lock()
         self._dirty = trio.Event()
         self.leases_key = f"{PREFIX}queue:coordinators"
         self.counts_prefix = f"{PREFIX}queue:coord:"
@@ -228,6 +231,10 @@ class RedisLimits:
     async def reserve(self, model: str) -> bool:
         """Count one more waiter of ``model`` if the fleet's queue has room; whether it had."""
         ledger = self.local.ledger
+        async with self._counts_lock:
+            return await self._reserve_locked(ledger, model)
+
+    async def _reserve_locked(self, ledger: QueueLedger, model: str) -> bool:
         count = ledger.add(model)
         try:
             if self.health.usable(trio.current_time()):
@@ -269,18 +276,19 @@ class RedisLimits:
 
     async def publish(self) -> bool:
         """Write this coordinator's counts and renew its lease; whether Redis took them."""
-        pairs: list[str | int] = []
-        for model, count in self.local.ledger.counts.items():
-            pairs += [model, count]
-        try:
-            await self._call(
-                self._publish,
-                keys=[self.leases_key, self.counts_key],
-                args=[self.lease_ms, self.coordinator_id, self.now_ms, *pairs],
-            )
-        except (redis.RedisError, OSError) as exc:
-            self._failed("heartbeat", exc)
-            return False
+        async with self._counts_lock:
+            pairs: list[str | int] = []
+            for model, count in self.local.ledger.counts.items():
+                pairs += [model, count]
+            try:
+                await self._call(
+                    self._publish,
+                    keys=[self.leases_key, self.counts_key],
+                    args=[self.lease_ms, self.coordinator_id, self.now_ms, *pairs],
+                )
+            except (redis.RedisError, OSError) as exc:
+                self._failed("heartbeat", exc)
+                return False
         self._ok()
         return True
 

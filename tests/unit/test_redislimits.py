@@ -35,6 +35,9 @@ def url(redis_server: RedisServer) -> Iterator[str]:
 
 
 def _limits(url: str, coordinator: str, *, max_queue: int = 3, **kw: float) -> RedisLimits:
+    # A Redis that answers slowly (this machine under load) must not pass for one that is down:
+    # only a stopped server (refused at once) tests the fallback here.
+    kw.setdefault("timeout_s", 5.0)
     limits = RedisLimits(url, max_queue=max_queue, coordinators=2, coordinator_id=coordinator,
                          metrics=CoordinatorMetrics(), lease_s=5.0, **kw)  # fmt: skip
     limits.now_ms = repr(T0)
@@ -104,13 +107,13 @@ async def test_a_request_cancelled_while_redis_is_asked_holds_no_place(url: str)
     with trio.CancelScope() as scope:
         scope.cancel()
         await a.reserve("m")
-    assert scope.cancelled_caught and a.local.ledger.counts == {"m": 0}
+    assert scope.cancelled_caught and a.local.ledger.counts.get("m", 0) == 0
     # cancelled once it waits: it leaves the queue and its place is given back
     admission = Admission(lambda m: 0, max_queue=3, limits=a)
     with trio.move_on_after(0.5):
         async with admission.admit("m", PRIORITIES["standard"]):
             raise AssertionError("no engine: it cannot be admitted")
-    assert a.local.ledger.counts == {"m": 0} and admission.queued("m") == 0
+    assert a.local.ledger.counts.get("m", 0) == 0 and admission.queued("m") == 0
 
 
 async def test_admission_bounds_the_fleets_queue_across_coordinators(url: str) -> None:
