@@ -8,8 +8,9 @@ a jinja chat template for ``/v1/chat/completions``.
 
 Guarantees:
 
-* **Offline.** ``HF_HUB_OFFLINE=1`` is set before transformers is imported, the tokenizer is
-  trained here on a corpus generated in this module, and nothing is loaded by hub name.
+* **Offline.** ``HF_HUB_OFFLINE=1`` is set for the build (transformers imported under it; the
+  process's own setting is back afterwards), the tokenizer is trained here on a corpus generated
+  in this module, and nothing is loaded by hub name.
 * **Reproducible.** Two builds with the same seed are byte-identical, file for file, with the same
   torch/transformers/tokenizers versions (the tokenizer does not depend on the seed at all).
 * **Atomic and idempotent.** A build is written into a hidden temporary folder beside ``path``
@@ -23,11 +24,14 @@ imported only when a build is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,16 +197,38 @@ def build_demo_model(path: Path, *, seed: int = 0) -> Path:
     if is_demo_model(path, seed=seed):
         return path
     _check_replaceable(path)
-    libs = _import_libraries()
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
-    try:
-        _write_model(staging, seed=seed, libs=libs)
-        _install(staging, path, seed=seed)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _hub_offline():
+        libs = _import_libraries()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+        try:
+            _write_model(staging, seed=seed, libs=libs)
+            _install(staging, path, seed=seed)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The Hugging Face hub off for the build only: the process (``fleet up``'s model store
+    fetching ``hf://`` sources, say) gets its settings back afterwards, in the environment and
+    in ``huggingface_hub.constants``, which the hub reads at import and then at each call."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None:
+            offline = (before["HF_HUB_OFFLINE"] or "").upper() in {"1", "ON", "YES", "TRUE"}
+            constants.HF_HUB_OFFLINE = offline
 
 
 class _Libraries:
@@ -223,10 +249,7 @@ def _import_libraries() -> _Libraries:
     Raises:
         ConfigError: when one of them is not installed or fails to import.
     """
-    # huggingface_hub reads these once, at import; the build never needs the network.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
+    try:  # under _hub_offline: huggingface_hub reads it at import; the build needs no network
         import tokenizers
         import torch
         import transformers
