@@ -228,7 +228,7 @@ def _hub_offline() -> Iterator[None]:
         constants = sys.modules.get("huggingface_hub.constants")
         if constants is not None:
             offline = (before["HF_HUB_OFFLINE"] or "").upper() in {"1", "ON", "YES", "TRUE"}
-            constants.HF_HUB_OFFLINE = offline
+            setattr(constants, "HF_HUB_OFFLINE", offline)  # noqa: B010  (typed as read-only)
 
 
 class _Libraries:
