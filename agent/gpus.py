@@ -120,6 +120,8 @@ class GpuHealth:
         self.application_xids = application_xids
         self._xids: deque[tuple[str | None, int]] = deque(maxlen=_MAX_XIDS)
         self._reasons: dict[str | None, list[str]] = {}
+        #: every XID event ever recorded, by (GPU uuid or None for all, XID): for metrics
+        self.xid_counts: dict[tuple[str | None, int], int] = {}
 
     def record(self, event: GpuEvent) -> None:
         """Apply one event.
@@ -129,6 +131,8 @@ class GpuHealth:
         """
         if event.kind == "xid":
             self._xids.append((event.uuid, event.xid))
+            key = (event.uuid, event.xid)
+            self.xid_counts[key] = self.xid_counts.get(key, 0) + 1
             if event.xid in self.application_xids:
                 return
             reason = f"xid {event.xid}"
@@ -456,6 +460,16 @@ class GpuMonitor:
     def snapshot(self) -> tuple[GpuInfo, ...]:
         """Return the latest readings merged with XID health (``()`` without NVML)."""
         return self._health.apply(self._readings)
+
+    def xid_counts(self) -> dict[tuple[int, int], int]:
+        """XID events recorded since start, by (GPU index, XID); an event NVML gave for no
+        particular GPU counts for each."""
+        out: dict[tuple[int, int], int] = {}
+        for gpu in self._readings:
+            for (uuid, xid), n in self._health.xid_counts.items():
+                if uuid is None or uuid == gpu.uuid:
+                    out[(gpu.index, xid)] = out.get((gpu.index, xid), 0) + n
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; see the class docstring for what starts and how it stops.

@@ -1,8 +1,13 @@
-"""The agent's Prometheus metrics, in a registry each agent owns (no globals)."""
+"""The agent's Prometheus metrics, in a registry each agent owns (no globals).
+
+GPU and model-cache metrics are read from the agent's state at scrape time
+(:mod:`.statemetrics`, registered in this registry by the agent)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
+
+import fleet
 
 
 class AgentMetrics:
@@ -95,15 +100,8 @@ class AgentMetrics:
             "Messages to the coordinator not sent.",
             registry=r,
         )
-        self.gpu_memory_used = Gauge(
-            "fleet_agent_gpu_memory_used_bytes", "GPU memory in use.", ["gpu"], registry=r
-        )
-        self.gpu_utilization = Gauge(
-            "fleet_agent_gpu_utilization_percent", "GPU utilization.", ["gpu"], registry=r
-        )
-        self.gpu_healthy = Gauge(
-            "fleet_agent_gpu_healthy", "1 if the GPU is healthy.", ["gpu"], registry=r
-        )
+        self.build = Info("fleet_agent_build", "The agent's version.", registry=r)
+        self.build.info({"version": fleet.__version__})
 
     def render(self) -> bytes:
         """Return the text exposition of every metric."""

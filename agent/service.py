@@ -51,6 +51,7 @@ from .kvrelay import KVRelay
 from .links import CoordinatorLinks
 from .metrics import AgentMetrics
 from .reaper import Reaper
+from .statemetrics import AgentStateCollector
 from .store import ModelStore, StoreError
 from .storereport import ReportThrottle, StoreState, store_state
 from .supervisor import EngineSupervisor
@@ -86,6 +87,7 @@ class Agent:
         self.nvml_module = nvml_module
         self.metrics = AgentMetrics()
         self.gpus = GpuMonitor(cfg.gpu, nvml_module=nvml_module)
+        self.metrics.registry.register(AgentStateCollector(self))  # GPUs, model cache
         self.engines: dict[str, _EngineHandle] = {}
         self.heartbeat_interval_s = cfg.heartbeat_interval_s
         self.coordinator_id = ""
@@ -363,11 +365,6 @@ class Agent:
         while True:
             await trio.sleep(self.heartbeat_interval_s)
             self._heartbeat()
-            for g in self.gpus.snapshot():
-                label = str(g.index)
-                self.metrics.gpu_memory_used.labels(gpu=label).set(g.memory_used_bytes)
-                self.metrics.gpu_utilization.labels(gpu=label).set(g.utilization_pct)
-                self.metrics.gpu_healthy.labels(gpu=label).set(1 if g.healthy else 0)
 
     async def _receive(self, sock: zmq.Socket[bytes]) -> None:
         while True:

@@ -154,6 +154,16 @@ class Admission:
         """Every model with requests waiting, and how many."""
         return {m: len(q.waiters) for m, q in self._queues.items() if q.waiters}
 
+    def queued_by_priority(self) -> dict[tuple[str, str], int]:
+        """Requests waiting, by (model, priority name); models with none are left out."""
+        names = {v: k for k, v in PRIORITIES.items()}
+        out: dict[tuple[str, str], int] = {}
+        for model, q in self._queues.items():
+            for w in q.waiters:
+                key = (model, names.get(w.priority, str(w.priority)))
+                out[key] = out.get(key, 0) + 1
+        return out
+
     def inflight(self, model: str) -> int:
         q = self._queues.get(model)
         return q.inflight if q else 0

@@ -1,8 +1,17 @@
-"""The coordinator's Prometheus metrics, in a registry each coordinator owns (no globals)."""
+"""The coordinator's Prometheus metrics, in a registry each coordinator owns (no globals).
+
+Metrics derived from state (the scheduler's tallies, deployments, queues by priority) are read
+at scrape time by :mod:`.statemetrics`, registered in this registry by the coordinator. The
+names, and the renames, are listed in docs/OBSERVABILITY.md."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+import fleet
+
+#: Time to first byte spans a cached prompt's milliseconds to a long prefill's minute.
+FIRST_BYTE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class CoordinatorMetrics:
@@ -18,7 +27,7 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.request_errors = Counter(
-            "fleet_request_rejected_total",
+            "fleet_requests_rejected_total",
             "Requests rejected before routing, by reason.",
             ["reason"],
             registry=r,
@@ -48,9 +57,10 @@ class CoordinatorMetrics:
         )
         self.ttfb = Histogram(
             "fleet_upstream_first_byte_seconds",
-            "Time from routing to the engine's first response byte.",
+            "Time from routing to the engine's first response byte (time to first token).",
             ["model"],
             registry=r,
+            buckets=FIRST_BYTE_BUCKETS_S,
         )
         self.leader = Gauge(
             "fleet_coordinator_leader",
@@ -182,6 +192,9 @@ class CoordinatorMetrics:
             ["kind"],
             registry=r,
         )
+
+        self.build = Info("fleet_coordinator_build", "The coordinator's version.", registry=r)
+        self.build.info({"version": fleet.__version__})
 
     def render(self) -> bytes:
         """Return the text exposition of every metric."""

@@ -98,6 +98,11 @@ class Scaling:
         self._forget(seen)
         return changed
 
+    def bounds(self) -> dict[str, tuple[int, int]]:
+        """Each deployment this coordinator's autoscalers decide for (the leader's):
+        (minReplicas, maxReplicas) in the units of :attr:`decisions`."""
+        return {name: (s.min_replicas, s.max_replicas) for name, s in self._scalers.items()}
+
     def _forget(self, keep: set[str]) -> None:
         for gone in (set(self._scalers) | set(self.counts)) - keep:
             self._scalers.pop(gone, None)

@@ -55,6 +55,7 @@ from .router.plugins import SessionStore
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
 from .scaling import Scaling
+from .statemetrics import FleetStateCollector
 from .tokenizers import FileFetcher, Tokenizers
 from .tpgroups import TPGroups
 from .versions import engines_for
@@ -124,6 +125,7 @@ class Coordinator:
         # Several coordinators: a session's engine by rendezvous hash, alike on each (plugins.py).
         sessions = SessionStore(remember=cfg.coordinators_expected == 1)
         self.scheduler = Scheduler(profile, self.kvindex, sessions=sessions)
+        self.metrics.registry.register(FleetStateCollector(self))  # read at each scrape
         self.prompt_tokenizer = PromptTokenizer(_model_paths(deployments))
         self.tokenizers = Tokenizers(self.prompt_tokenizer, tokenizer_files, self.metrics)
         self.tokenizers.want(deployments)

@@ -24,9 +24,11 @@ from .plugins import (
     PrefixCacheScorer,
     SchedulingContext,
     Scorer,
+    SessionAffinityScorer,
     SessionStore,
 )
 from .prompt import RoutingRequest
+from .tally import SchedulerTally
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ class Scheduler:
         stats: the engines' scraped metrics.
         sessions: session → engine memory (session affinity).
         rng: tie-breaking randomness.
-        clock: for ``scheduling_ms``.
+        clock: for ``scheduling_ms`` and each plugin's time.
+
+    ``tally`` counts every decision but explain runs (:mod:`.tally`, exported as metrics).
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Scheduler:
         self.sessions = sessions or SessionStore()
         self.rng = rng or random.Random()
         self.clock = clock
+        self.tally = SchedulerTally()
 
     def schedule(
         self,
@@ -115,13 +120,15 @@ class Scheduler:
         explain: bool = False,
     ) -> Decision:
         """Choose an engine for ``request`` among ``engines`` (None if every one is filtered)."""
-        started = self.clock()
+        clock, tally = self.clock, self.tally
+        started = clock()
         ctx = SchedulingContext(request, self.index, self.sessions, now, self.rng)
         candidates = [Candidate(e, inflight(e.id), self.stats.get(e.id, now)) for e in engines]
         notes: dict[str, dict[str, Any]] = {}
         if explain:
             notes = {c.id: {"engine": c.id, "url": c.engine.url, "filters": {}} for c in candidates}
         for f in self.profile.filters:
+            begun = clock()
             ctx.candidates = candidates
             kept = []
             for c in candidates:
@@ -131,11 +138,20 @@ class Scheduler:
                 if ok:
                     kept.append(c)
             candidates = kept
+            tally.plugin(f.name, "filter", f.TYPE, clock() - begun)
         if not candidates:
-            return Decision(None, 0, (self.clock() - started) * 1000, list(notes.values()))
+            elapsed = clock() - started
+            if not explain:
+                tally.decided("no_engine", elapsed)
+            return Decision(None, 0, elapsed * 1000, list(notes.values()))
         totals = {c.id: 0.0 for c in candidates}
+        affinity: dict[str, float] | None = None
         for ws in self.profile.scorers:
+            begun = clock()
             scores = ws.scorer.score(ctx, candidates)
+            tally.plugin(ws.scorer.name, "scorer", ws.scorer.TYPE, clock() - begun)
+            if isinstance(ws.scorer, SessionAffinityScorer):
+                affinity = scores
             for c in candidates:
                 value = scores.get(c.id, 0.0)
                 totals[c.id] += ws.weight * value
@@ -144,15 +160,28 @@ class Scheduler:
                         "score": round(value, 4),
                         "weight": ws.weight,
                     }
-        chosen = self.profile.picker.pick(ctx, [(c, totals[c.id]) for c in candidates])
-        matched, _, block_size = ctx.prefix_match([chosen])[chosen.id]
-        elapsed_ms = (self.clock() - started) * 1000
+        begun = clock()
+        picker = self.profile.picker
+        chosen = picker.pick(ctx, [(c, totals[c.id]) for c in candidates])
+        tally.plugin(picker.name, "picker", picker.TYPE, clock() - begun)
+        matched, total_blocks, block_size = ctx.prefix_match([chosen])[chosen.id]
+        elapsed = clock() - started
+        elapsed_ms = elapsed * 1000
+        if not explain:
+            tally.decided("picked", elapsed)
+            if total_blocks:
+                tally.prefix(matched, total_blocks)
+            if affinity is not None and request.session_id:
+                if affinity.get(chosen.id, 0.0) > 0:
+                    tally.session("hit")
+                else:
+                    tally.session("miss" if any(affinity.values()) else "none")
         if explain:
             for c in candidates:
                 note = notes[c.id]
                 note["total"] = round(totals[c.id], 4)
-                n, total_blocks, size = ctx.prefix_match([c])[c.id]
-                note["prefix"] = {"blocks": n, "of": total_blocks, "tokens": n * size}
+                n, total, size = ctx.prefix_match([c])[c.id]
+                note["prefix"] = {"blocks": n, "of": total, "tokens": n * size}
                 note["inflight"] = c.inflight
                 note["selected"] = c.id == chosen.id
         return Decision(chosen.engine, matched * block_size, elapsed_ms, list(notes.values()))
