@@ -1,6 +1,7 @@
 """The coordinator's HTTP front door: OpenAI-compatible API plus admin and health routes.
 
-One handler serves both inference endpoints (validate → route → proxy); every error, whoever
+The inference endpoints are served by the front server (:mod:`.fastserve`) and reach this app
+only on a connection handed to hypercorn; both use :mod:`.fastroutes`. Every error, whoever
 raises it, leaves through :func:`fleet.coordinator.errors.render`, so the body is OpenAI's
 ``{"error": {...}}`` with the right status.
 """
@@ -12,27 +13,19 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import adminapi, prestage, routeapi
-from .apikeys import ApiKey, RateLimited
-from .errors import ApiError, PayloadTooLarge, error_body, render
+from .errors import ApiError, PayloadTooLarge, error_body
+from .fastroutes import ENDPOINTS, authorize, error_reply, inference, internal_error
 from .proxy import relay
-from .sharedlimits import retry_after_s
-from .validation import RequestKind, validate
 
 if TYPE_CHECKING:
     from .service import Coordinator
 
 log = logging.getLogger(__name__)
-
-ENDPOINTS: dict[str, RequestKind] = {
-    "/v1/completions": "completion",
-    "/v1/chat/completions": "chat",
-}
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -48,8 +41,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def _api_error(err: ApiError) -> Response:
-        coord.metrics.request_errors.labels(reason=err.code or str(err.status)).inc()
-        body, status, headers = render(err)
+        body, status, headers = error_reply(coord, err)
         return Response(body, status=status, headers=headers)
 
     @app.errorhandler(HTTPException)
@@ -72,39 +64,22 @@ def create_app(coord: Coordinator) -> QuartTrio:
     @app.errorhandler(Exception)
     async def _unexpected(err: Exception) -> Response:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        coord.metrics.request_errors.labels(reason="internal").inc()
-        return Response(
-            error_body("Internal error in the coordinator.", type="server_error", code=500),
-            status=500,
-            content_type="application/json",
-        )
+        body, status, headers = internal_error(coord)
+        return Response(body, status=status, headers=headers)
 
-    async def _authorize(headers: dict[str, str], *, spend: bool = True) -> ApiKey | None:
-        key = coord.cfg.api_keys.check(headers)
-        if key is None or not spend:
-            return key
-        wait_s = await coord.limits.take(key, trio.current_time())  # the fleet's bucket
-        if wait_s > 0:
-            coord.metrics.rate_limited.labels(key=key.name).inc()
-            raise RateLimited(key.name, retry_after_s(wait_s))
-        return key
-
-    async def _inference(path: str) -> Response:
-        kind = ENDPOINTS[path]
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        key = await _authorize(headers)  # before the body is read
+    async def _body() -> bytes:
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
-        parsed = validate(kind, raw, context_len_of=coord.placer.context_len)
-        tier = key.tier if key is not None else None
-        fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
-        label = {"endpoint": path, "model": parsed.model, "status": str(fwd.status)}
-        coord.metrics.requests.labels(**label).inc()
-        streaming = fwd.headers.get("content-type", "").startswith("text/event-stream")
-        if not streaming:
-            chunks = [chunk async for chunk in fwd.body]
-            return Response(b"".join(chunks), status=fwd.status, headers=fwd.headers)
-        response = Response(relay(fwd.body), status=fwd.status, headers=fwd.headers)
+        return raw
+
+    async def _inference(path: str) -> Response:
+        # Served here only on a connection hypercorn serves (the front server hands a
+        # connection over at its first request to another route); see fastroutes.py.
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        reply = await inference(coord, path, headers, _body)
+        if reply.stream is None:
+            return Response(reply.body, status=reply.status, headers=reply.headers)
+        response = Response(relay(reply.stream), status=reply.status, headers=reply.headers)
         response.timeout = None
         return response
 
@@ -118,7 +93,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        await _authorize({k.lower(): v for k, v in request.headers.items()}, spend=False)
+        await authorize(coord, {k.lower(): v for k, v in request.headers.items()}, spend=False)
         created = int(coord.started_at)
         data = []
         for model in coord.served_models():

@@ -14,10 +14,13 @@ from .apikeys import ApiKeys
 from .autoscale import AutoscaleConfig
 from .deploybook import EngineDefaults
 from .deployment import Deployment
+from .frontpolicy import FrontLimits
 from .kvindex import DEFAULT_MAX_ENTRIES
 from .nodescale import NodeScaleConfig
 from .resilience import ResilienceConfig
 from .router.scheduler import Profile
+
+KEEP_ALIVE_S = 75.0  # an idle client connection is closed after this
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,14 @@ class CoordinatorConfig:
             return ()
         return tuple(p for p in self.leader_lease.split("/") if p)
 
+    def front_limits(self) -> FrontLimits:
+        """The front HTTP server's limits (:mod:`.fastserve`), as hypercorn's and quart's."""
+        return FrontLimits(
+            max_body_bytes=self.max_body_bytes,
+            body_timeout_s=self.body_timeout_s,
+            keep_alive_s=KEEP_ALIVE_S,
+        )
+
     def hypercorn(self) -> HypercornConfig:
         """The HTTP server's settings."""
         config = HypercornConfig()
@@ -155,7 +166,7 @@ class CoordinatorConfig:
         config.graceful_timeout = self.drain_s
         config.accesslog = None
         config.errorlog = logging.getLogger("fleet.coordinator.http")
-        config.keep_alive_timeout = 75
+        config.keep_alive_timeout = KEEP_ALIVE_S
         # A burst of new connections must reach admission control (which sheds with 503 +
         # Retry-After), not overflow the kernel's accept queue (hypercorn's default is 100);
         # the kernel caps it at net.core.somaxconn.

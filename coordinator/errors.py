@@ -42,7 +42,7 @@ class ApiError(FleetError):
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         status: int | None = None,
         retry_after_s: int | None = None,
     ) -> None:

@@ -14,6 +14,11 @@ out). A drain here goes in steps instead:
    every connection is closed the server stops. After ``drain_s`` the connections left are
    closed, and requests still in flight get ``grace_s`` more before they are cut.
 
+The front server (:mod:`.fastserve`) reads every connection first: it serves the inference
+routes itself and hands any other request, with its connection, to hypercorn. Both follow the
+steps above: the front server reads ``closing`` and ``terminated`` on :class:`Draining` and
+counts its requests there.
+
 This is hypercorn's ``worker_serve`` (trio) with the accept loop and the connections apart;
 it uses hypercorn's connection, lifespan and worker-context classes, hence the pinned minor
 version in pyproject.toml.
@@ -22,9 +27,10 @@ version in pyproject.toml.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import trio
 from hypercorn.config import Config
@@ -37,6 +43,10 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from fleet.protocol import http11
 
+from .fastexchange import Exchange, FrontRequest
+from .fastserve import FrontServer
+from .frontpolicy import FrontLimits
+
 log = logging.getLogger("fleet.coordinator.http")
 
 Scope = MutableMapping[str, Any]
@@ -48,14 +58,17 @@ ASGIApp = Any  # an ASGI application (hypercorn's own type is a union of event t
 
 class Draining:
     """An ASGI wrapper that counts the HTTP requests in flight and, once ``closing``, adds
-    ``Connection: close`` to the response of every request that starts."""
+    ``Connection: close`` to the response of every request that starts. The front server
+    (:mod:`.fastserve`) counts its own requests here too, and waits here while idle."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.in_flight = 0
         self.closing = False
+        self.terminated = False  # idle connections are closed
         self._idle = trio.Event()
         self._idle.set()
+        self._idle_waits: set[trio.CancelScope] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,19 +81,42 @@ class Draining:
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
-        self.in_flight += 1
-        if self.in_flight == 1:
-            self._idle = trio.Event()
+        self.enter()
         try:
             # Until a drain, the app's own send: nothing added on the hot path. A request that
             # started before the drain keeps its connection; the next request on it is told.
             await self.app(scope, receive, send_closing if self.closing else send)
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.leave()
 
-    async def idle(self) -> None:
+    def enter(self) -> None:
+        """A request started."""
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle = trio.Event()
+
+    def leave(self) -> None:
+        """A request ended."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    @contextmanager
+    def idle(self, scope: trio.CancelScope) -> Iterator[None]:
+        """While inside, :meth:`terminate` cancels ``scope`` (an idle connection's wait)."""
+        self._idle_waits.add(scope)
+        try:
+            yield
+        finally:
+            self._idle_waits.discard(scope)
+
+    def terminate(self) -> None:
+        """Close the idle connections (those waiting inside :meth:`idle`, and any later)."""
+        self.terminated = True
+        for scope in self._idle_waits:
+            scope.cancel()
+
+    async def idle_wait(self) -> None:
         """Wait until no request is in flight."""
         await self._idle.wait()
 
@@ -92,10 +128,17 @@ async def serve(
     drain: trio.Event,
     drain_s: float,
     grace_s: float = 1.0,
+    front: FrontRoutes | None = None,
+    limits: FrontLimits | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``config.bind`` until ``drain`` is set, then drain (see the module
-    docstring) and return. Cancellation stops it at once."""
+    docstring) and return. Cancellation stops it at once.
+
+    Every connection is read by the front server (:mod:`.fastserve`): requests to
+    ``front.paths`` are served by ``front`` under ``limits``; any other request goes, with its
+    connection, to hypercorn and ``app``.
+    """
     http11.install()  # never HTTP/2: hypercorn's can raise out of a connection and end serving
     config.set_statsd_logger_class(StatsdLogger)
     counted = Draining(app)
@@ -110,6 +153,7 @@ async def serve(
             log.warning("%d requests in flight after %s s: cut", counted.in_flight, drain_s)
         else:
             log.info("closing the idle connections left after %s s", drain_s)
+        counted.terminate()  # the front server closes its idle connections
         await context.terminated.set()  # hypercorn closes idle connections
         connections.cancel_scope.deadline = trio.current_time() + grace_s
 
@@ -125,9 +169,19 @@ async def serve(
                     sock.listen(config.backlog)
                     listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
                     binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-                handler = partial(
-                    TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+                state = ConnectionState(lifespan_state.copy())
+
+                async def hand_over(stream: trio.abc.HalfCloseableStream) -> None:
+                    await TCPServer(wrapped, config, context, state, cast(Any, stream)).run()
+
+                server = FrontServer(
+                    front if front is not None else _no_routes,
+                    front.paths if front is not None else frozenset(),
+                    limits or FrontLimits(keep_alive_s=config.keep_alive_timeout),
+                    counted,
+                    hand_over,
                 )
+                handler = server.serve_connection
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
                         partial(
@@ -152,4 +206,17 @@ async def serve(
         lifespan_nursery.cancel_scope.cancel()
 
 
-__all__ = ["Draining", "serve"]
+class FrontRoutes(Protocol):
+    """The requests the front server serves itself: ``POST`` to ``paths``."""
+
+    paths: frozenset[bytes]
+
+    async def __call__(self, request: FrontRequest, exchange: Exchange) -> None:
+        """Answer ``request`` through ``exchange``."""
+
+
+async def _no_routes(request: FrontRequest, exchange: Exchange) -> None:
+    raise AssertionError("no front routes, so no request for them")  # never called
+
+
+__all__ = ["Draining", "FrontRoutes", "serve"]

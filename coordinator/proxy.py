@@ -380,15 +380,23 @@ class Gateway:
                         why = "the engine stopped answering its health probe"
                     if why:
                         break
+                    # One engine chunk, one piece for the client (one socket write).
+                    outs: list[bytes] = []
+                    done = False
                     for event in splitter.feed(chunk):
                         out = event if rewriter is None else rewriter.rewrite(event)
                         if rewriter is None:
                             sent.append(event)
                         if out is not None:
-                            yield out
+                            outs.append(out)
                         if event.startswith(DONE):
-                            await _read_to_end(body)
-                            return
+                            done = True
+                            break
+                    if outs:
+                        yield outs[0] if len(outs) == 1 else b"".join(outs)
+                    if done:
+                        await _read_to_end(body)
+                        return
             finally:
                 aclose = getattr(body, "aclose", None)
                 if aclose is not None:

@@ -34,6 +34,7 @@ from .costs import deployment_costs
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
 from .deployment import Deployment
+from .fastroutes import InferenceRoutes
 from .footprints import with_memory
 from .httpserve import serve
 from .kubescale import NodeScaling
@@ -268,6 +269,8 @@ class Coordinator:
                 drain=self._draining,
                 drain_s=self.cfg.drain_s,
                 grace_s=self.cfg.grace_s,
+                front=InferenceRoutes(self),
+                limits=self.cfg.front_limits(),
                 task_status=task_status,
             )
             served.set()  # every request in flight finished, or drain_s passed

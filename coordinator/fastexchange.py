@@ -1,0 +1,217 @@
+"""One request on the front server (:mod:`.fastserve`) and its response, for a handler.
+
+The body is read on demand (``100 Continue`` first when the client waits for it), bounded by
+``max_body_bytes`` and ``body_timeout_s``. A whole response goes out in one socket write, a
+streamed one in one write per chunk. Once the body is read, a watcher reads the socket while
+the handler works: end of file (the client left) cancels the handler, and so its engine
+request; a pipelined next request is kept for after the response. A response sent before its
+request's body was read says ``Connection: close`` unless the body was already buffered whole
+(then it is read here, without I/O), and so does one sent while the server drains, or after a
+body over the limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import formatdate
+
+import h11
+import trio
+
+from .errors import ApiError, InvalidRequest, PayloadTooLarge
+from .frontpolicy import FrontLimits
+
+READ_BYTES = 65536
+OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date", "server"})
+
+
+class RequestTimeout(ApiError):
+    """Raised when a request's body did not arrive within ``body_timeout_s`` (408), with the
+    body quart gave it."""
+
+    status = 408
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The server closed the network connection because the browser didn't finish the "
+            "request within the specified time.",
+            code=408,
+        )
+
+
+@dataclass(frozen=True)
+class FrontRequest:
+    """A request's head: ``headers`` has lower-case names, the last value of a repeated one."""
+
+    method: str
+    path: str  # without the query
+    headers: dict[str, str]
+
+
+class Exchange:
+    """One request and its response, for a handler: read the body, then answer whole
+    (:meth:`respond`) or as a stream (:meth:`start`, :meth:`send`, :meth:`end`).
+
+    Args:
+        conn: the connection's h11 state, ``request`` just read from it.
+        stream: the connection.
+        limits: body size and timeout, pipelined bytes kept.
+        request: the request's head.
+        closing: the server drains: the response says ``Connection: close``.
+
+    ``nursery`` (set by the server before the handler runs) runs the watcher that cancels
+    the handler when the client leaves; ``responded`` and ``peer_gone`` tell the server how
+    the exchange ended.
+    """
+
+    def __init__(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        limits: FrontLimits,
+        request: h11.Request,
+        *,
+        closing: bool,
+    ) -> None:
+        self._h11 = conn
+        self._stream = stream
+        self._limits = limits
+        self._closing = closing  # a drain started: the response closes the connection
+        self.nursery: trio.Nursery | None = None
+        self.request = FrontRequest(
+            method=request.method.decode("ascii"),
+            path=request.target.partition(b"?")[0].decode("latin-1"),
+            headers={k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers},
+        )
+        self.responded = False  # a response started
+        self.peer_gone = False  # the client closed its side (and the handler was cancelled)
+        self._close = False  # the response closes the connection
+
+    async def read_body(self) -> bytes:
+        """The request's whole body.
+
+        Raises:
+            PayloadTooLarge: over ``max_body_bytes`` (its Content-Length, or what came).
+            RequestTimeout: not all there within ``body_timeout_s``.
+            InvalidRequest: malformed (bad chunked encoding, or cut short).
+        """
+        limits = self._limits
+        length = self.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limits.max_body_bytes:
+            self._close = True
+            raise PayloadTooLarge(limits.max_body_bytes)
+        if self._h11.they_are_waiting_for_100_continue:
+            await self._write(h11.InformationalResponse(status_code=100, headers=[]))
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(limits.body_timeout_s) as scope:
+            while True:
+                try:
+                    event = self._h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise InvalidRequest(f"Malformed request body: {exc}") from exc
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > limits.max_body_bytes:
+                        self._close = True  # the rest is not worth reading
+                        raise PayloadTooLarge(limits.max_body_bytes)
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif event is h11.NEED_DATA:
+                    self._h11.receive_data(await self._stream.receive_some(READ_BYTES))
+                else:  # ConnectionClosed: h11 raises on a body cut short, so not reached
+                    raise InvalidRequest("The request's body was cut short.")
+        if scope.cancelled_caught:
+            raise RequestTimeout()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._watch)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        """Answer whole, in one write."""
+        head = self._headers(headers)
+        head.append((b"content-length", str(len(body)).encode()))
+        data = self._start(status, head)
+        if body:
+            data += self._h11.send(h11.Data(data=body)) or b""
+        data += self._h11.send(h11.EndOfMessage()) or b""
+        await self._stream.send_all(data)
+
+    async def start(self, status: int, headers: Mapping[str, str]) -> None:
+        """Start a streamed answer (chunked; close-delimited for an HTTP/1.0 client)."""
+        await self._stream.send_all(self._start(status, self._headers(headers)))
+
+    async def send(self, chunk: bytes) -> None:
+        """One chunk of a streamed answer, in one write."""
+        if chunk:
+            await self._write(h11.Data(data=chunk))
+
+    async def end(self) -> None:
+        """End a streamed answer."""
+        await self._write(h11.EndOfMessage())
+
+    def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        self.responded = True
+        return self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
+
+    def _headers(self, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+        out = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in headers.items()
+            if k not in OWN_HEADERS
+        ]
+        out.extend(server_headers())
+        if self._close or self._closing or not self._body_read():
+            out.append((b"connection", b"close"))
+        return out
+
+    def _body_read(self) -> bool:
+        """Whether the request's body is all read: answering one not read (401, 413) would
+        leave its bytes to be parsed as the next request. A body already buffered whole (a
+        small one) is read here, without I/O."""
+        while self._h11.their_state is h11.SEND_BODY:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if not isinstance(event, h11.Data | h11.EndOfMessage):
+                return False
+        return self._h11.their_state is h11.DONE
+
+    async def _write(self, event: h11.Data | h11.EndOfMessage | h11.InformationalResponse) -> None:
+        await self._stream.send_all(self._h11.send(event) or b"")
+
+    async def _watch(self) -> None:
+        """While the handler works: end of file cancels it (the client left); a pipelined
+        next request is kept for later, up to ``max_header_bytes`` (then reading stops)."""
+        limit = self._limits.max_header_bytes
+        while True:
+            try:
+                data = await self._stream.receive_some(READ_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self.peer_gone = True
+                assert self.nursery is not None
+                self.nursery.cancel_scope.cancel()
+                return
+            self._h11.receive_data(data)
+            if len(self._h11.trailing_data[0]) > limit:
+                await trio.sleep_forever()
+
+
+_DATE: list[tuple[int, bytes]] = [(0, b"")]  # (second, its Date header): formatted once a second
+
+
+def server_headers() -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """``date`` and ``server``, as hypercorn sent them (naming itself)."""
+    now = int(time.time())
+    if _DATE[0][0] != now:
+        _DATE[0] = (now, formatdate(now, usegmt=True).encode())
+    return (b"date", _DATE[0][1]), (b"server", b"fleet")
+
+
+__all__ = ["READ_BYTES", "Exchange", "FrontRequest", "RequestTimeout", "server_headers"]

@@ -1,0 +1,155 @@
+"""The OpenAI inference routes (``POST /v1/completions``, ``POST /v1/chat/completions``): one
+implementation, served by the front server (:mod:`.fastserve`) and, for a connection that
+hypercorn serves (one whose earlier request went to another route), by the quart app
+(:mod:`.api`).
+
+A request: its API key is checked and its rate limit spent before its body is read; the body is
+validated (:mod:`.validation`), then the gateway (:mod:`.proxy`) admits, routes and opens the
+engine's response. Every error leaves through :func:`error_reply` (OpenAI's ``{"error": ...}``
+body, its status, ``Retry-After``), counted by reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from .apikeys import ApiKey, RateLimited
+from .errors import ApiError, error_body, render
+from .fastexchange import Exchange, FrontRequest
+from .sharedlimits import retry_after_s
+from .validation import RequestKind, validate
+
+if TYPE_CHECKING:
+    from .service import Coordinator
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS: dict[str, RequestKind] = {
+    "/v1/completions": "completion",
+    "/v1/chat/completions": "chat",
+}
+
+
+@dataclass
+class Reply:
+    """An engine's answer for the client: whole (``body``) or a stream (``stream``)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+async def authorize(
+    coord: Coordinator, headers: dict[str, str], *, spend: bool = True
+) -> ApiKey | None:
+    """The request's API key (None when the API is open), its rate limit spent (``spend``).
+
+    Raises:
+        Unauthorized: no key, or an unknown one.
+        RateLimited: the key is over its rate limit.
+    """
+    key = coord.cfg.api_keys.check(headers)
+    if key is None or not spend:
+        return key
+    wait_s = await coord.limits.take(key, trio.current_time())  # the fleet's bucket
+    if wait_s > 0:
+        coord.metrics.rate_limited.labels(key=key.name).inc()
+        raise RateLimited(key.name, retry_after_s(wait_s))
+    return key
+
+
+async def inference(
+    coord: Coordinator,
+    path: str,
+    headers: dict[str, str],
+    read_body: Callable[[], Awaitable[bytes]],
+) -> Reply:
+    """Serve an inference request to ``path`` (one of :data:`ENDPOINTS`); ``headers`` with
+    lower-case names; ``read_body`` reads its body (after the key is checked).
+
+    Raises:
+        ApiError: the request is refused (invalid, unauthorized, over a limit, no engine).
+    """
+    key = await authorize(coord, headers)  # before the body is read
+    raw = await read_body()
+    parsed = validate(ENDPOINTS[path], raw, context_len_of=coord.placer.context_len)
+    tier = key.tier if key is not None else None
+    fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
+    label = {"endpoint": path, "model": parsed.model, "status": str(fwd.status)}
+    coord.metrics.requests.labels(**label).inc()
+    if fwd.headers.get("content-type", "").startswith("text/event-stream"):
+        return Reply(fwd.status, fwd.headers, stream=fwd.body)
+    async with aclosing(fwd.body) as body:  # type: ignore[type-var]
+        chunks = [chunk async for chunk in body]
+    return Reply(fwd.status, fwd.headers, body=b"".join(chunks))
+
+
+def error_reply(coord: Coordinator, err: ApiError) -> tuple[bytes, int, dict[str, str]]:
+    """Body, status and headers answering ``err``, counted under its code (or status)."""
+    coord.metrics.request_errors.labels(reason=str(err.code or err.status)).inc()
+    return render(err)
+
+
+def internal_error(coord: Coordinator) -> tuple[bytes, int, dict[str, str]]:
+    """Body, status and headers answering an unexpected error (logged by the caller)."""
+    coord.metrics.request_errors.labels(reason="internal").inc()
+    body = error_body("Internal error in the coordinator.", type="server_error", code=500)
+    return body, 500, {"content-type": "application/json"}
+
+
+class InferenceRoutes:
+    """The front server's handler (:class:`.httpserve.FrontRoutes`) for :data:`ENDPOINTS`.
+
+    Args:
+        coord: the coordinator (its gateway, limits, metrics; read per request).
+    """
+
+    paths = frozenset(p.encode() for p in ENDPOINTS)
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    async def __call__(self, request: FrontRequest, exchange: Exchange) -> None:
+        try:
+            reply = await inference(self.coord, request.path, request.headers, exchange.read_body)
+        except ApiError as err:
+            await exchange.respond(*_swap(error_reply(self.coord, err)))
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client left while its body was read
+        except Exception:
+            log.exception("unhandled error serving POST %s", request.path)
+            await exchange.respond(*_swap(internal_error(self.coord)))
+            return
+        if reply.stream is None:
+            await exchange.respond(reply.status, reply.headers, reply.body)
+            return
+        # Closed however this ends (the client left: the engine's request is closed too).
+        async with aclosing(reply.stream) as stream:  # type: ignore[type-var]
+            await exchange.start(reply.status, reply.headers)
+            async for chunk in stream:
+                await exchange.send(chunk)
+        await exchange.end()
+
+
+def _swap(reply: tuple[bytes, int, dict[str, str]]) -> tuple[int, dict[str, str], bytes]:
+    body, status, headers = reply
+    return status, headers, body
+
+
+__all__ = [
+    "ENDPOINTS",
+    "InferenceRoutes",
+    "Reply",
+    "authorize",
+    "error_reply",
+    "inference",
+    "internal_error",
+]
