@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet.protocol.curve import ClientKeys
 from fleet.protocol.errors import ConfigError
 
 from .discovery import DiscoveryConfig
@@ -42,6 +43,8 @@ class AgentConfig:
     # Fetches engines' model_path URIs (hf://, s3://, http(s)://, file://); None = no store,
     # and an engine whose model_path is a URI fails with that reason.
     store: StoreConfig | None = None
+    # CURVE on the links to the coordinators (``--curve-keys``); None: plaintext.
+    curve_keys: ClientKeys | None = None
 
     def __post_init__(self) -> None:
         if not self.node_id or len(self.node_id) > 253:

@@ -91,7 +91,8 @@ class AgentMetrics:
         )
         self.link_rejected = Counter(
             "fleet_agent_link_rejected_total",
-            "Coordinator frames rejected, by reason.",
+            "Coordinator frames rejected, and failed CURVE handshakes (curve_handshake), "
+            "by reason.",
             ["reason"],
             registry=r,
         )

@@ -93,8 +93,10 @@ class Agent:
         self.coordinator_id = ""
         self.http_url = ""
         self.links = CoordinatorLinks(
-            zmq.Context.instance(), routing_id=cfg.node_id.encode(), receive=self._receive
-        )
+            zmq.Context.instance(), routing_id=cfg.node_id.encode(), receive=self._receive,
+            curve=cfg.curve_keys,
+            refused=lambda _, f: self.metrics.link_rejected.labels(reason="curve_handshake").inc(),
+        )  # fmt: skip
         self._engine_nursery: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None
         self._reaper: Reaper | None = None  # started by run()

@@ -90,6 +90,11 @@ def run_command(args: argparse.Namespace) -> int:
                     print(f"• {name} skipped: needs {known[name].coordinators} coordinators, "
                           f"the fleet has {coordinators}", file=sys.stderr, flush=True)  # fmt: skip
                     continue
+                link = "curve" if target.agent_curve_key else "plaintext"
+                if not args.scenarios and known[name].link not in ("", link):
+                    print(f"• {name} skipped: needs a {known[name].link} agent link, the "
+                          f"fleet's is {link}", file=sys.stderr, flush=True)  # fmt: skip
+                    continue
                 if args.output == "table":
                     print(f"• {name} ...", file=sys.stderr, flush=True)
                 out.append(await run(name, target, cfg))

@@ -126,6 +126,11 @@ async def malformed_wire(target: Target, cfg: ChaosConfig) -> Figures:
     """Garbage to the agent link and to KV relays (see the module docstring)."""
     if not target.agent_endpoint:
         raise ChaosError("the coordinator does not report its agent endpoint (/api/v1/nodes)")
+    if target.agent_curve_key:
+        raise ChaosError(
+            "the agent link is CURVE-protected: garbage cannot reach its decoder "
+            "without the key (rogue-agent is the scenario for such a fleet)"
+        )
     nodes = [n for n in (await target.get("/api/v1/nodes"))["nodes"] if not n["lost"]]
     if not nodes:
         raise ChaosError("no live node")

@@ -16,6 +16,9 @@ kv-events           KV batches dropped and duplicated (sim faults) while shared-
 overload            measure capacity (closed loop), then a burst at 10× it
 malformed-http      bad bodies, types, sizes, headers, slow and vanishing clients, beside load
 malformed-wire      garbage and truncated frames to the agent link and to a KV relay
+                    (a plaintext link)
+rogue-agent         agents without the key try to register, heartbeat and send KV events
+                    on the CURVE-protected link
 ==================  ==========================================================================
 """
 
@@ -138,6 +141,7 @@ class Scenario:
         nodes: the live nodes it needs (run with no scenario named, ``fleet chaos run`` skips
             those a fleet has too few nodes for).
         coordinators: the coordinator processes on the one port it needs (skipped likewise).
+        link: the agent link it needs, "plaintext" or "curve" ("": either; skipped likewise).
     """
 
     name: str
@@ -146,6 +150,7 @@ class Scenario:
     overload: bool = False
     nodes: int = 1
     coordinators: int = 1
+    link: str = ""
 
 
 def _registry() -> dict[str, Scenario]:
@@ -157,6 +162,7 @@ def _registry() -> dict[str, Scenario]:
         malformed_wire,
         nodes,
         overload,
+        rogue_agent,
         scaledown,
     )
 
@@ -208,6 +214,13 @@ def _registry() -> dict[str, Scenario]:
             "malformed-wire",
             "garbage and truncated frames to the agent link and a KV relay beside good load",
             malformed_wire.malformed_wire,
+            link="plaintext",
+        ),
+        Scenario(
+            "rogue-agent",
+            "agents without the key try to register, heartbeat, send KV events: all refused",
+            rogue_agent.rogue_agent,
+            link="curve",
         ),
     ]
     return {s.name: s for s in scenarios}

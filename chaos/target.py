@@ -37,6 +37,7 @@ class Target:
         model: the model the scenarios request.
         agent_endpoint: the coordinator's agent-link ZMQ endpoint (empty when not exposed).
         api_key: the key inference requests carry (empty: the API is open).
+        agent_curve_key: the agent link's CURVE public key (empty: the link is plaintext).
     """
 
     url: str
@@ -44,6 +45,7 @@ class Target:
     model: str
     agent_endpoint: str
     api_key: str = ""
+    agent_curve_key: str = ""
 
     async def get(self, path: str) -> Any:
         """GET a coordinator path; its JSON.
@@ -108,7 +110,9 @@ async def connect(
     host = urlsplit(url).hostname or "127.0.0.1"
     for wildcard in ("0.0.0.0", "*", "[::]"):
         endpoint = endpoint.replace(f"//{wildcard}:", f"//{host}:")
-    return Target(url=url, http=http, model=model, agent_endpoint=endpoint, api_key=api_key)
+    curve = str(nodes.get("agent_curve_key") or "")
+    return Target(url=url, http=http, model=model, agent_endpoint=endpoint, api_key=api_key,
+                  agent_curve_key=curve)  # fmt: skip
 
 
 async def get_json(http: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None) -> Any:

@@ -148,6 +148,8 @@ def create_app(coord: Coordinator) -> QuartTrio:
             {
                 "nodes": [n.as_json() for n in coord.registry.nodes()],
                 "agent_endpoint": coord.link.bound_endpoint,
+                # The link's CURVE public key ("" when plaintext): public, it lets no one in.
+                "agent_curve_key": coord.link.curve_key,
             }
         )
 

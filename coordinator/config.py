@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from hypercorn.config import Config as HypercornConfig
 
+from fleet.protocol.curve import ServerKeys
 from fleet.protocol.errors import ConfigError
 
 from .apikeys import ApiKeys
@@ -34,6 +35,10 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     agent_endpoint: str = "tcp://127.0.0.1:5555"
+    # CURVE on the agent link (``--curve-keys``: its keys and the authorized agents' public
+    # keys, read again every curve_reload_s); None: plaintext, for loopback and trusted networks.
+    curve_keys: ServerKeys | None = None
+    curve_reload_s: float = 5.0
     deployments: tuple[Deployment, ...] = ()
     heartbeat_interval_s: float = 1.0
     lost_after_missed: int = 3
@@ -122,6 +127,8 @@ class CoordinatorConfig:
             raise ConfigError("leader_retry_s", self.leader_retry_s, "must be > 0")
         if self.leader_settle_s is not None and self.leader_settle_s < 0:
             raise ConfigError("leader_settle_s", self.leader_settle_s, "must be >= 0")
+        if not self.curve_reload_s > 0:
+            raise ConfigError("curve_reload_s", self.curve_reload_s, "must be > 0")
         for key in ("grace_s", "drain_s", "link_bind_wait_s", "engine_drain_s"):
             if not getattr(self, key) >= 0:
                 raise ConfigError(key, getattr(self, key), "must be >= 0")

@@ -4,6 +4,10 @@ Agents connect with a DEALER whose routing id is their node id. Every frame set 
 decoded is logged and counted (``fleet_link_rejected_total``) and the loop goes on. A heartbeat
 from a node the coordinator does not know (it restarted, or declared the node lost) is answered
 with ``ErrorReport(code="unknown_node")``, and the agent registers again.
+
+With ``curve`` keys the socket is a CURVE server and only authorized agents get a frame through
+(:mod:`.linkauth`); without, the link is plaintext and open to anyone who reaches the endpoint
+(for loopback and trusted networks: docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import trio
 import zmq
 
 from fleet.protocol import codec
+from fleet.protocol.curve import ServerKeys
 from fleet.protocol.errors import ProtocolError
 from fleet.protocol.kvevents import BlockRemoved, BlockStored
 from fleet.protocol.messages import (
@@ -32,6 +37,7 @@ from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
 from .kvindex import KVIndex
 from .leadership import Leadership
+from .linkauth import LinkGuard
 from .metrics import CoordinatorMetrics
 from .placement import Placer
 from .prestage import PrestageBook
@@ -51,6 +57,8 @@ class AgentLink:
         endpoint: where to bind (``tcp://127.0.0.1:5555``; port ``*`` picks a free one).
         coordinator_id: sent to agents in Welcome.
         heartbeat_interval_s: the interval agents are told to use.
+        curve: the coordinator's CURVE keys; None: a plaintext link.
+        curve_reload_s: with ``curve``, how often the authorized keys' folder is read again.
     """
 
     def __init__(
@@ -70,6 +78,8 @@ class AgentLink:
         leadership: Leadership | None = None,
         busy: Callable[[str], bool] = lambda engine_id: False,
         drain_s: float = 30.0,
+        curve: ServerKeys | None = None,
+        curve_reload_s: float = 5.0,
     ) -> None:
         self.endpoint = endpoint
         self.coordinator_id = coordinator_id
@@ -93,16 +103,49 @@ class AgentLink:
         self._sock: zmq.Socket[bytes] | None = None
         self.bound_endpoint = ""
         self._unassigned: dict[str, set[str]] = {}  # node -> engines asked to stop, still there
+        self.curve_key = curve.public.decode() if curve is not None else ""
+        self.guard = (
+            LinkGuard(curve, self._count_refusal, reload_s=curve_reload_s)
+            if curve is not None
+            else None
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, then receive until cancelled."""
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        """Bind, then receive until cancelled. With CURVE the link has a ZMQ context of its own
+        (its ZAP handler is per context), destroyed on the way out."""
+        if self.guard is None:
+            await self._serve(zmq.Context.instance(), None, task_status)
+            return
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        failed: zmq.ZMQError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.guard.run, ctx)  # ZAP answers before the ROUTER binds
+                try:
+                    await self._serve(ctx, nursery, task_status)
+                except zmq.ZMQError as exc:  # a bind that failed: raised as is, not grouped
+                    failed = exc
+                    nursery.cancel_scope.cancel()
+        finally:
+            ctx.destroy(linger=0)
+        if failed is not None:
+            raise failed
+
+    async def _serve(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        guarded: trio.Nursery | None,
+        task_status: trio.TaskStatus[str],
+    ) -> None:
         with open_socket(ctx, zmq.ROUTER) as sock:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if self.guard is not None and guarded is not None:
+                self.guard.protect(sock, guarded)
             sock.bind(self.endpoint)
             self._sock = sock
             self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            log.info("agent link bound at %s", self.bound_endpoint)
+            log.info("agent link bound at %s (%s)", self.bound_endpoint,
+                     "CURVE" if self.guard is not None else "plaintext")  # fmt: skip
             task_status.started(self.bound_endpoint)
             try:
                 while True:
@@ -111,6 +154,9 @@ class AgentLink:
                     self.on_update()
             finally:
                 self._sock = None
+
+    def _count_refusal(self, reason: str) -> None:
+        self.metrics.link_rejected.labels(reason=reason).inc()
 
     def send(self, node_id: str, msg: Message) -> bool:
         """Send a message to a node's agent; False (and counted) if it cannot be delivered."""

@@ -152,7 +152,8 @@ class CoordinatorMetrics:
         )
         self.link_rejected = Counter(
             "fleet_link_rejected_total",
-            "Agent frames rejected (malformed, unknown version, ...), by reason.",
+            "Agent frames rejected (malformed, unknown version, ...) and, with CURVE, agent "
+            "connections refused (curve_key, curve_handshake), by reason.",
             ["reason"],
             registry=r,
         )

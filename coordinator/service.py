@@ -147,6 +147,8 @@ class Coordinator:
                 self._gateway is not None and self._gateway.inflight.get(engine_id) > 0
             ),
             drain_s=cfg.engine_drain_s,
+            curve=cfg.curve_keys,
+            curve_reload_s=cfg.curve_reload_s,
         )
         self._changed = trio.Event()
         self._pools: EnginePools | None = None

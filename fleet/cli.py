@@ -9,6 +9,7 @@
     fleet nodes         list nodes (-o json|table)
     fleet deployments   declared deployments: desired, ready, and why not (-o json|table)
     fleet gpus          this machine's GPUs as NVML sees them
+    fleet keys          CURVE keys for the agent link (docs/SECURITY.md)
     fleet demo-model    build the tiny offline demo model
     fleet chaos         the failure-recovery suite against a running fleet (chaos/README.md)
 """
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet.keyscli import add_curve_arg, client_keys, server_keys, up_keys
+from fleet.keyscli import add_parser as add_keys_parser
 from fleet.nodescalecli import add_node_scale_args, node_scale_config
 from fleet.protocol.errors import FleetError
 from fleet.storecli import (
@@ -103,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default %(default)s: one, in this process)",
     )
     _fake_gpus_arg(up, "the local agent reports")
+    add_curve_arg(up, "up")
     add_store_args(up)
     add_tokenizer_args(up)
     up.set_defaults(func=_cmd_up)
@@ -176,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
         "`fleet up --coordinators N` passes N)",
     )
     coord.add_argument("--coordinator-id", default=None, help="this coordinator's name in logs")
+    add_curve_arg(coord, "coordinator")
     add_node_scale_args(coord)
     add_source_args(coord)
     add_tokenizer_args(coord)
@@ -222,9 +227,11 @@ def _parser() -> argparse.ArgumentParser:
         help="restart an engine not healthy this long after its start (default %(default)s)",
     )
     _fake_gpus_arg(agent, "report")
+    add_curve_arg(agent, "agent")
     add_store_args(agent)
     agent.set_defaults(func=_cmd_agent)
 
+    add_keys_parser(sub)
     for name, what in (("engines", "engines"), ("nodes", "nodes")):
         p = sub.add_parser(name, help=f"list the fleet's {what}")
         p.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -642,6 +649,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     args.fake_gpus = _fake_gpus(args)
     args.store = store_config(args)
     args.tokenizer_files = tokenizer_files(args)
+    args.curve = up_keys(args)  # (coordinator's, agent's) or None
     model = Path(args.model) if args.model is not None else None
     if model is not None and not (model / "config.json").exists():
         if not args.build_demo_model:
@@ -661,8 +669,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return trio.run(run_up, args, *settings)
 
 
-#: ``fleet up`` options a ``fleet coordinator`` child of ``--coordinators N`` does not inherit.
-_UP_ONLY = {"host", "port", "log_dir", "func", "command"}
+#: ``fleet up`` options a ``fleet coordinator`` child of ``--coordinators N`` does not inherit
+#: (``--curve-keys DIR``: the children get ``DIR/coordinator``, fleet/upmany.py).
+_UP_ONLY = {"host", "port", "log_dir", "func", "command", "curve_keys"}
 
 
 def _parser_of(command: str) -> argparse.ArgumentParser:
@@ -725,6 +734,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         kube_api=args.kube_api,
         fleetmodels_namespace=args.fleetmodels,
         node_scale=node_scale_config(args),
+        curve_keys=server_keys(args),
         **({"coordinator_id": args.coordinator_id} if args.coordinator_id else {}),
     )
     files = tokenizer_files(args)
@@ -785,6 +795,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
         fake_gpus=_fake_gpus(args),
         store=store_config(args),
+        curve_keys=client_keys(args),
         **kwargs,
     )
     return trio.run(_serve_until_signal, Agent(cfg).run)  # an agent stops at once

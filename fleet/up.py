@@ -53,6 +53,7 @@ async def run_up(
             resilience=resilience or ResilienceConfig(),
             api_keys=api_keys or ApiKeys(),
             placement_settle_s=0.0,  # the only node is this process's own agent
+            curve_keys=args.curve[0] if args.curve else None,  # parsed by the CLI
         ),
         tokenizer_files=args.tokenizer_files,  # parsed by the CLI: a SubsetFetcher
     )
@@ -71,6 +72,7 @@ async def run_up(
                     supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
                     fake_gpus=args.fake_gpus,  # parsed by the CLI: a tuple of FakeGpuSpec
                     store=args.store,  # parsed by the CLI: a StoreConfig
+                    curve_keys=args.curve[1] if args.curve else None,
                 )
             )
             agent_url = await nursery.start(agent.run)

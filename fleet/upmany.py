@@ -28,6 +28,7 @@ from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
 from fleet.coordinator.hotrestart import HotRestart, listen
+from fleet.protocol.curve import SERVER
 from fleet.up import STATUS_EVERY_S, banner, say
 
 
@@ -39,14 +40,22 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 
 def child_argv(
-    flags: Sequence[str], *, index: int, endpoint: str, lock: Path, log_dir: Path, count: int = 1
+    flags: Sequence[str],
+    *,
+    index: int,
+    endpoint: str,
+    lock: Path,
+    log_dir: Path,
+    count: int = 1,
+    curve_keys: str | None = None,
 ) -> Callable[[int, int], list[str]]:
     """The command line of coordinator ``index`` of ``count``, given the HTTP and control
-    descriptors."""
+    descriptors; ``curve_keys``: ``fleet up --curve-keys DIR`` (the child gets DIR/coordinator)."""
+    curve = [f"--curve-keys={Path(curve_keys) / SERVER}"] if curve_keys else []
 
     def argv(http_fd: int, parent_fd: int) -> list[str]:
         return [
-            sys.executable, "-m", "fleet", "coordinator", *flags,
+            sys.executable, "-m", "fleet", "coordinator", *flags, *curve,
             f"--agent-endpoint={endpoint}", f"--leader-lock={lock}",
             f"--coordinator-id=coord-{index}", f"--log-dir={log_dir / f'coord-{index}'}",
             f"--coordinators-expected={count}",
@@ -68,7 +77,15 @@ async def run_up_many(args: argparse.Namespace, flags: Sequence[str], count: int
     endpoints = [f"tcp://127.0.0.1:{free_tcp_port()}" for _ in range(count)]
     supervisors = [
         HotRestart(
-            child_argv(flags, index=i, endpoint=e, lock=lock, log_dir=log_dir, count=count),
+            child_argv(
+                flags,
+                index=i,
+                endpoint=e,
+                lock=lock,
+                log_dir=log_dir,
+                count=count,
+                curve_keys=args.curve_keys,
+            ),
             listener,
         )
         for i, e in enumerate(endpoints)
@@ -104,6 +121,7 @@ async def run_up_many(args: argparse.Namespace, flags: Sequence[str], count: int
                     supervisor=SupervisorConfig(startup_timeout_s=args.engine_startup_timeout),
                     fake_gpus=args.fake_gpus,
                     store=args.store,
+                    curve_keys=args.curve[1] if args.curve else None,
                 )
             )
 

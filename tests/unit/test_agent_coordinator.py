@@ -49,7 +49,7 @@ def _coordinator(endpoint: str = "tcp://127.0.0.1:*", **kw: Any) -> Coordinator:
     )  # fmt: skip
 
 
-def _agent(endpoint: str, tmp_path: Path, node_id: str = "n1") -> Agent:
+def _agent(endpoint: str, tmp_path: Path, node_id: str = "n1", **cfg: Any) -> Agent:
     launch = LaunchConfig(
         python=sys.executable,
         module="tests.unit.fake_engine",
@@ -59,7 +59,7 @@ def _agent(endpoint: str, tmp_path: Path, node_id: str = "n1") -> Agent:
     return Agent(
         AgentConfig(node_id=node_id, coordinator_endpoint=endpoint, http_port=0,
                     heartbeat_interval_s=HEARTBEAT_S, log_dir=tmp_path, launch=launch,
-                    supervisor=sup),
+                    supervisor=sup, **cfg),
         nvml_module=None,
     )  # fmt: skip
 

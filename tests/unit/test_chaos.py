@@ -134,8 +134,13 @@ def test_every_scenario_is_registered_once_and_only_overload_expects_failures() 
         "scale-down",
         "malformed-http",
         "malformed-wire",
+        "rogue-agent",
     ]
     assert [n for n, s in known.items() if s.overload] == ["overload"]
+    assert {n: s.link for n, s in known.items() if s.link} == {
+        "malformed-wire": "plaintext",
+        "rogue-agent": "curve",
+    }
     assert [n for n, s in known.items() if s.nodes > 1] == ["agent-kill"]
     assert [n for n, s in known.items() if s.coordinators > 1] == ["coordinator-kill"]
 

@@ -414,6 +414,44 @@ async def test_the_probed_paths_are_served(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+# -- the agent link's keys -------------------------------------------------------------------
+
+
+def test_the_agent_link_is_curve_protected_with_keys_from_secrets(tmp_path: Path) -> None:
+    """Both containers pass ``--curve-keys`` a read-only, non-optional mount of their own
+    Secret (an agent pod never holds the coordinator's secret key); no Secret is committed; the
+    README's ``kubectl create secret`` steps give each side what ``fleet keys generate`` wrote
+    for it, which loads as that side's keys."""
+    from fleet.protocol.curve import generate_keys, load_client_keys, load_server_keys
+
+    objects = _objects()
+    assert not _of_kind(objects, "Secret"), "keys are never committed"
+    secrets = {}
+    for kind, name in (("Deployment", "fleet-coordinator"), ("DaemonSet", "fleet-agent")):
+        container = _container(objects, kind, name)
+        path = _fleet_args(container).curve_keys
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == path]
+        assert mount.get("readOnly") is True, name
+        spec = _one(objects, kind, name)["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"].get("optional", False) is False, name
+        assert volume["secret"]["defaultMode"] & 0o007 == 0, f"{name}: keys world-readable"
+        secrets[name] = volume["secret"]["secretName"]
+    assert secrets == {
+        "fleet-coordinator": "fleet-coordinator-curve",
+        "fleet-agent": "fleet-agent-curve",
+    }
+    readme = (DAEMONSET / "README.md").read_text()
+    keys = generate_keys(tmp_path / "keys")
+    for secret, folder in ((secrets["fleet-coordinator"], keys.coordinator),
+                           (secrets["fleet-agent"], keys.agent)):  # fmt: skip
+        step = f"create secret generic {secret} --from-file=keys/{folder.name}"
+        assert readme.count(step) >= 2, f"README: no `{step}` for both overlays"
+    server, client = load_server_keys(keys.coordinator), load_client_keys(keys.agent)
+    assert client.server == server.public
+    assert not list(keys.agent.glob("coordinator.key_secret"))
+
+
 # -- the agent -------------------------------------------------------------------------------
 
 
