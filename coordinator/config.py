@@ -64,6 +64,7 @@ class CoordinatorConfig:
     # model before new ones are shed (503).
     slots_per_engine: int = 64
     max_queue: int = 500
+    max_queue_wait_s: float = 30.0  # the longest wait in the queue of a request with no deadline
     # Fleet-wide rate limits and max_queue (sharedlimits.py): shared in this Redis, else (and
     # while it is down) each of coordinators_expected coordinators enforces its share.
     redis_url: str | None = None
@@ -138,6 +139,8 @@ class CoordinatorConfig:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
         if not self.deployments_poll_s > 0:
             raise ConfigError("deployments_poll_s", self.deployments_poll_s, "must be > 0")
+        if not self.max_queue_wait_s > 0:
+            raise ConfigError("max_queue_wait_s", self.max_queue_wait_s, "must be > 0")
         for key in ("slots_per_engine", "max_queue", "coordinators_expected"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be >= 1")

@@ -189,7 +189,9 @@ class Gateway:
         ):
             raise ModelNotFound(request.model)
         slot = contextlib.AsyncExitStack()
-        wait_until = min(deadline, start + self.max_queue_wait_s)
+        # A request's own deadline bounds its wait (a deployment scaling from zero may take
+        # minutes to start an engine); without one, max_queue_wait_s does.
+        wait_until = deadline if math.isfinite(deadline) else start + self.max_queue_wait_s
         try:
             queued = await slot.enter_async_context(
                 self.admission.admit(request.model, priority, wait_until)

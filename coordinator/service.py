@@ -258,6 +258,7 @@ class Coordinator:
             resilience=self.cfg.resilience,
             slots_per_engine=self.cfg.slots_per_engine,
             max_queue=self.cfg.max_queue,
+            max_queue_wait_s=self.cfg.max_queue_wait_s,
             limits=self.limits,
             is_deployed=lambda model: bool(self.placer.serving(model)),
             engines_for=self.engines_for,

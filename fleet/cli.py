@@ -430,6 +430,14 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="requests waiting per model before new ones get 503 (default %(default)s)",
     )
     p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="the longest a request without a deadline (x-request-timeout) waits for an engine, "
+        "e.g. while its deployment scales from zero (default %(default)s)",
+    )
+    p.add_argument(
         "--redis-url",
         default=None,
         metavar="URL",
@@ -720,6 +728,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         kv_index_max_entries=args.kv_index_max_entries,
         slots_per_engine=args.engine_slots,
         max_queue=args.max_queue,
+        max_queue_wait_s=args.max_queue_wait,
         redis_url=check_redis_url(args),
         coordinators_expected=args.coordinators_expected,
         scheduling=scheduling(args),

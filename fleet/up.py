@@ -48,6 +48,7 @@ async def run_up(
             kv_index_max_entries=args.kv_index_max_entries,
             slots_per_engine=args.engine_slots,
             max_queue=args.max_queue,
+            max_queue_wait_s=args.max_queue_wait,
             redis_url=args.redis_url,
             scheduling=scheduling,
             resilience=resilience or ResilienceConfig(),
