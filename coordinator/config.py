@@ -19,7 +19,7 @@ from .frontpolicy import FrontLimits
 from .kvindex import DEFAULT_MAX_ENTRIES
 from .nodescale import NodeScaleConfig
 from .resilience import ResilienceConfig
-from .router.scheduler import Profile
+from .router.scheduler import SchedulingConfig
 
 KEEP_ALIVE_S = 75.0  # an idle client connection is closed after this
 
@@ -72,8 +72,8 @@ class CoordinatorConfig:
     # No engine is placed this long after start, so every live node can report what it runs
     # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
     placement_settle_s: float | None = None
-    # The scheduling profile (an EndpointPickerConfig, loaded); None: Fleet's default config.
-    scheduling: Profile | None = None
+    # The scheduling profiles (an EndpointPickerConfig, loaded); None: Fleet's default config.
+    scheduling: SchedulingConfig | None = None
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # none: the API is open
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)

@@ -3,9 +3,11 @@
 Both take ``{"model": ..., and one of "prompt" (text), "messages" (chat), "token_ids"}``, plus
 optional ``"engines"`` (ids to consider; default every routable engine of the model) and
 ``"headers"`` (e.g. ``{"x-session-id": ...}``). Nothing is sent to an engine and nothing is
-recorded. ``explain`` runs the configured profile with every candidate's filter results and
-per-scorer scores; ``score`` answers, in the spirit of llm-d's KV-cache manager, each engine's
-cached prefix of the prompt: blocks present, of how many, tokens, and score (present / total).
+recorded. ``explain`` runs the configured profiles with every candidate's filter results and
+per-scorer scores (with a P/D config also the decider's verdict, ``pd``, and the prefill
+engine, ``prefill``, with its candidates); ``score`` answers, in the spirit of llm-d's KV-cache
+manager, each engine's cached prefix of the prompt: blocks present, of how many, tokens, and
+score (present / total).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 from .errors import InvalidRequest, ModelNotFound
 from .registry import EngineView
 from .router.prompt import RoutingRequest
+from .router.scheduler import Profile
 from .validation import parse_json_object
 
 if TYPE_CHECKING:
@@ -92,14 +95,28 @@ async def explain(coord: Coordinator, raw: bytes) -> dict[str, Any]:
     decision = coord.scheduler.schedule(
         request, engines, gateway.inflight.get, trio.current_time(), explain=True
     )
-    profile = coord.scheduler.profile
+    config = coord.scheduler.config
+    profile = config.primary
+    prefill = config.prefill_profile
     return {
         **info,
         "profile": profile.name,
         "filters": [f.name for f in profile.filters],
         "scorers": [{"name": w.scorer.name, "weight": w.weight} for w in profile.scorers],
         "picker": profile.picker.name,
+        "handler": config.handler.TYPE,
+        # P/D: the request path sends to ``selected`` only until the split exists (issue 17)
+        "prefill_profile": None if prefill is None else _describe(prefill),
         **decision.as_json(),
+    }
+
+
+def _describe(profile: Profile) -> dict[str, Any]:
+    return {
+        "name": profile.name,
+        "filters": [f.name for f in profile.filters],
+        "scorers": [{"name": w.scorer.name, "weight": w.weight} for w in profile.scorers],
+        "picker": profile.picker.name,
     }
 
 

@@ -912,11 +912,24 @@ def _cmd_route_explain(args: argparse.Namespace) -> int:
         f"profile {data['profile']}: {data['prompt_tokens']} prompt tokens "
         f"(tokenized in {data['tokenize_ms']} ms), scheduled in {data['scheduling_ms']} ms"
     )
-    scorers = [s["name"] for s in data["scorers"]]
-    columns = ["engine", *data["filters"], "prefix tokens", *scorers, "total", "picked"]
+    _explain_table(data, data["candidates"])
+    pd = data.get("pd")
+    if pd:
+        verdict = f"split, prefill on {data['prefill']}" if pd["split"] else "decode only"
+        print(f"P/D ({pd['decider']}): {verdict}: {pd['reason']}")
+    if data.get("prefill_candidates"):
+        print(f"prefill profile {data['prefill_profile']['name']}:")
+        _explain_table(data["prefill_profile"], data["prefill_candidates"])
+    return 0
+
+
+def _explain_table(profile: dict[str, Any], candidates: list[dict[str, Any]]) -> None:
+    """Print one profile's candidates of a route explain answer."""
+    scorers = [s["name"] for s in profile["scorers"]]
+    columns = ["engine", *profile["filters"], "prefix tokens", *scorers, "total", "picked"]
     rows = []
-    for c in data["candidates"]:
-        filters = ["pass" if c["filters"].get(f) else "—" for f in data["filters"]]
+    for c in candidates:
+        filters = ["pass" if c["filters"].get(f) else "—" for f in profile["filters"]]
         scores = [
             f"{c['scores'][s]['score']:.3f} ×{c['scores'][s]['weight']:g}"
             if s in c.get("scores", {})
@@ -937,7 +950,6 @@ def _cmd_route_explain(args: argparse.Namespace) -> int:
             ]
         )
     _table(columns, rows)
-    return 0
 
 
 def _cmd_gpus(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
 from fleet.coordinator.apikeys import ApiKeys
 from fleet.coordinator.resilience import ResilienceConfig
-from fleet.coordinator.router.scheduler import Profile
+from fleet.coordinator.router.scheduler import SchedulingConfig
 from fleet.coordinator.service import Coordinator, CoordinatorAddresses, CoordinatorConfig
 
 STATUS_EVERY_S = 5.0
@@ -33,7 +33,7 @@ def say(text: str) -> None:
 async def run_up(
     args: argparse.Namespace,
     declared: dict[str, Any],
-    scheduling: Profile | None = None,
+    scheduling: SchedulingConfig | None = None,
     resilience: ResilienceConfig | None = None,
     api_keys: ApiKeys | None = None,
 ) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from fleet.protocol.errors import ConfigError
 
-from .plugins import PLUGIN_TYPES, Candidate, Filter, Params, SchedulingContext
+from .plugins import Candidate, Filter, Params, SchedulingContext
 
 TIER_LABEL = "fleet.dev/gpu-tier"
 
@@ -99,6 +99,6 @@ class PromptSizeFilter(Filter):
         }
 
 
-PLUGIN_TYPES[PromptSizeFilter.TYPE] = PromptSizeFilter
+TYPES: tuple[type[Filter], ...] = (PromptSizeFilter,)
 
-__all__ = ["TIER_LABEL", "PromptSizeFilter", "SizeClass"]
+__all__ = ["TIER_LABEL", "TYPES", "PromptSizeFilter", "SizeClass"]

@@ -297,7 +297,7 @@ schedulingProfiles:
   plugins: [{pluginRef: decode-filter}, {pluginRef: max-score-picker},
             {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
 """
-    profile = load_config(text)
+    profile = load_config(text).primary
     assert profile.name == "decode"
     assert [f.TYPE for f in profile.filters] == ["decode-filter"]
     assert [(w.scorer.TYPE, w.weight) for w in profile.scorers] == [
@@ -313,7 +313,7 @@ def test_a_profile_without_a_picker_gets_max_score() -> None:
         + "plugins:\n- {type: queue-scorer}\n"
         + "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: queue-scorer}]\n"
     )
-    assert load_config(text).picker.TYPE == "max-score-picker"
+    assert load_config(text).primary.picker.TYPE == "max-score-picker"
 
 
 @pytest.mark.parametrize(
@@ -378,7 +378,7 @@ def test_wrong_api_version_kind_or_yaml_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config_file(tmp_path / "missing.yaml")
     (tmp_path / "ok.yaml").write_text(DEFAULT_CONFIG)
-    assert load_config_file(tmp_path / "ok.yaml").name == "default"
+    assert load_config_file(tmp_path / "ok.yaml").primary.name == "default"
 
 
 def test_label_selector_filter() -> None:
