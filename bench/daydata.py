@@ -1,39 +1,60 @@
-"""The simulated day's load: a recorded rate curve, recorded request sizes, Poisson arrivals.
+"""The simulated day's load: a synthetic rate curve, synthetic request sizes, Poisson arrivals.
 
-Sans-I/O apart from reading the two CSV files in ``bench/data/`` (their headers say where
-they come from and how they were derived):
+Sans-I/O and generated in code, deterministically from a seed: no third-party trace is
+committed to this repository, so the day is invented rather than recorded. Its shape and its
+sizes are chosen to resemble what published production LLM traces look like, not taken from
+any of them:
 
-* the **rate curve**: requests per second of one production LLM service (ServeGen's
-  ``m-large``, Alibaba Cloud Model Studio) every 10 minutes for 14 days;
-* the **sizes**: 1,000 (prompt tokens, output tokens) pairs from the Azure LLM inference
-  trace 2023 (conversation service).
+* the **rate curve** (:func:`synthetic_curve`): every 10 minutes, a night trough about a
+  quarter of the peak, a morning ramp, a midday plateau and a higher evening peak (peak to
+  mean about 1.8), times small seeded noise; the same shape every day;
+* the **sizes** (:func:`synthetic_sizes`): (prompt tokens, output tokens) pairs from seeded
+  lognormal distributions (medians about 1,000 and 200 tokens, long tails, capped).
 
 :func:`make_day` fast-forwards one day of the curve: the day's clock runs ``compression``
 times faster than the simulated engines' clock (24 h at ``compression=100`` is 864 s of
 simulated time), the rate is scaled so that the day's busiest window offers ``peak_rps``
 requests per simulated second, and arrivals are Poisson at the curve's rate (linear between
-the windows' midpoints), each request's sizes drawn from the recorded pairs.
+the windows' midpoints), each request's sizes drawn from the pairs.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data"
-RATES_CSV = DATA / "servegen-m-large-rates.csv"
-SIZES_CSV = DATA / "azure-conv-2023-sizes.csv"
 WINDOW_S = 600.0  # the curve's resolution (seconds of the day)
 DAY_S = 86400.0
+
+# The synthetic diurnal shape, in units of its noise-free peak (hours are of the day clock).
+# Invented to resemble the published shape of production LLM traffic (peak to mean about 1.8,
+# night trough about a quarter of the peak), not fitted to or taken from any trace.
+TROUGH = 0.25  # the night floor
+PLATEAU = 0.68  # the daytime plateau above which the evening peak rises
+PLATEAU_CENTRE_H = 14.5  # the plateau's middle; its edges (ramps) are PLATEAU_HALF_H either side
+PLATEAU_HALF_H = 7.0  # morning ramp around 07:30, evening fall around 21:30
+PLATEAU_FLATNESS = 4  # exponent of the super-Gaussian plateau: higher, flatter top, steeper ramps
+EVENING_H = 20.5  # the evening peak
+EVENING_SD_H = 1.3  # its width (standard deviation)
+EVENING_LIFT = 0.45  # its height above the plateau's edge, before normalising to the peak
+NOISE = 0.02  # relative standard deviation of each window's seeded noise
+
+# Synthetic request sizes: lognormal token counts, invented (not drawn from any trace).
+PROMPT_MEDIAN = 1000  # prompt tokens
+PROMPT_SIGMA = 0.8  # of log(tokens): mean about 1,400 tokens, 1 in 100 above about 6,400
+OUTPUT_MEDIAN = 200  # output tokens
+OUTPUT_SIGMA = 0.6  # mean about 240 tokens, 1 in 100 above about 800
+CONTEXT_TOKENS = 16384  # prompt plus output at most (the prompt's tail is capped here)
+OUTPUT_CAP = 2048  # output tokens at most
+SIZE_SAMPLES = 10_000  # pairs drawn per seed
 
 
 @dataclass(frozen=True)
 class LoadCurve:
-    """Requests per second every ``window_s`` seconds of the day clock, from the trace start.
+    """The rate (requests per second, or relative) every ``window_s`` seconds of the day clock,
+    from the curve's first midnight (day N starts at N * 86400 s).
 
     Raises:
         ValueError: no windows, a negative or non-finite rate, ``window_s <= 0``.
@@ -54,7 +75,7 @@ class LoadCurve:
         return int(len(self.rates) * self.window_s // DAY_S)
 
     def window(self, t_s: float) -> int:
-        """The index of the window holding day-clock time ``t_s`` (from the trace start)."""
+        """The index of the window holding day-clock time ``t_s`` (from the first midnight)."""
         return int(t_s // self.window_s)
 
 
@@ -75,7 +96,7 @@ class DayLoad:
         arrivals: sorted by time; those before 0 belong to the warm-up.
         compression: day-clock seconds per simulated second.
         duration_s: simulated seconds of the measured day (after the warm-up).
-        scale: simulated requests per second per recorded request per second.
+        scale: simulated requests per second per unit of the curve's rate.
         window_rps: the simulated rate of each of the day's windows.
     """
 
@@ -91,26 +112,56 @@ class DayLoad:
         return sum(1 for a in self.arrivals if a.t >= 0)
 
 
-def load_curve(path: Path = RATES_CSV) -> LoadCurve:
-    """Read the rate curve CSV (``window_s,requests_per_s``; ``#`` lines are comments).
+def diurnal_shape(hour: float) -> float:
+    """The noise-free rate at ``hour`` of the day (any real; 24-periodic), before scaling."""
+    plateau = math.exp(
+        -((_hours_apart(hour, PLATEAU_CENTRE_H) / PLATEAU_HALF_H) ** PLATEAU_FLATNESS)
+    )
+    evening = math.exp(-0.5 * (_hours_apart(hour, EVENING_H) / EVENING_SD_H) ** 2)
+    return TROUGH + (PLATEAU - TROUGH) * plateau + EVENING_LIFT * evening
+
+
+def synthetic_curve(seed: int, days: int = 3) -> LoadCurve:
+    """``days`` days of the synthetic diurnal curve, 10-minute windows, its noise seeded.
+
+    Rates are relative (the noise-free peak is 1.0); :func:`make_day` scales them.
 
     Raises:
-        ValueError: windows missing or out of order (names the line).
+        ValueError: ``days < 1``.
     """
-    rates: list[float] = []
-    for row in _rows(path):
-        window_s, rate = int(row["window_s"]), float(row["requests_per_s"])
-        if window_s != len(rates) * WINDOW_S:
-            raise ValueError(f"{path.name}: window {window_s} out of order")
-        rates.append(rate)
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    rng = random.Random(f"simday-curve-{seed}")
+    per_day = int(DAY_S // WINDOW_S)
+    hours = [(i + 0.5) * WINDOW_S / 3600 for i in range(per_day)]
+    peak = max(diurnal_shape(h) for h in hours)
+    rates = [
+        diurnal_shape(hours[i % per_day]) / peak * max(0.0, 1 + NOISE * rng.gauss(0, 1))
+        for i in range(days * per_day)
+    ]
     return LoadCurve(tuple(rates))
 
 
-def load_sizes(path: Path = SIZES_CSV) -> tuple[tuple[int, int], ...]:
-    """Read the (prompt tokens, output tokens) pairs; zero counts become 1."""
-    return tuple(
-        (max(1, int(r["prompt_tokens"])), max(1, int(r["output_tokens"]))) for r in _rows(path)
-    )
+def synthetic_sizes(seed: int, count: int = SIZE_SAMPLES) -> tuple[tuple[int, int], ...]:
+    """``count`` (prompt tokens, output tokens) pairs from the seeded lognormal distributions.
+
+    Each count is at least 1; outputs are capped at ``OUTPUT_CAP`` and prompts at
+    ``CONTEXT_TOKENS`` less the output.
+
+    Raises:
+        ValueError: ``count < 1``.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    rng = random.Random(f"simday-sizes-{seed}")
+    pairs = []
+    for _ in range(count):
+        output = min(
+            OUTPUT_CAP, max(1, round(rng.lognormvariate(math.log(OUTPUT_MEDIAN), OUTPUT_SIGMA)))
+        )
+        prompt = round(rng.lognormvariate(math.log(PROMPT_MEDIAN), PROMPT_SIGMA))
+        pairs.append((min(CONTEXT_TOKENS - output, max(1, prompt)), output))
+    return tuple(pairs)
 
 
 def make_day(
@@ -129,8 +180,8 @@ def make_day(
     """Poisson arrivals for ``hours`` of day ``day`` from ``start_h``, fast-forwarded.
 
     Args:
-        curve: the recorded rates.
-        sizes: recorded (prompt, output) pairs to draw from.
+        curve: the rates (e.g. :func:`synthetic_curve`).
+        sizes: (prompt, output) pairs to draw from (e.g. :func:`synthetic_sizes`).
         day: which day of the curve (0-based).
         peak_rps: simulated requests per second in the busiest window of the span.
         compression: day-clock seconds per simulated second (>= 1).
@@ -176,7 +227,7 @@ def make_day(
 
 
 def _rate(curve: LoadCurve, t_s: float) -> float:
-    """The recorded rate at day-clock ``t_s``: linear between the windows' midpoints."""
+    """The curve's rate at day-clock ``t_s``: linear between the windows' midpoints."""
     x = t_s / curve.window_s - 0.5
     i = max(0, min(len(curve.rates) - 1, math.floor(x)))
     j = min(len(curve.rates) - 1, i + 1)
@@ -184,20 +235,20 @@ def _rate(curve: LoadCurve, t_s: float) -> float:
     return curve.rates[i] + (curve.rates[j] - curve.rates[i]) * frac
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open() as f:
-        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+def _hours_apart(a: float, b: float) -> float:
+    """The distance between two hours of the day, around the clock (0 to 12)."""
+    d = abs(a - b) % 24
+    return min(d, 24 - d)
 
 
 __all__ = [
     "DAY_S",
-    "RATES_CSV",
-    "SIZES_CSV",
     "WINDOW_S",
     "Arrival",
     "DayLoad",
     "LoadCurve",
-    "load_curve",
-    "load_sizes",
+    "diurnal_shape",
     "make_day",
+    "synthetic_curve",
+    "synthetic_sizes",
 ]

@@ -1,9 +1,9 @@
 """A simulated day: $ spent by a cost-aware autoscaled fleet against a fixed-size one, same SLO.
 
-One recorded day of load (``bench/daydata.py``: ServeGen's production rate curve, Azure
-trace request sizes), fast-forwarded ``--compression`` times, served by simulated engines
-on priced GPU tiers (``bench/dayfleet.py``), the same arrivals (same seed) for every
-scenario:
+One synthetic day of load (``bench/daydata.py``: a diurnal rate curve and lognormal request
+sizes generated from ``--seed``; synthetic because no third-party trace is committed to the
+repository), fast-forwarded ``--compression`` times, served by simulated engines on priced
+GPU tiers (``bench/dayfleet.py``), the same arrivals (same seed) for every scenario:
 
 * ``fixed``: the cheapest fixed fleet that meets the SLO all day, found by search (the
   fewest units whose cheapest mix meets it in the busiest hour, then checked on the day);
@@ -28,7 +28,14 @@ from fleet.coordinator.costmix import TierOption, cheapest_mix, parse_speeds
 from fleet.coordinator.costs import parse_prices
 
 from . import report
-from .daydata import DayLoad, load_curve, load_sizes, make_day
+from .daydata import (
+    OUTPUT_MEDIAN,
+    PROMPT_MEDIAN,
+    DayLoad,
+    make_day,
+    synthetic_curve,
+    synthetic_sizes,
+)
 from .dayfleet import DayResult, DaySim, FleetConfig
 from .dayslo import Slo, evaluate
 from .daytiers import (
@@ -49,16 +56,18 @@ PRICES = "h100=3.49,a100=1.59,l40s=1.09"
 # Units per engine in proportion to memory bandwidth (decode-bound): 3.35, 2.04, 0.86 TB/s.
 SPEEDS = "h100=8,a100=5,l40s=2"
 ROOM = "h100=12,a100=12,l40s=12"
+# The simulated day is day 1 of a three-day synthetic curve: day 0 feeds the warm-up before
+# midnight, day 2 a span past the next midnight.
+DAY = 1
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--day", type=int, default=6, help="day of the curve (default %(default)s)")
     p.add_argument("--start-h", type=float, default=0.0, help="hour the span starts")
     p.add_argument("--hours", type=float, default=24.0, help="hours simulated")
     p.add_argument("--peak-rps", type=float, default=40.0, help="simulated req/s at the peak")
     p.add_argument("--compression", type=float, default=100.0, help="day s per simulated s")
     p.add_argument("--cold-start-s", type=float, default=45.0, help="day-clock seconds")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="the curve, the sizes, the arrivals")
     p.add_argument("--gpu-prices", default=PRICES, help="TIER=$/GPU-hour (%(default)s)")
     p.add_argument("--tier-speeds", default=SPEEDS, help="TIER=units per engine (%(default)s)")
     p.add_argument("--tier-room", default=ROOM, help="TIER=GPUs available (%(default)s)")
@@ -76,15 +85,13 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     tiers = make_tiers(args.gpu_prices, args.tier_speeds, args.tier_room)
     slo = Slo(args.slo_ttft_s, args.slo_tpot_ms / 1000, args.slo_quantile)
     cfg = FleetConfig(compression=args.compression, cold_start_day_s=args.cold_start_s)
-    curve, sizes = load_curve(), load_sizes()
+    curve, sizes = synthetic_curve(args.seed), synthetic_sizes(args.seed)
     common = {"peak_rps": args.peak_rps, "compression": args.compression, "seed": args.seed}
-    day = make_day(curve, sizes, day=args.day, start_h=args.start_h, hours=args.hours, **common)
+    day = make_day(curve, sizes, day=DAY, start_h=args.start_h, hours=args.hours, **common)
     peak_w = max(range(len(day.window_rps)), key=day.window_rps.__getitem__)
     peak_h = args.start_h + peak_w / 6
     busy_h = min(max(args.start_h, peak_h - 0.5), args.start_h + args.hours - min(1.0, args.hours))
-    busiest = make_day(
-        curve, sizes, day=args.day, start_h=busy_h, hours=min(1.0, args.hours), **common
-    )
+    busiest = make_day(curve, sizes, day=DAY, start_h=busy_h, hours=min(1.0, args.hours), **common)
     wanted = args.scenarios.replace("TIER", args.single_tier).split(",")
     single = [t for t in tiers if t.name == args.single_tier]
     low, _, high = args.targets.partition(":")
@@ -104,8 +111,11 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("run", "out")},
         "load": {
-            "curve": "ServeGen m-large (Alibaba Cloud Model Studio), recorded, 10-minute windows",
-            "sizes": "Azure LLM inference trace 2023, conversation (1,000 recorded requests)",
+            "curve": "synthetic diurnal curve from the seed, 10-minute windows (no trace)",
+            "sizes": (
+                f"synthetic lognormal, medians {PROMPT_MEDIAN} prompt / {OUTPUT_MEDIAN} "
+                "output tokens (no trace)"
+            ),
             "requests": day.measured,
             "duration_simulated_s": round(day.duration_s, 1),
             "peak_rps": args.peak_rps,
@@ -271,7 +281,7 @@ def markdown(result: dict[str, Any]) -> str:
             f["within_slo_pct"], f"{f['served']} / {f['failed']}", "yes" if f["met"] else "NO",
         ])  # fmt: skip
     head = (
-        f"### Simulated day {cfg['day']} ({cfg['hours']:g} h from {cfg['start_h']:g} h), "
+        f"### Synthetic day ({cfg['hours']:g} h from {cfg['start_h']:g} h), "
         f"compressed {cfg['compression']:g}× ({load['duration_simulated_s']:g} simulated s), "
         f"{load['requests']} requests, peak {load['peak_rps']:g} / mean {load['mean_rps']:g} "
         f"req/s (simulated)\n\n"

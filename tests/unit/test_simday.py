@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
-from fleet.bench.daydata import LoadCurve, load_curve, load_sizes, make_day
+from fleet.bench.daydata import (
+    CONTEXT_TOKENS,
+    OUTPUT_CAP,
+    OUTPUT_MEDIAN,
+    PROMPT_MEDIAN,
+    SIZE_SAMPLES,
+    LoadCurve,
+    diurnal_shape,
+    make_day,
+    synthetic_curve,
+    synthetic_sizes,
+)
 from fleet.bench.dayfleet import DaySim, FleetConfig
 from fleet.bench.dayslo import Slo, evaluate
 from fleet.bench.daytiers import CostAwarePolicy, FixedPolicy, compressed
@@ -17,26 +29,54 @@ from fleet.coordinator.autoscale import AutoscaleConfig
 SIZES = ((1000, 200), (200, 50), (3000, 400), (400, 100))
 
 
-def test_the_recorded_data_covers_fourteen_days() -> None:
-    curve = load_curve()
-    assert curve.days == 14 and len(curve.rates) == 14 * 144
-    assert min(curve.rates) > 0
-    sizes = load_sizes()
-    assert len(sizes) == 1000 and all(p >= 1 and o >= 1 for p, o in sizes)
+def test_the_synthetic_curve_has_its_documented_shape() -> None:
+    curve = synthetic_curve(seed=1)
+    assert curve == synthetic_curve(seed=1) and curve != synthetic_curve(seed=2)
+    assert curve.days == 3 and len(curve.rates) == 3 * 144
+    day = curve.rates[144:288]
+    at = {h: sum(day[h * 6 : h * 6 + 6]) / 6 for h in range(24)}  # hourly means
+
+    assert 0.2 <= min(day) / max(day) <= 0.3  # the night trough: about a quarter of the peak
+    assert 1.7 <= max(day) / (sum(day) / len(day)) <= 1.95  # peak to mean about 1.8
+    assert at[3] < at[6] < at[8] < at[10]  # the morning ramp
+    assert max(at[h] for h in range(11, 18)) < 1.1 * min(at[h] for h in range(11, 18))  # plateau
+    assert at[20] > 1.2 * at[14] and at[20] > at[17]  # a second, higher evening peak
+    assert max(range(24), key=at.__getitem__) in (20, 21)
+    # the noise is small: every window within 10% of the noise-free shape
+    for i, rate in enumerate(day):
+        shape = diurnal_shape((i + 0.5) / 6) / max(diurnal_shape((j + 0.5) / 6) for j in range(144))
+        assert rate == pytest.approx(shape, rel=0.1)
+    with pytest.raises(ValueError, match="days"):
+        synthetic_curve(seed=1, days=0)
+
+
+def test_the_synthetic_sizes_are_seeded_lognormals_within_the_context() -> None:
+    sizes = synthetic_sizes(seed=1)
+    assert sizes == synthetic_sizes(seed=1) and sizes != synthetic_sizes(seed=2)
+    assert len(sizes) == SIZE_SAMPLES
+    prompts, outputs = sorted(p for p, _ in sizes), sorted(o for _, o in sizes)
+    assert statistics.median(prompts) == pytest.approx(PROMPT_MEDIAN, rel=0.05)
+    assert statistics.median(outputs) == pytest.approx(OUTPUT_MEDIAN, rel=0.05)
+    assert prompts[-len(prompts) // 100] > 5 * PROMPT_MEDIAN  # a long tail
+    assert all(1 <= o <= OUTPUT_CAP and 1 <= p <= CONTEXT_TOKENS - o for p, o in sizes)
+    with pytest.raises(ValueError, match="count"):
+        synthetic_sizes(seed=1, count=0)
 
 
 def test_a_day_is_seeded_scaled_to_its_peak_and_compressed() -> None:
-    curve, sizes = load_curve(), load_sizes()
-    a = make_day(curve, sizes, day=6, peak_rps=20, compression=200, seed=3, hours=6)
-    assert a == make_day(curve, sizes, day=6, peak_rps=20, compression=200, seed=3, hours=6)
-    assert a != make_day(curve, sizes, day=6, peak_rps=20, compression=200, seed=4, hours=6)
+    curve, sizes = synthetic_curve(seed=1), synthetic_sizes(seed=1)
+    a = make_day(curve, sizes, day=1, peak_rps=20, compression=200, seed=3, hours=6)
+    assert a == make_day(curve, sizes, day=1, peak_rps=20, compression=200, seed=3, hours=6)
+    assert a != make_day(curve, sizes, day=1, peak_rps=20, compression=200, seed=4, hours=6)
     assert max(a.window_rps) == pytest.approx(20)
     assert a.duration_s == pytest.approx(6 * 3600 / 200)
     expected = sum(a.window_rps) * 600 / 200
     assert a.measured == pytest.approx(expected, rel=0.1)
     assert a.arrivals[0].t < 0 <= a.arrivals[-1].t < a.duration_s  # warm-up first
     with pytest.raises(ValueError, match="outside the curve"):
-        make_day(curve, sizes, day=14, peak_rps=20, compression=200, seed=3)
+        make_day(curve, sizes, day=3, peak_rps=20, compression=200, seed=3)
+    with pytest.raises(ValueError, match="outside the curve"):  # no warm-up before day 0
+        make_day(curve, sizes, day=0, peak_rps=20, compression=200, seed=3)
 
 
 def trough() -> LoadCurve:
@@ -124,4 +164,6 @@ def test_simday_writes_json_and_markdown(tmp_path: Path) -> None:
         assert figures["slo"]["failed"] == 0
     assert result["scenarios"]["fixed"]["slo"]["met"]
     assert result["scenarios"]["fixed"]["vs_fixed"] == 1.0
-    assert "| fixed |" in (tmp_path / "simday" / "result.md").read_text()
+    assert "synthetic" in result["load"]["curve"] and "synthetic" in result["load"]["sizes"]
+    md = (tmp_path / "simday" / "result.md").read_text()
+    assert "| fixed |" in md and "Synthetic day" in md
