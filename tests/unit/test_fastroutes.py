@@ -47,5 +47,5 @@ async def test_errors_are_the_same_on_the_front_server_and_on_quart() -> None:
             assert json.loads(raw)["error"]["code"] == "payload_too_large"
         nursery.cancel_scope.cancel()
     metrics = coord.metrics.render().decode()
-    assert 'fleet_request_rejected_total{reason="payload_too_large"} 2.0' in metrics
-    assert 'fleet_request_rejected_total{reason="model_not_found"} 2.0' in metrics
+    assert 'fleet_requests_rejected_total{reason="payload_too_large"} 2.0' in metrics
+    assert 'fleet_requests_rejected_total{reason="model_not_found"} 2.0' in metrics
