@@ -15,6 +15,7 @@ import trio
 from fleet.protocol.errors import ConfigError
 
 from . import report
+from .cacheredis import cache_backend
 from .coordinators import find_coordinators
 from .errors import ChaosError
 from .scenarios import ChaosConfig, Figures, run, scenarios
@@ -89,6 +90,11 @@ def run_command(args: argparse.Namespace) -> int:
                 if not args.scenarios and known[name].coordinators > coordinators:
                     print(f"• {name} skipped: needs {known[name].coordinators} coordinators, "
                           f"the fleet has {coordinators}", file=sys.stderr, flush=True)  # fmt: skip
+                    continue
+                cache = cache_backend(await target.metrics())[0] if known[name].cache else ""
+                if not args.scenarios and known[name].cache not in ("", cache):
+                    print(f"• {name} skipped: needs a {known[name].cache} response cache, the "
+                          f"fleet has {cache or 'none'}", file=sys.stderr, flush=True)  # fmt: skip
                     continue
                 link = "curve" if target.agent_curve_key else "plaintext"
                 if not args.scenarios and known[name].link not in ("", link):

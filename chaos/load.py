@@ -49,6 +49,9 @@ class LoadSpec:
         seed: seeds the request mix.
         tag: put in every prompt, so that two loads do not share their prompts.
         api_key: sent as ``Authorization: Bearer`` (empty: not sent).
+        temperature: sent with each request (None: not sent, the model's default).
+        distinct: how many different questions there are, repeated in turn (0: each request
+            its own); a question keeps its endpoint, its streaming varies.
 
     Raises:
         ConfigError: a value out of range (the key names it).
@@ -66,8 +69,12 @@ class LoadSpec:
     seed: int = 0
     tag: str = ""
     api_key: str = ""
+    temperature: float | None = None
+    distinct: int = 0
 
     def __post_init__(self) -> None:
+        if self.distinct < 0:
+            raise ConfigError("distinct", self.distinct, "must be >= 0")
         if self.concurrency < 1:
             raise ConfigError("concurrency", self.concurrency, "must be >= 1")
         if self.max_tokens < 1:
@@ -101,15 +108,20 @@ class Planned:
 
 def plan(spec: LoadSpec, index: int) -> Planned:
     """Request number ``index`` of a load (the same spec and index give the same request)."""
-    rng = random.Random(f"{spec.seed}/{index}")
+    question = index % spec.distinct if spec.distinct else index
+    rng = random.Random(f"{spec.seed}/{question}")
     group = rng.randrange(spec.prefixes)
     prefix_rng = random.Random(f"{spec.seed}/prefix/{group}")
     prefix = " ".join(prefix_rng.choice(WORDS) for _ in range(spec.prefix_words))
-    text = f"Tenant {group}: {prefix}. {spec.tag} question {index}: " + " ".join(
+    text = f"Tenant {group}: {prefix}. {spec.tag} question {question}: " + " ".join(
         rng.choice(WORDS) for _ in range(8)
     )
     stream = rng.random() < spec.stream_share
+    if spec.distinct:
+        stream = random.Random(f"{spec.seed}/{index}/stream").random() < spec.stream_share
     body: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens, "stream": stream}
+    if spec.temperature is not None:
+        body["temperature"] = spec.temperature
     if rng.random() < spec.chat_share:
         kind, path = "chat", "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": text}]

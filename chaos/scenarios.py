@@ -19,6 +19,8 @@ malformed-wire      garbage and truncated frames to the agent link and to a KV r
                     (a plaintext link)
 rogue-agent         agents without the key try to register, heartbeat and send KV events
                     on the CURVE-protected link
+response-cache-     stop the response cache's Redis under load (SIGSTOP), continue it: every
+redis-down          request served, hits and Redis writes resume (a Redis cache needed)
 ==================  ==========================================================================
 """
 
@@ -142,6 +144,7 @@ class Scenario:
             those a fleet has too few nodes for).
         coordinators: the coordinator processes on the one port it needs (skipped likewise).
         link: the agent link it needs, "plaintext" or "curve" ("": either; skipped likewise).
+        cache: the response cache backend it needs, "redis" ("": none; skipped likewise).
     """
 
     name: str
@@ -151,10 +154,12 @@ class Scenario:
     nodes: int = 1
     coordinators: int = 1
     link: str = ""
+    cache: str = ""
 
 
 def _registry() -> dict[str, Scenario]:
     from . import (
+        cacheredis,
         coordinators,
         engine_faults,
         kvcheck,
@@ -221,6 +226,12 @@ def _registry() -> dict[str, Scenario]:
             "agents without the key try to register, heartbeat, send KV events: all refused",
             rogue_agent.rogue_agent,
             link="curve",
+        ),
+        Scenario(
+            "response-cache-redis-down",
+            "stop the response cache's Redis under load, continue it: all served, hits resume",
+            cacheredis.response_cache_redis_down,
+            cache="redis",
         ),
     ]
     return {s.name: s for s in scenarios}

@@ -19,6 +19,7 @@ from .frontpolicy import FrontLimits
 from .kvindex import DEFAULT_MAX_ENTRIES
 from .nodescale import NodeScaleConfig
 from .resilience import ResilienceConfig
+from .respcachestore import ResponseCacheConfig
 from .router.scheduler import SchedulingConfig
 
 KEEP_ALIVE_S = 75.0  # an idle client connection is closed after this
@@ -69,6 +70,8 @@ class CoordinatorConfig:
     # while it is down) each of coordinators_expected coordinators enforces its share.
     redis_url: str | None = None
     coordinators_expected: int = 1
+    # The response cache (respcacheflow.py, docs/CACHE.md); None: off.
+    response_cache: ResponseCacheConfig | None = None
     # No engine is placed this long after start, so every live node can report what it runs
     # first (None: until a silent node would count as lost, heartbeat × lost_after_missed).
     placement_settle_s: float | None = None

@@ -11,6 +11,7 @@ body, its status, ``Retry-After``), counted by reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -23,7 +24,7 @@ from .apikeys import ApiKey, RateLimited
 from .errors import ApiError, error_body, render
 from .fastexchange import Exchange, FrontRequest
 from .sharedlimits import retry_after_s
-from .validation import RequestKind, validate
+from .validation import ParsedRequest, RequestKind, validate
 
 if TYPE_CHECKING:
     from .service import Coordinator
@@ -81,9 +82,22 @@ async def inference(
     raw = await read_body()
     parsed = validate(ENDPOINTS[path], raw, context_len_of=coord.placer.context_len)
     tier = key.tier if key is not None else None
-    fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
-    label = {"endpoint": path, "model": parsed.model, "status": str(fwd.status)}
+    forward = functools.partial(_forward, coord, path, headers, tier)
+    if coord.response_cache is None:
+        reply = await forward(parsed, raw)
+    else:  # respcacheflow.py: a hit, or forwarded and kept
+        reply = await coord.response_cache.serve(parsed, raw, headers, forward)
+    label = {"endpoint": path, "model": parsed.model, "status": str(reply.status)}
     coord.metrics.requests.labels(**label).inc()
+    return reply
+
+
+async def _forward(
+    coord: Coordinator, path: str, headers: dict[str, str], tier: int | None,
+    parsed: ParsedRequest, raw: bytes,
+) -> Reply:  # fmt: skip
+    """Route ``parsed`` (body ``raw``) to an engine; its reply."""
+    fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
     if fwd.headers.get("content-type", "").startswith("text/event-stream"):
         return Reply(fwd.status, fwd.headers, stream=fwd.body)
     async with aclosing(fwd.body) as body:  # type: ignore[type-var]

@@ -51,6 +51,8 @@ from .proxy import Gateway
 from .redislimits import limits_for
 from .registry import EngineView, FleetRegistry
 from .resilience import STATE_VALUES
+from .respcacheflow import CachedInference, Identities
+from .respcachestore import ResponseCache
 from .router.config import DEFAULT_CONFIG, load_config
 from .router.plugins import SessionStore
 from .router.prompt import PromptTokenizer
@@ -122,6 +124,11 @@ class Coordinator:
         self._fleetmodels = fleetmodels_task(self)  # --fleetmodels NAMESPACE
         self.kvindex = KVIndex(max_entries=cfg.kv_index_max_entries)
         self.limits = limits_for(cfg, self.metrics)  # fleet-wide rate limits and queue bounds
+        self.response_cache: CachedInference | None = None  # --response-cache
+        if cfg.response_cache is not None:
+            cache = ResponseCache(cfg.response_cache, self.metrics.registry)
+            identities = Identities(self.placer, self.book, self.registry.routable)
+            self.response_cache = CachedInference(cache, identities)
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         # Several coordinators: a session's engine by rendezvous hash, alike on each (plugins.py).
         sessions = SessionStore(remember=cfg.coordinators_expected == 1)
@@ -294,6 +301,8 @@ class Coordinator:
                     nursery.start_soon(self._gateway.watch_silent)
                     control.start_soon(self.autoscaling.run)  # the others' demand, for the leader
                     await nursery.start(self.limits.run)
+                    if self.response_cache is not None:
+                        await nursery.start(self.response_cache.cache.run)
                     await nursery.start(self.tokenizers.run)
                     if self.scheduler.profile.uses_metrics:
                         pools = self._pools

@@ -30,6 +30,7 @@ from fleet.keyscli import add_curve_arg, client_keys, server_keys, up_keys
 from fleet.keyscli import add_parser as add_keys_parser
 from fleet.nodescalecli import add_node_scale_args, node_scale_config
 from fleet.protocol.errors import FleetError
+from fleet.respcachecli import add_response_cache_args, response_cache_config
 from fleet.storecli import (
     add_source_args,
     add_store_args,
@@ -378,6 +379,7 @@ def _autoscale_args(p: argparse.ArgumentParser) -> None:
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
     _autoscale_args(p)
+    add_response_cache_args(p)
     p.add_argument(
         "--model",
         default=None,
@@ -654,6 +656,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
     check_redis_url(args)
+    args.response_cache_cfg = response_cache_config(args)
     args.fake_gpus = _fake_gpus(args)
     args.store = store_config(args)
     args.tokenizer_files = tokenizer_files(args)
@@ -731,6 +734,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         max_queue_wait_s=args.max_queue_wait,
         redis_url=check_redis_url(args),
         coordinators_expected=args.coordinators_expected,
+        response_cache=response_cache_config(args),
         scheduling=scheduling(args),
         resilience=resilience(args),
         api_keys=api_keys(args),

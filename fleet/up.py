@@ -50,6 +50,7 @@ async def run_up(
             max_queue=args.max_queue,
             max_queue_wait_s=args.max_queue_wait,
             redis_url=args.redis_url,
+            response_cache=args.response_cache_cfg,  # parsed by the CLI
             scheduling=scheduling,
             resilience=resilience or ResilienceConfig(),
             api_keys=api_keys or ApiKeys(),

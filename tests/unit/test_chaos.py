@@ -135,8 +135,12 @@ def test_every_scenario_is_registered_once_and_only_overload_expects_failures() 
         "malformed-http",
         "malformed-wire",
         "rogue-agent",
+        "response-cache-redis-down",
     ]
     assert [n for n, s in known.items() if s.overload] == ["overload"]
+    assert {n: s.cache for n, s in known.items() if s.cache} == {
+        "response-cache-redis-down": "redis"
+    }
     assert {n: s.link for n, s in known.items() if s.link} == {
         "malformed-wire": "plaintext",
         "rogue-agent": "curve",

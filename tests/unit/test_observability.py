@@ -25,6 +25,7 @@ from fleet.coordinator.deployment import Deployment
 from fleet.coordinator.kubescale import NodeScalerMetrics
 from fleet.coordinator.kvindex import KVIndex
 from fleet.coordinator.registry import EngineView
+from fleet.coordinator.respcachestore import ResponseCacheConfig
 from fleet.coordinator.router.config import DEFAULT_CONFIG, load_config
 from fleet.coordinator.router.prompt import RoutingRequest
 from fleet.coordinator.router.scheduler import Scheduler
@@ -49,7 +50,9 @@ def _registries() -> dict[str, CollectorRegistry]:
     """The registries of a coordinator and an agent (built, not run) and the node scaler's."""
     coord = Coordinator(
         CoordinatorConfig(
-            port=0, deployments=(Deployment(model="demo", model_path="/nowhere", replicas=1),)
+            port=0,
+            deployments=(Deployment(model="demo", model_path="/nowhere", replicas=1),),
+            response_cache=ResponseCacheConfig("redis://127.0.0.1:9/0"),  # its metrics too
         )
     )
     agent = Agent(AgentConfig(node_id="n1", coordinator_endpoint="tcp://127.0.0.1:9", http_port=0))
