@@ -64,8 +64,14 @@ def to_deployment(
     notes: list[str] = []
     args = model.engine
     replicas = len(model.engine_slots(count))
+    roles = None
     if model.roles is not None:
-        notes.append("prefill/decode roles are not built yet: every engine does both")
+        roles = (model.roles.prefill, model.roles.decode)
+        if not any(a.startswith("--kv-transfer-config") for a in model.engine_args):
+            notes.append(
+                "spec.roles without --kv-transfer-config in spec.engineArgs: split requests "
+                "work, but decode engines recompute the prompt (no KV connector moves it)"
+            )
     path = model.source.location
     if model.source.scheme == "path":
         path = str(Path(path).resolve())  # relative to where Fleet was started
@@ -89,6 +95,7 @@ def to_deployment(
         tp_layout=model.tensor_parallel_layout,
         tiers=model.gpu_tiers,
         slot_tiers=slot_tiers,
+        roles=roles,
     )
     return deployment, notes
 

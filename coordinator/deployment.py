@@ -15,7 +15,9 @@ from .gpumemory import EngineMemory
 class Deployment:
     """A model the fleet should serve: how many engines of which kind.
 
-    ``name`` (default: ``model``) names the deployment and its engines (``NAME-0``, ...);
+    ``name`` (default: ``model``) names the deployment and its engines (``NAME-0``, ...; with
+    ``roles`` = (P, D): ``NAME-prefill-0`` .. ``NAME-prefill-{P-1}``, then ``NAME-decode-0`` ..,
+    each engine launched with its role);
     ``model`` is the served name clients ask for, ``aliases`` more served names. Deployments
     serving one name split its new sessions by ``traffic_weight`` (versions, canaries).
 
@@ -47,6 +49,8 @@ class Deployment:
     # The tier each engine slot should run on (NAME-i: slot_tiers[i]), from the autoscaler's
     # cheapest mix (.costmix); soft, like ``tiers``, and only for engines being placed.
     slot_tiers: tuple[str, ...] = ()
+    # Disaggregated serving: (prefill engines, decode engines); None: every engine is ``role``.
+    roles: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -61,6 +65,10 @@ class Deployment:
             raise ConfigError("engine", self.kind, f"must be one of {ENGINE_KINDS}")
         if self.role not in ENGINE_ROLES:
             raise ConfigError("role", self.role, f"must be one of {ENGINE_ROLES}")
+        if self.roles is not None:
+            if min(self.roles) < 1 or sum(self.roles) != self.replicas:
+                why = f"must be (prefill >= 1, decode >= 1) adding up to replicas {self.replicas}"
+                raise ConfigError("roles", self.roles, why)
         if self.gpus_per_engine < 0:
             raise ConfigError("gpus_per_engine", self.gpus_per_engine, "must be >= 0")
         if self.block_size <= 0:
@@ -74,7 +82,21 @@ class Deployment:
         return (self.model, *self.aliases)
 
     def engine_ids(self) -> list[str]:
+        if self.roles is not None:
+            prefill, decode = self.roles
+            return [f"{self.name}-prefill-{i}" for i in range(prefill)] + [
+                f"{self.name}-decode-{i}" for i in range(decode)
+            ]
         return [f"{self.name}-{i}" for i in range(self.replicas)]
+
+    def role_of(self, engine_id: str) -> str:
+        """The role an engine of this deployment runs with (``prefill``, ``decode`` or
+        ``role``), from its id (a tensor-parallel rank's: its group's)."""
+        if self.roles is not None:
+            for role in ("prefill", "decode"):
+                if engine_id.startswith(f"{self.name}-{role}-"):
+                    return role
+        return self.role
 
     def tiers_for(self, engine_id: str) -> tuple[str, ...]:
         """The tiers an engine of this deployment prefers: its slot's, else ``tiers``."""
@@ -94,7 +116,7 @@ class Deployment:
             model=self.model,
             model_path=self.model_path,
             kind=self.kind,
-            role=self.role,
+            role=self.role_of(engine_id),
             gpus=gpus,
             block_size=self.block_size,
             max_model_len=self.max_model_len,

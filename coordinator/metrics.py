@@ -52,6 +52,28 @@ class CoordinatorMetrics:
             ["outcome"],
             registry=r,
         )
+        self.pd_requests = Counter(
+            "fleet_pd_requests_total",
+            "Requests under a prefill/decode config, by outcome: split (prefilled on a prefill "
+            "engine, decoded on another), fallback (the prefill failed or was slow: decode "
+            "only), decode_only (not split).",
+            ["outcome"],
+            registry=r,
+        )
+        self.pd_fallbacks = Counter(
+            "fleet_pd_fallbacks_total",
+            "Split requests that fell back to decode only, by why: refused, error, down, "
+            "status, timeout, bad_answer.",
+            ["reason"],
+            registry=r,
+        )
+        self.ssrf_blocked = Counter(
+            "fleet_ssrf_blocked_total",
+            "Requests refused with 403 for naming a prefill engine or KV source they may not "
+            "(x-prefiller-host-port, kv_transfer_params), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "fleet_requests_inflight", "Requests being proxied, by engine.", ["engine"], registry=r
         )

@@ -13,7 +13,10 @@ configured default) bounds the wait for a response to start (504 past it) and is
 engine with what is left of it. Once a response has started, its bytes go to the client as they
 arrive. Every routed response carries ``x-request-id``, ``x-selected-pod`` (the engine id),
 ``x-cache-prefix-length`` (prompt tokens the engine holds in its prefix cache, per the KV index)
-and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included).
+and ``x-scheduling-time-ms`` (filter + score + pick; tokenizing is not included). A request the
+decision splits is prefilled on a prefill engine first (:mod:`.pdsplit`; ``x-prefill-pod`` names
+it); ``x-prefiller-host-port`` and a client's ``kv_transfer_params`` are checked by
+:mod:`.prefiller`.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from .admission import Admission, Overloaded, WaitEstimate, priority_of
 from .engineclient import EngineHTTPError, EngineURLError
 from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NoCapacity, UpstreamError
 from .metrics import CoordinatorMetrics
+from .pdsplit import PREFILL_POD_HEADER, PDConfig, PrefillRunner, Splitter
 from .picker import InflightCounter
 from .pools import EnginePools
+from .prefiller import Forbidden, check_body, prefiller_of
 from .registry import EngineView, FleetRegistry
 from .resilience import Breakers, ResilienceConfig, RetryBudget, backoff_s
 from .resume import (
@@ -109,6 +114,7 @@ class Gateway:
             coordinator's queue alone).
         is_deployed: whether a model is deployed (its requests wait for engines to start).
         max_queue_wait_s: longest wait for a slot when the request has no deadline.
+        pd: how long a split request's prefill may take (:mod:`.pdsplit`).
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class Gateway:
         is_deployed: Callable[[str], bool] = lambda model: False,
         engines_for: Callable[[str, str | None], list[EngineView]] | None = None,
         max_queue_wait_s: float = 30.0,
+        pd: PDConfig | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -159,6 +166,8 @@ class Gateway:
         self.max_queue_wait_s = max_queue_wait_s
         self.rng = rng or random.Random()
         self.clock = clock
+        runner = PrefillRunner(pools, self._watching, self._hold)
+        self.splitter = Splitter(pd or PDConfig(), runner, metrics, self._prefill_failed)
 
     async def forward(
         self,
@@ -188,6 +197,12 @@ class Gateway:
             e.model == request.model for e in self.registry.engines()
         ):
             raise ModelNotFound(request.model)
+        try:
+            check_body(request.body)
+            prefiller = prefiller_of(headers, request.model, self.registry.engines())
+        except Forbidden as exc:
+            self.metrics.ssrf_blocked.labels(reason=exc.reason).inc()
+            raise
         slot = contextlib.AsyncExitStack()
         # A request's own deadline bounds its wait (a deployment scaling from zero may take
         # minutes to start an engine); without one, max_queue_wait_s does.
@@ -212,7 +227,9 @@ class Gateway:
                 retry_after_s=max(1, math.ceil(expected)),
             )
         try:
-            forwarded = await self._forward(path, request, raw, headers, timeout_s, deadline)
+            forwarded = await self._forward(
+                path, request, raw, headers, timeout_s, deadline, prefiller
+            )
         except BaseException:
             await slot.aclose()
             raise
@@ -226,6 +243,7 @@ class Gateway:
         headers: dict[str, str],
         timeout_s: float | None,
         deadline: float,
+        prefiller: EngineView | None = None,
     ) -> Forwarded:
         request_id = headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}"
         candidates = self.engines_for(request.model, session_key(headers, request_id))
@@ -252,6 +270,7 @@ class Gateway:
         failed_nodes: set[str] = set()
         attempt = 0  # tries that reached an engine; a refused connect is not one
         last_error = "no engine was tried"
+        split = None  # the prefill/decode split, decided (and prefilled) on the first try
         while True:
             left = [c for c in candidates if c.id not in tried]
             if not left:
@@ -271,6 +290,11 @@ class Gateway:
                     )
                 break
             tried.append(engine.id)
+            if split is None:
+                split = await self.splitter.split(
+                    path, request.body, raw, decision, prefiller, upstream_headers, deadline
+                )
+                now = trio.current_time()
             breaker = self.breakers.get(engine.id)
             breaker.allow(now)
             reason = ""
@@ -279,7 +303,7 @@ class Gateway:
             try:
                 with trio.move_on_at(deadline) as scope, self._watching(engine.id) as down:
                     forwarded = await self._open(
-                        engine, path, raw, upstream_headers, request, request_id
+                        engine, path, split.body, upstream_headers, request, request_id
                     )
                 if down.cancelled_caught:
                     raise UpstreamError(engine.id, "stopped answering (health probe)", "down")
@@ -296,7 +320,7 @@ class Gateway:
                 if forwarded.status < 500:
                     breaker.success(trio.current_time())
                     self.scheduler.served(routing, engine.id, trio.current_time())
-                    _decision_headers(forwarded.headers, decision)
+                    _decision_headers(forwarded.headers, decision, split.prefill)
                     if request.stream and forwarded.status == 200 and _is_sse(forwarded):
                         forwarded.body = self._resuming(
                             forwarded.engine,
@@ -325,7 +349,7 @@ class Gateway:
                 if attempt >= self.resilience.max_attempts or not self._may_retry(
                     candidates, tried
                 ):
-                    _decision_headers(forwarded.headers, decision)
+                    _decision_headers(forwarded.headers, decision, split.prefill)
                     return forwarded
                 await forwarded.discard()
             elif attempt >= self.resilience.max_attempts or not self._may_retry(
@@ -673,13 +697,40 @@ class Gateway:
     ) -> RoutingRequest:
         """What the pipeline needs of a request: its prompt's tokens when a scorer uses them."""
         routing = RoutingRequest(request.model, headers=headers)
-        if self.scheduler.profile.needs_tokens:
+        if self.scheduler.needs_tokens:  # a prefix scorer, or a P/D decider
             started = self.clock()
             routing.token_ids = await self.tokenizer.tokens(
                 request.model, request.kind, request.body
             )
             routing.tokenize_ms = (self.clock() - started) * 1000
         return routing
+
+    def _hold(self, engine_id: str) -> Callable[[], None]:
+        """Count a request in flight on ``engine_id``; returns its release (idempotent)."""
+        if self.inflight.get(engine_id) == 0:  # an idle engine's silence was not a stall
+            self.progress[engine_id] = trio.current_time()
+        self.inflight.acquire(engine_id)
+        self.metrics.inflight.labels(engine=engine_id).inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight.release(engine_id)
+                self.metrics.inflight.labels(engine=engine_id).dec()
+
+        return release
+
+    def _prefill_failed(self, engine_id: str, reason: str) -> None:
+        """A split's prefill engine failed (:data:`.pdsplit.FALLBACK_REASONS`): eject it when
+        it refused the connection; count an error or a 5xx against its breaker (a slow one is
+        not: under overload every engine is slow; a hung one fails its health probe)."""
+        if reason == "refused":
+            self.engine_down(engine_id, "connection refused", refused=True)
+        elif reason in ("error", "status", "bad_answer"):
+            self.breakers.get(engine_id).failure(trio.current_time())
+        self.metrics.upstream_errors.labels(engine=engine_id).inc()
 
     async def _open(
         self,
@@ -690,19 +741,8 @@ class Gateway:
         request: ParsedRequest,
         request_id: str,
     ) -> Forwarded:
-        if self.inflight.get(engine.id) == 0:  # an idle engine's silence was not a stall
-            self.progress[engine.id] = trio.current_time()
-        self.inflight.acquire(engine.id)
-        self.metrics.inflight.labels(engine=engine.id).inc()
+        release = self._hold(engine.id)
         started = self.clock()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.inflight.release(engine.id)
-                self.metrics.inflight.labels(engine=engine.id).dec()
 
         try:
             response = await self.pools.get(engine.url).request("POST", path, headers, raw)
@@ -789,7 +829,11 @@ def _is_sse(forwarded: Forwarded) -> bool:
     return forwarded.headers.get("content-type", "").startswith("text/event-stream")
 
 
-def _decision_headers(headers: dict[str, str], decision: Decision) -> None:
+def _decision_headers(
+    headers: dict[str, str], decision: Decision, prefill: EngineView | None
+) -> None:
+    if prefill is not None:
+        headers[PREFILL_POD_HEADER] = prefill.id
     headers["x-cache-prefix-length"] = str(decision.prefix_tokens)
     headers["x-scheduling-time-ms"] = f"{decision.scheduling_ms:.3f}"
 

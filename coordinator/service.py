@@ -304,7 +304,7 @@ class Coordinator:
                     if self.response_cache is not None:
                         await nursery.start(self.response_cache.cache.run)
                     await nursery.start(self.tokenizers.run)
-                    if self.scheduler.profile.uses_metrics:
+                    if self.scheduler.uses_metrics:
                         pools = self._pools
                         nursery.start_soon(
                             self.scheduler.stats.run,

@@ -43,6 +43,7 @@ from fleet.protocol.vllm_tokenizer import VllmTokenizer
 from .config import VLLM_VERSION, SimConfig
 from .engine import RequestStream, SimEngine
 from .errors import SimApiError, bad_request, internal_error
+from .kvtransfer import prefill_answer, wants_remote_decode, wants_remote_prefill
 from .metrics import CONTENT_TYPE, SimMetrics
 from .render import generate_request, scale_out_disabled
 from .requests import GenerateParams, RequestKind, RequestParser, decode_body
@@ -171,7 +172,16 @@ def create_app(deps: ApiDeps) -> QuartTrio:
             raise internal_error("Simulated engine failure (fail_fraction fault).")
         request_id = new_request_id(kind, request.headers.get("X-Request-Id"))
         seed = params.seed if params.seed is not None else (0 if params.greedy else None)
-        stream = engine.submit(params.prompt_tokens, params.max_tokens, sampling_seed=seed)
+        connector = cfg.kv_transfer if cfg.kv_transfer and cfg.kv_transfer.simulated else None
+        kv_params = params.kv_transfer_params if connector else None  # vLLM: ignored
+        sends = wants_remote_decode(kv_params)
+        stream = engine.submit(
+            params.prompt_tokens,
+            params.max_tokens,
+            sampling_seed=seed,
+            remote_prefill=wants_remote_prefill(kv_params),
+            keep_block_ids=sends,
+        )
         generation = _Generation(deps, params, stream)
         if params.stream:
             response = Response(
@@ -188,6 +198,16 @@ def create_app(deps: ApiDeps) -> QuartTrio:
             in_flight[0] -= 1
             generation.close()
         build = chat_response if kind == "chat" else completion_response
+        answer = None
+        if connector is not None and sends and generation.finish_reason in ("length", "stop"):
+            done = stream.request
+            answer = prefill_answer(
+                connector,
+                request_id,
+                done.block_ids,
+                done.num_computed,
+                tp_size=cfg.tensor_parallel_size,
+            )
         return _json(
             build(
                 request_id=request_id,
@@ -199,6 +219,7 @@ def create_app(deps: ApiDeps) -> QuartTrio:
                 prompt_tokens=len(params.prompt_tokens),
                 completion_tokens=generation.count,
                 fingerprint=deps.fingerprint,
+                kv_transfer_params=answer,
             )
         )
 

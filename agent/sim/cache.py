@@ -146,6 +146,11 @@ class PrefixCache:
         holder = self._holders.get(request_id)
         return len(holder.blocks) if holder else 0
 
+    def block_ids(self, request_id: str) -> list[int]:
+        """The ids of the blocks ``request_id`` holds, in order (what NIXL sends)."""
+        holder = self._holders.get(request_id)
+        return [b.block_id for b in holder.blocks] if holder else []
+
     def digests(self, request_id: str, tokens: Sequence[int]) -> list[bytes]:
         """Return the digests of every full block of ``tokens`` (cached per request).
 

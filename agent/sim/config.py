@@ -26,6 +26,7 @@ from typing import Any, Final
 from fleet.protocol.errors import ConfigError
 
 from .faults import FaultState
+from .kvtransfer import KVTransferSettings, parse_kv_transfer_config
 from .latency import (
     DEFAULT_DECODE_BATCH_SLOPE,
     DEFAULT_DECODE_MS_PER_TOKEN,
@@ -117,6 +118,7 @@ class SimConfig:
         seed: seeds generated tokens and fault draws.
         faults: faults in force at start.
         enable_scale_out: serve the ``/render`` routes (vLLM's ``--enable-scale-out``).
+        kv_transfer: the KV connector (``--kv-transfer-config``), or None.
         ignored_args: vLLM flags accepted but without effect here.
     """
 
@@ -137,6 +139,7 @@ class SimConfig:
     seed: int = 0
     faults: FaultState = field(default_factory=FaultState)
     enable_scale_out: bool = False
+    kv_transfer: KVTransferSettings | None = None
     ignored_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     caching.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false")
     p.set_defaults(prefix_caching=True)
     v.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
+    v.add_argument(
+        "--kv-transfer-config", default=None, help="vLLM's KVTransferConfig as JSON (P/D)"
+    )
     v.add_argument("--prefix-caching-hash-algo", default="sha256", choices=["sha256"])
     v.add_argument("--dtype", default="auto", help="accepted, no effect")
     v.add_argument("--enforce-eager", action="store_true", help="accepted, no effect")
@@ -317,6 +323,7 @@ def parse_args(argv: Sequence[str], *, environ: dict[str, str] | None = None) ->
         seed=args.sim_seed,
         faults=FaultState.from_specs(args.sim_fault),
         enable_scale_out=args.enable_scale_out,
+        kv_transfer=parse_kv_transfer_config(args.kv_transfer_config, env),
         ignored_args=tuple(unknown),
     )
 

@@ -109,6 +109,8 @@ class SimEngine:
         *,
         request_id: str | None = None,
         sampling_seed: int | None = None,
+        remote_prefill: bool = False,
+        keep_block_ids: bool = False,
     ) -> RequestStream:
         """Queue a request; its tokens arrive on the returned stream.
 
@@ -119,6 +121,8 @@ class SimEngine:
             sampling_seed: makes the generated tokens a function of (engine seed, this seed,
                 prompt): same inputs, same output, like greedy or seeded sampling in vLLM.
                 None draws from the engine's random stream.
+            remote_prefill: a P/D decode request: its prompt's KV is loaded, not computed.
+            keep_block_ids: a P/D prefill request: its block ids are kept when it finishes.
 
         Returns:
             The request and the channel its tokens arrive on.
@@ -135,7 +139,15 @@ class SimEngine:
         def sample() -> int:
             return vocab[rng.randrange(len(vocab))]
 
-        request = SimRequest(rid, tuple(prompt), max_tokens, trio.current_time(), sample)
+        request = SimRequest(
+            rid,
+            tuple(prompt),
+            max_tokens,
+            trio.current_time(),
+            sample,
+            remote_prefill=remote_prefill,
+            keep_block_ids=keep_block_ids,
+        )
         send, receive = trio.open_memory_channel[TokenOutput](max_tokens + 1)
         self.scheduler.add(request)
         self._senders[rid] = send

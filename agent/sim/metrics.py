@@ -7,13 +7,16 @@ Labels: ``engine="0"``, ``model_name`` = the first served name.
 
 Exposed families: the scheduler gauges (``vllm:num_requests_running``, ``_waiting``,
 ``vllm:kv_cache_usage_perc``), the prefix-cache counters (queries and hits, in tokens),
+the KV connector's (``vllm:external_prefix_cache_queries`` and ``_hits``, in tokens: a P/D
+decode request's prompt tokens loaded from its prefill engine, :mod:`.kvtransfer`),
 ``vllm:num_preemptions``, ``vllm:prompt_tokens``, ``vllm:generation_tokens``,
 ``vllm:request_success{finished_reason}`` (all five reasons, from zero), the request histograms
 (``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``, ``request_queue_time_seconds``, ``request_prompt_tokens``,
 ``request_generation_tokens``) and ``vllm:cache_config_info``. Python's process and GC
 collectors are registered too, as in vLLM's registry. Not exposed: the HTTP instrumentator's
-``http_*`` families and vLLM's rarer ones (speculative decoding, connectors, MFU estimates).
+``http_*`` families and vLLM's rarer ones (speculative decoding, connector transfer stats,
+MFU estimates).
 """
 
 from __future__ import annotations
@@ -148,6 +151,17 @@ class SimMetrics:
         self.prefix_hits = counter(
             "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
         ).labels(**labels)
+        self.external_queries = counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, "
+            "in terms of number of queried tokens.",
+        ).labels(**labels)
+        self.external_hits = counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in "
+            "terms of number of cached tokens.",
+        ).labels(**labels)
+        self.connector = cfg.kv_transfer is not None
         self.preemptions = counter(
             "vllm:num_preemptions", "Cumulative number of preemption from the engine."
         ).labels(**labels)
@@ -216,6 +230,9 @@ class SimMetrics:
                 self.prefix_queries.inc(len(request.prompt))
                 self.prefix_hits.inc(request.num_cached_tokens)
                 self.prompt_tokens.inc(len(request.prompt))
+                if self.connector:
+                    self.external_queries.inc(len(request.prompt) - request.num_cached_tokens)
+                    self.external_hits.inc(request.num_external_tokens)
         if plan.preempted:
             self.preemptions.inc(len(plan.preempted))
         if result.outputs:

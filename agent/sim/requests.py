@@ -44,6 +44,7 @@ class GenerateParams:
         stop: stop strings.
         seed: the request's ``seed``; with ``temperature == 0`` the prompt alone fixes the output.
         greedy: ``temperature == 0``.
+        kv_transfer_params: the request's ``kv_transfer_params`` (P/D), or None.
     """
 
     kind: RequestKind
@@ -56,6 +57,7 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     greedy: bool = False
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class RequestParser:
         top_p = s.get_float("top_p")
         seed = s.get_int("seed")
         stop = s.stop()
+        kv_transfer_params = s.get_dict("kv_transfer_params")
         max_tokens_key = "max_tokens"
         if kind == "chat":
             max_tokens = s.get_int("max_tokens")
@@ -235,6 +238,7 @@ class RequestParser:
             stop=stop,
             seed=seed,
             greedy=temperature == 0,
+            kv_transfer_params=kv_transfer_params,
         )
 
     def render(self, kind: RequestKind, body: Any) -> list[GenerateParams]:

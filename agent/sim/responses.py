@@ -63,6 +63,7 @@ def completion_response(
     prompt_tokens: int,
     completion_tokens: int,
     fingerprint: str,
+    kv_transfer_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A non-streamed ``/v1/completions`` response."""
     return {
@@ -86,7 +87,7 @@ def completion_response(
         "service_tier": None,
         "system_fingerprint": fingerprint,
         "usage": _usage(prompt_tokens, completion_tokens, details=True),
-        "kv_transfer_params": None,
+        "kv_transfer_params": kv_transfer_params,
         "ec_transfer_params": None,
         "metrics": None,
     }
@@ -161,6 +162,7 @@ def chat_response(
     prompt_tokens: int,
     completion_tokens: int,
     fingerprint: str,
+    kv_transfer_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A non-streamed ``/v1/chat/completions`` response."""
     return {
@@ -193,7 +195,7 @@ def chat_response(
         "prompt_logprobs": None,
         "prompt_token_ids": None,
         "prompt_text": None,
-        "kv_transfer_params": None,
+        "kv_transfer_params": kv_transfer_params,
         "ec_transfer_params": None,
         "metrics": None,
     }

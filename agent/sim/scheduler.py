@@ -50,7 +50,14 @@ class SimRequest:
         arrival_s: when it arrived (the clock of ``schedule``'s ``now``).
         sample: returns the next generated token id.
         tokens: prompt then output tokens so far.
-        num_computed: tokens whose KV is in the cache (computed or hit).
+        num_computed: tokens whose KV is in the cache (computed, hit or loaded).
+        remote_prefill: load the prompt's KV from a remote prefill engine (a P/D decode
+            request, :mod:`.kvtransfer`): the prompt tokens not hit locally are loaded on
+            first admission, only the last one is computed.
+        num_external_tokens: prompt tokens loaded that way (vLLM's external prefix-cache hits).
+        keep_block_ids: record the request's block ids when it finishes (a P/D prefill
+            request, whose blocks a decode engine reads).
+        block_ids: those block ids.
     """
 
     request_id: str
@@ -66,6 +73,10 @@ class SimRequest:
     scheduled_s: float | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
+    remote_prefill: bool = False
+    num_external_tokens: int = 0
+    keep_block_ids: bool = False
+    block_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -225,14 +236,20 @@ class Scheduler:
                 break
             request = self.waiting[0]
             hit = self.cache.lookup(request.request_id, request.tokens)
-            num_new = min(len(request.tokens) - hit, budget)
-            if not self.cache.allocate(request.request_id, request.tokens, hit, num_new):
+            # A P/D decode request loads its prompt's blocks (first admission only); the last
+            # prompt token is computed for its logits, as vLLM does after a remote load.
+            loaded = 0
+            if request.remote_prefill and request.num_preemptions == 0:
+                loaded = max(0, len(request.prompt) - 1 - hit)
+            num_new = min(len(request.tokens) - hit - loaded, budget)
+            if not self.cache.allocate(request.request_id, request.tokens, hit, loaded + num_new):
                 break
             self.waiting.popleft()
             if request.num_preemptions == 0:
                 request.num_cached_tokens = hit
+                request.num_external_tokens = len(request.prompt) - hit if loaded else 0
                 request.scheduled_s = now
-            request.num_computed = hit
+            request.num_computed = hit + loaded
             request.status = "running"
             self.running.append(request)
             admitted.append(request)
@@ -320,6 +337,8 @@ class Scheduler:
         if request.status == "running" and request in self.running:
             self.running.remove(request)
         request.status = "finished"
+        if request.keep_block_ids:
+            request.block_ids = tuple(self.cache.block_ids(request.request_id))
         self.cache.free(request.request_id)
         self._ids.pop(request.request_id, None)
         return FinishedRequest(request, reason, now)

@@ -14,6 +14,7 @@ from fleet.agent.sim.config import parse_args
 from fleet.agent.sim.server import SimServer
 from fleet.coordinator.kvindex import KVIndex
 from fleet.coordinator.metrics import CoordinatorMetrics
+from fleet.coordinator.pdsplit import PDConfig
 from fleet.coordinator.pools import EnginePools
 from fleet.coordinator.proxy import Gateway
 from fleet.coordinator.registry import FleetRegistry
@@ -49,14 +50,26 @@ def sim_gateway(
     demo_model: Path,
     resilience: ResilienceConfig,
     nodes: dict[str, str] | None = None,
+    *,
+    roles: dict[str, str] | None = None,
+    config: str = DEFAULT_CONFIG,
+    pd: PDConfig | None = None,
 ) -> tuple[Gateway, EnginePools]:
     """A gateway routing model ``demo`` to the engines ``urls`` (engine id → URL), on node
-    ``n1`` or the node ``nodes`` names for the engine."""
+    ``n1`` or the node ``nodes`` names for the engine, each with the role ``roles`` gives it
+    (default ``both``), scheduled by ``config`` (an EndpointPickerConfig)."""
     registry = FleetRegistry(lost_after_s=60)
     by_node: dict[str, list[EngineStatus]] = {}
     for e, u in urls.items():
         by_node.setdefault((nodes or {}).get(e, "n1"), []).append(
-            EngineStatus(engine_id=e, model="demo", url=u, state="ready", kind="sim")
+            EngineStatus(
+                engine_id=e,
+                model="demo",
+                url=u,
+                state="ready",
+                kind="sim",
+                role=(roles or {}).get(e, "both"),
+            )
         )
     for node, engines in by_node.items():
         registry.register(Register(node, "", "test", (), tuple(engines)), trio.current_time())
@@ -65,9 +78,10 @@ def sim_gateway(
         pools,
         registry,
         CoordinatorMetrics(),
-        scheduler=Scheduler(load_config(DEFAULT_CONFIG), KVIndex(), rng=random.Random(0)),
+        scheduler=Scheduler(load_config(config), KVIndex(), rng=random.Random(0)),
         tokenizer=PromptTokenizer({"demo": str(demo_model)}),
         resilience=resilience,
+        pd=pd,
         rng=random.Random(0),
     )
     return gateway, pools

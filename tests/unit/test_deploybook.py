@@ -163,3 +163,31 @@ def test_when_gpus_run_short_the_higher_priority_deployment_gets_them() -> None:
     assert placer.why_unplaced(batch, registry, now=0.0) == (
         "needs 1 free GPU on one node; most: node a has 0"
     )
+
+
+def test_roles_launch_prefill_and_decode_engines_with_the_deployments_connector_args() -> None:
+    nixl = '--kv-transfer-config={"kv_connector":"NixlConnector","kv_role":"kv_both"}'
+    m = model("chat-pd", replicas=None, roles={"prefill": 1, "decode": 2}, engineArgs=[nixl])
+    d, notes = to_deployment(m, EngineDefaults(kind="sim"))
+    assert notes == []
+    assert d.engine_ids() == ["chat-pd-prefill-0", "chat-pd-decode-0", "chat-pd-decode-1"]
+    specs = [d.spec(e, ()) for e in d.engine_ids()]
+    assert [s.role for s in specs] == ["prefill", "decode", "decode"]
+    assert all(s.extra_args == (nixl,) for s in specs)  # the KV connector, from the deployment
+    registry = FleetRegistry(lost_after_s=10.0)
+    registry.register(Register(node_id="a", agent_url="", agent_version="0"), 0.0)
+    placements = Placer([d], assign_timeout_s=30.0).reconcile(registry, now=0.0)
+    assert sorted((p.assign.spec.engine_id, p.assign.spec.role) for p in placements) == [
+        ("chat-pd-decode-0", "decode"), ("chat-pd-decode-1", "decode"),
+        ("chat-pd-prefill-0", "prefill"),
+    ]  # fmt: skip
+    # the agent reports the role it launched with; the registry's view carries it
+    status = EngineStatus(engine_id="chat-pd-prefill-0", model="chat", url="http://a:1",
+                          state="ready", role=specs[0].role)  # fmt: skip
+    registry.register(Register("a", "", "0", (), (status,)), 1.0)
+    assert registry.engine("chat-pd-prefill-0").role == "prefill"  # type: ignore[union-attr]
+    # without a connector in the engine args: said, not silent
+    bare = model("chat-pd", replicas=None, roles={"prefill": 1, "decode": 1})
+    assert "--kv-transfer-config" in to_deployment(bare, EngineDefaults())[1][0]
+    with pytest.raises(ConfigError):
+        Deployment("x", "/m", replicas=3, roles=(1, 1))
