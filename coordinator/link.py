@@ -157,6 +157,7 @@ class AgentLink:
 
     def _count_refusal(self, reason: str) -> None:
         self.metrics.link_rejected.labels(reason=reason).inc()
+        self.on_update()  # what the coordinator reports changed: waiters on it look again
 
     def send(self, node_id: str, msg: Message) -> bool:
         """Send a message to a node's agent; False (and counted) if it cannot be delivered."""
