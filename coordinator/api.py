@@ -155,6 +155,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/api/v1/cache/state")
     async def cache_state() -> Response:
+        _admin()
         index = coord.kvindex
         pods = []
         for engine_id in index.engine_ids():
@@ -228,18 +229,17 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.post("/api/v1/route/explain")
     async def route_explain() -> Response:
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)
+        raw = await _admin_body()
         return _json(await routeapi.explain(coord, raw))
 
     @app.post("/api/v1/score")
     async def kv_score() -> Response:
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)
+        raw = await _admin_body()
         return _json(await routeapi.score(coord, raw))
 
     @app.get("/api/v1/cache/pod/<engine_id>")
     async def cache_pod(engine_id: str) -> Response:
+        _admin()
         entry = coord.kvindex.engine(engine_id)
         if entry is None:
             raise ApiError(

@@ -18,8 +18,9 @@ The file (YAML or JSON)::
         requests_per_s: 20         # optional: no limit without it
         burst: 40                  # optional: default max(1, requests_per_s)
 
-Admin, health and metrics routes (``/api/v1/*``, ``/healthz``, ``/readyz``, ``/metrics``) stay
-open: keep them on a network only operators reach.
+Health, metrics and status routes (``/healthz``, ``/readyz``, ``/metrics``,
+``/api/v1/engines``, ``/api/v1/nodes``) stay open; ``/admin/*`` and the KV/cache inspection
+routes take the admin key instead (docs/SECURITY.md).
 """
 
 from __future__ import annotations

@@ -267,6 +267,11 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("FLEET_COORDINATOR", DEFAULT_COORDINATOR),
         help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
     )
+    explain.add_argument(
+        "--admin-key",
+        default=os.environ.get("FLEET_ADMIN_KEY", ""),
+        help="the coordinator's admin key, if it has one (default $FLEET_ADMIN_KEY)",
+    )
     explain.set_defaults(func=_cmd_route_explain)
 
     chaos = sub.add_parser("chaos", help="the failure-recovery suite (chaos/README.md)")
@@ -395,8 +400,14 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--admin-key",
         default=os.environ.get("FLEET_ADMIN_KEY", ""),
-        help="bearer key the admin API (/admin/v1/...) requires (default $FLEET_ADMIN_KEY; "
-        "empty: open)",
+        help="bearer key the admin API (/admin/v1/...) and the KV/cache inspection routes "
+        "require (default $FLEET_ADMIN_KEY; empty: open, on loopback only)",
+    )
+    p.add_argument(
+        "--allow-open",
+        action="store_true",
+        help="serve beyond loopback (--host) without --admin-key and --api-keys: only on a "
+        "network private by other means",
     )
     p.add_argument(
         "--model-name", default=None, help="the name clients use (default: the folder's name)"
@@ -556,6 +567,22 @@ def api_keys(args: argparse.Namespace) -> Any:
     return load_api_keys(args.api_keys) if args.api_keys else ApiKeys()
 
 
+def check_perimeter(args: argparse.Namespace, keys: bool) -> None:
+    """Refuse to serve beyond loopback without keys (coordinator/perimeter.py).
+
+    Raises:
+        ConfigError: ``--host`` is not loopback and a key is missing, without ``--allow-open``.
+    """
+    from fleet.coordinator.perimeter import open_problem
+    from fleet.protocol.errors import ConfigError
+
+    problem = open_problem(
+        args.host, admin_key=bool(args.admin_key), api_keys=bool(keys), allow_open=args.allow_open
+    )
+    if problem is not None:
+        raise ConfigError("--host", args.host, problem)
+
+
 def check_redis_url(args: argparse.Namespace) -> str | None:
     """``--redis-url``, checked (nothing is sent to it).
 
@@ -655,6 +682,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _setup_logging(args.log_dir, verbose_stderr=False)
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
+    check_perimeter(args, settings[3].enabled)
     check_redis_url(args)
     args.response_cache_cfg = response_cache_config(args)
     args.fake_gpus = _fake_gpus(args)
@@ -722,6 +750,9 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     from fleet.coordinator.service import Coordinator, CoordinatorConfig
 
     _setup_logging(args.log_dir, verbose_stderr=True)
+    keys = api_keys(args)
+    if args.http_fd is None:  # a child of `fleet up --coordinators N`: its parent checked
+        check_perimeter(args, keys.enabled)
     cfg = CoordinatorConfig(
         host=args.host,
         port=args.port,
@@ -737,7 +768,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         response_cache=response_cache_config(args),
         scheduling=scheduling(args),
         resilience=resilience(args),
-        api_keys=api_keys(args),
+        api_keys=keys,
         drain_s=args.drain_timeout,
         http_fd=args.http_fd,
         leader_lock=args.leader_lock,
@@ -853,7 +884,7 @@ async def _serve_until_signal(
 # -- inspection -----------------------------------------------------------------------------
 
 
-def _ask_coordinator(coordinator: str, path: str, body: Any = None) -> Any:
+def _ask_coordinator(coordinator: str, path: str, body: Any = None, admin_key: str = "") -> Any:
     """GET (or POST ``body`` to) the coordinator's ``path``; its JSON answer.
 
     Raises:
@@ -862,11 +893,12 @@ def _ask_coordinator(coordinator: str, path: str, body: Any = None) -> Any:
     import httpx
 
     url = coordinator.rstrip("/") + path
+    headers = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
     try:
         if body is None:
-            response = httpx.get(url, timeout=10)
+            response = httpx.get(url, headers=headers, timeout=10)
         else:
-            response = httpx.post(url, json=body, timeout=30)
+            response = httpx.post(url, json=body, headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         raise FleetError(f"cannot reach the coordinator at {coordinator}: {exc}") from exc
     if response.status_code != 200:
@@ -908,7 +940,7 @@ def _cmd_route_explain(args: argparse.Namespace) -> int:
         body["prompt"] = args.prompt
     if args.session:
         body["headers"] = {"x-session-id": args.session}
-    data = _ask_coordinator(args.coordinator, "/api/v1/route/explain", body)
+    data = _ask_coordinator(args.coordinator, "/api/v1/route/explain", body, args.admin_key)
     if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
