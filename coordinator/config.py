@@ -66,6 +66,9 @@ class CoordinatorConfig:
     slots_per_engine: int = 64
     max_queue: int = 500
     max_queue_wait_s: float = 30.0  # the longest wait in the queue of a request with no deadline
+    # HTTPS: a PEM certificate (chain) and its key; None: plain HTTP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Fleet-wide rate limits and max_queue (sharedlimits.py): shared in this Redis, else (and
     # while it is down) each of coordinators_expected coordinators enforces its share.
     redis_url: str | None = None
@@ -142,6 +145,8 @@ class CoordinatorConfig:
             raise ConfigError("lost_after_missed", self.lost_after_missed, "must be >= 1")
         if not self.deployments_poll_s > 0:
             raise ConfigError("deployments_poll_s", self.deployments_poll_s, "must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_key", self.tls_key, "tls_cert and tls_key go together")
         if not self.max_queue_wait_s > 0:
             raise ConfigError("max_queue_wait_s", self.max_queue_wait_s, "must be > 0")
         for key in ("slots_per_engine", "max_queue", "coordinators_expected"):
@@ -184,6 +189,9 @@ class CoordinatorConfig:
         # Retry-After), not overflow the kernel's accept queue (hypercorn's default is 100);
         # the kernel caps it at net.core.somaxconn.
         config.backlog = 4096
+        if self.tls_cert:  # HTTPS on the one port (front server and hypercorn alike)
+            config.certfile, config.keyfile = self.tls_cert, self.tls_key
+            config.alpn_protocols = ["http/1.1"]  # HTTP/1.1 only, as on plain connections
         return config
 
 

@@ -69,7 +69,7 @@ class Exchange:
     def __init__(
         self,
         conn: h11.Connection,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         limits: FrontLimits,
         request: h11.Request,
         *,
@@ -121,7 +121,7 @@ class Exchange:
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif event is h11.NEED_DATA:
-                    self._h11.receive_data(await self._stream.receive_some(READ_BYTES))
+                    self._h11.receive_data(bytes(await self._stream.receive_some(READ_BYTES)))
                 else:  # ConnectionClosed: h11 raises on a body cut short, so not reached
                     raise InvalidRequest("The request's body was cut short.")
         if scope.cancelled_caught:
@@ -198,7 +198,7 @@ class Exchange:
                 assert self.nursery is not None
                 self.nursery.cancel_scope.cancel()
                 return
-            self._h11.receive_data(data)
+            self._h11.receive_data(bytes(data))
             if len(self._h11.trailing_data[0]) > limit:
                 await trio.sleep_forever()
 

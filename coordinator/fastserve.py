@@ -66,15 +66,20 @@ Handler = Callable[[FrontRequest, "Exchange"], Awaitable[None]]
 HandOver = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
 
 
+#: A client connection: plain, or TLS (``--tls-cert``) over a socket.
+ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
 class PrefixedStream(trio.abc.HalfCloseableStream):
     """A socket stream whose first bytes were already read: ``prefix`` comes first.
 
     hypercorn reads its connection's addresses from ``socket``, as on a plain SocketStream.
     """
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, stream: ClientStream, prefix: bytes) -> None:
         self.stream = stream
-        self.socket = stream.socket
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        self.socket = transport.socket
         self._prefix = prefix
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -83,7 +88,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
             size = max_bytes or len(self._prefix)
             data, self._prefix = self._prefix[:size], self._prefix[size:]
             return data
-        return await self.stream.receive_some(max_bytes)
+        return bytes(await self.stream.receive_some(max_bytes))  # a copy only over TLS
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
@@ -92,10 +97,29 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        if isinstance(self.stream, trio.SSLStream):
+            raise trio.ClosedResourceError("TLS cannot half-close")
         await self.stream.send_eof()
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class PrefixedTLSStream(PrefixedStream):
+    """A :class:`PrefixedStream` over TLS, as hypercorn looks at one: its handshake (done
+    already), the protocol ALPN chose and the transport's socket, so its scope says https."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], prefix: bytes) -> None:
+        super().__init__(stream, prefix)
+        self.tls = stream
+        self.transport_stream = stream.transport_stream
+
+    async def do_handshake(self) -> None:
+        await self.tls.do_handshake()
+
+    def selected_alpn_protocol(self) -> str | None:
+        chosen: str | None = self.tls.selected_alpn_protocol()
+        return chosen
 
 
 class FrontServer:
@@ -123,7 +147,7 @@ class FrontServer:
         self.drain = drain
         self.hand_over = hand_over
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
+    async def serve_connection(self, stream: ClientStream) -> None:
         """Serve one connection until it closes; never raises (but Cancelled)."""
         conn = _Connection(self, stream)
         try:
@@ -139,9 +163,12 @@ class FrontServer:
             await trio.aclose_forcefully(stream)
 
 
-async def _linger(stream: trio.SocketStream) -> None:
+async def _linger(stream: ClientStream) -> None:
     """Half-close, then read until the client closes: closing with its unread bytes in our
-    receive buffer would reset the connection before it read our answer."""
+    receive buffer would reset the connection before it read our answer (not over TLS, which
+    cannot half-close)."""
+    if isinstance(stream, trio.SSLStream):
+        return
     try:
         await stream.send_eof()
         while await stream.receive_some(READ_BYTES):
@@ -151,7 +178,7 @@ async def _linger(stream: trio.SocketStream) -> None:
 
 
 class _Connection:
-    def __init__(self, server: FrontServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: FrontServer, stream: ClientStream) -> None:
         self.server = server
         self.limits = server.limits
         self.stream = stream
@@ -168,7 +195,13 @@ class _Connection:
             if started is None:
                 return
             if started < 0:
-                await self.server.hand_over(PrefixedStream(self.stream, self.h11.trailing_data[0]))
+                rest = self.h11.trailing_data[0]
+                tls = isinstance(self.stream, trio.SSLStream)
+                await self.server.hand_over(
+                    PrefixedTLSStream(self.stream, rest)  # type: ignore[arg-type]
+                    if tls
+                    else PrefixedStream(self.stream, rest)
+                )
                 return
             request = await self._head(started)
             if request is None:
@@ -230,7 +263,7 @@ class _Connection:
                 if started is not None and deadline <= trio.current_time():
                     await self._refuse(408, "The request's headers took too long to arrive.")
                 return None
-            self.h11.receive_data(data)
+            self.h11.receive_data(bytes(data))
 
     async def _head(self, started: float) -> h11.Request | None:
         """The request's line and headers, or None (answered with an error, or closed)."""
@@ -254,7 +287,7 @@ class _Connection:
                 return None  # ConnectionClosed
             data = b""
             with trio.move_on_at(deadline) as scope:
-                data = await self.stream.receive_some(READ_BYTES)
+                data = bytes(await self.stream.receive_some(READ_BYTES))
             if scope.cancelled_caught:
                 await self._refuse(408, "The request's headers took too long to arrive.")
                 return None

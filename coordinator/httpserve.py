@@ -165,10 +165,18 @@ async def serve(
                 sockets = config.create_sockets()
                 listeners = []
                 binds = []
-                for sock in sockets.insecure_sockets:
+                tls = config.create_ssl_context() if config.ssl_enabled else None
+                for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
                     sock.listen(config.backlog)
-                    listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                    binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                    listener: trio.abc.Listener[Any] = trio.SocketListener(
+                        trio.socket.from_stdlib_socket(sock)
+                    )
+                    scheme = "http"
+                    if tls is not None and sock in sockets.secure_sockets:
+                        listener = trio.SSLListener(listener, tls, https_compatible=True)
+                        scheme = "https"
+                    listeners.append(listener)
+                    binds.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
                 state = ConnectionState(lifespan_state.copy())
 
                 async def hand_over(stream: trio.abc.HalfCloseableStream) -> None:

@@ -403,6 +403,10 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         help="bearer key the admin API (/admin/v1/...) and the KV/cache inspection routes "
         "require (default $FLEET_ADMIN_KEY; empty: open, on loopback only)",
     )
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve HTTPS with this certificate (chain), with --tls-key")  # fmt: skip
+    p.add_argument("--tls-key", default=None, metavar="PEM",
+                   help="the private key of --tls-cert")  # fmt: skip
     p.add_argument(
         "--allow-open",
         action="store_true",
@@ -763,6 +767,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         slots_per_engine=args.engine_slots,
         max_queue=args.max_queue,
         max_queue_wait_s=args.max_queue_wait,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         redis_url=check_redis_url(args),
         coordinators_expected=args.coordinators_expected,
         response_cache=response_cache_config(args),

@@ -49,6 +49,8 @@ async def run_up(
             slots_per_engine=args.engine_slots,
             max_queue=args.max_queue,
             max_queue_wait_s=args.max_queue_wait,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             redis_url=args.redis_url,
             response_cache=args.response_cache_cfg,  # parsed by the CLI
             scheduling=scheduling,
