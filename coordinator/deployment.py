@@ -8,6 +8,7 @@ from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import ENGINE_KINDS, ENGINE_ROLES, EngineSpec
 
 from .deployspec import TP_LAYOUTS
+from .engineargs import with_kv_role
 from .gpumemory import EngineMemory
 
 
@@ -111,16 +112,19 @@ class Deployment:
         return [x for e in self.engine_ids() for x in (e, *(rank_engine_id(e, r) for r in ranks))]
 
     def spec(self, engine_id: str, gpus: tuple[int, ...]) -> EngineSpec:
+        """What an engine of this deployment is launched with; a ``--kv-transfer-config``
+        without ``kv_role`` gets its role's (:func:`~.engineargs.with_kv_role`)."""
+        role = self.role_of(engine_id)
         return EngineSpec(
             engine_id=engine_id,
             model=self.model,
             model_path=self.model_path,
             kind=self.kind,
-            role=self.role_of(engine_id),
+            role=role,
             gpus=gpus,
             block_size=self.block_size,
             max_model_len=self.max_model_len,
-            extra_args=self.extra_args,
+            extra_args=with_kv_role(self.extra_args, role),
             aliases=self.aliases,
         )
 

@@ -10,6 +10,7 @@ underscores or dashes, and the human-readable integers vLLM accepts (``1k`` = 10
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -229,6 +230,8 @@ def check_engine_args(args: tuple[str, ...]) -> list[tuple[str, str]]:
             problems.append((f"[{i}]", f"{flag} is set by Fleet: {FLEET_OWNED_FLAGS[flag]}"))
             continue
         parser = _VALUED.get(flag)
+        if flag == KV_TRANSFER_FLAG:
+            parser = (flag, _kv_transfer_config)
         if parser is None:
             continue
         if flag in seen:
@@ -245,11 +248,64 @@ def check_engine_args(args: tuple[str, ...]) -> list[tuple[str, str]]:
     return problems
 
 
+KV_TRANSFER_FLAG = "--kv-transfer-config"
+#: An engine's role -> the ``kv_role`` Fleet gives its KV connector when the deployment sets none.
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+
+
+def _kv_transfer_config(text: str) -> dict[str, object]:
+    try:
+        config = json.loads(text)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError("must be a JSON object")
+    role = config.get("kv_role")
+    if role is not None and role not in KV_ROLES.values():
+        raise ValueError(f"kv_role must be one of {', '.join(KV_ROLES.values())}")
+    return config
+
+
+def with_kv_role(args: tuple[str, ...], role: str) -> tuple[str, ...]:
+    """The engine arguments of one engine: ``kv_role`` set from its role where unset.
+
+    A ``--kv-transfer-config`` JSON without ``kv_role`` gets ``kv_producer`` on a prefill
+    engine, ``kv_consumer`` on a decode engine and ``kv_both`` on one that does both; an
+    explicit ``kv_role`` is kept, as is every other argument.
+
+    Args:
+        args: the deployment's engine arguments (checked by :func:`check_engine_args`).
+        role: the engine's role, a key of :data:`KV_ROLES`.
+
+    Returns:
+        The arguments to launch the engine with.
+    """
+    out = list(args)
+    for i, flag, value in _flags(args):
+        if flag != KV_TRANSFER_FLAG or value is None:
+            continue
+        try:
+            config = _kv_transfer_config(value)
+        except ValueError:
+            continue  # check_engine_args reports it
+        if "kv_role" in config:
+            continue
+        text = json.dumps({**config, "kv_role": KV_ROLES[role]}, separators=(",", ":"))
+        if "=" in args[i]:
+            out[i] = f"{args[i].partition('=')[0]}={text}"
+        else:
+            out[i + 1] = text
+    return tuple(out)
+
+
 __all__ = [
     "DTYPES",
     "FLEET_OWNED_FLAGS",
     "KV_CACHE_DTYPES",
+    "KV_ROLES",
+    "KV_TRANSFER_FLAG",
     "EngineArgs",
     "check_engine_args",
     "human_int",
+    "with_kv_role",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -191,3 +192,28 @@ def test_roles_launch_prefill_and_decode_engines_with_the_deployments_connector_
     assert "--kv-transfer-config" in to_deployment(bare, EngineDefaults())[1][0]
     with pytest.raises(ConfigError):
         Deployment("x", "/m", replicas=3, roles=(1, 1))
+
+
+def test_a_connector_without_kv_role_gets_each_engines_role() -> None:
+    example = {"kv_connector": "ExampleConnector", "kv_connector_extra_config": {"a": 1}}
+    given = json.dumps(example)
+    args = ["--enforce-eager", "--kv_transfer_config", given, "--seed=1"]
+    m = model("chat-pd", replicas=None, roles={"prefill": 1, "decode": 1}, engineArgs=args)
+    d, _ = to_deployment(m, EngineDefaults())
+    specs = {e: d.spec(e, ()) for e in d.engine_ids()}
+    for engine_id, kv_role in (("chat-pd-prefill-0", "kv_producer"),
+                               ("chat-pd-decode-0", "kv_consumer")):  # fmt: skip
+        args = specs[engine_id].extra_args
+        assert args[:2] == ("--enforce-eager", "--kv_transfer_config")
+        assert args[3:] == ("--seed=1",)
+        assert json.loads(args[2]) == {**example, "kv_role": kv_role}
+    # without roles every engine does both; the --flag=JSON form works alike
+    both = model("chat", engineArgs=[f"--kv-transfer-config={given}"])
+    (arg,) = to_deployment(both, EngineDefaults())[0].spec("chat-0", ()).extra_args
+    flag, _, text = arg.partition("=")
+    assert flag == "--kv-transfer-config"
+    assert json.loads(text) == {**example, "kv_role": "kv_both"}
+    # a malformed config or kv_role is refused at load, naming the argument
+    for bad, why in (("{not json", "must be a JSON object"), ('{"kv_role": "kv_p"}', "kv_role")):
+        with pytest.raises(ConfigError, match=why):
+            model("x", engineArgs=["--kv-transfer-config", bad])
