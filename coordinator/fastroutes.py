@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
+from opentelemetry.trace import Span, SpanKind
 
+from . import tracing
 from .apikeys import ApiKey, RateLimited
 from .errors import ApiError, error_body, render
 from .fastexchange import Exchange, FrontRequest
@@ -75,12 +77,44 @@ async def inference(
     """Serve an inference request to ``path`` (one of :data:`ENDPOINTS`); ``headers`` with
     lower-case names; ``read_body`` reads its body (after the key is checked).
 
+    The request gets an ``x-request-id`` (the client's, or a new one) that its log lines carry,
+    and, with tracing on, a server span that ends with its body (:mod:`.tracing`).
+
     Raises:
         ApiError: the request is refused (invalid, unauthorized, over a limit, no engine).
     """
+    request_id = headers.get("x-request-id") or tracing.new_request_id()
+    headers = {**headers, "x-request-id": request_id}
+    span = tracing.start(
+        f"POST {path}",
+        {"http.request.method": "POST", "http.route": path, "fleet.request_id": request_id},
+        kind=SpanKind.SERVER,
+        parent=tracing.extract(headers),
+    )
+    try:
+        with tracing.within(span, request_id):
+            reply = await _inference(coord, path, headers, read_body, span)
+    except BaseException as exc:
+        tracing.finish(span, exc.status if isinstance(exc, ApiError) else 500)
+        raise
+    if reply.stream is None:
+        tracing.finish(span, reply.status)
+    else:
+        reply.stream = tracing.spanning(reply.stream, span, request_id, reply.status)
+    return reply
+
+
+async def _inference(
+    coord: Coordinator,
+    path: str,
+    headers: dict[str, str],
+    read_body: Callable[[], Awaitable[bytes]],
+    span: Span,
+) -> Reply:
     key = await authorize(coord, headers)  # before the body is read
     raw = await read_body()
     parsed = validate(ENDPOINTS[path], raw, context_len_of=coord.placer.context_len)
+    span.set_attributes({"gen_ai.request.model": parsed.model, "fleet.stream": parsed.stream})
     tier = key.tier if key is not None else None
     forward = functools.partial(_forward, coord, path, headers, tier)
     if coord.response_cache is None:

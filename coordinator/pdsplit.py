@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import trio
+from opentelemetry import trace
 
 from fleet.protocol.errors import ConfigError
 
+from . import tracing
 from .engineclient import EngineHTTPError, EngineURLError
 from .metrics import CoordinatorMetrics
 from .pools import EnginePools
@@ -201,7 +203,7 @@ class PrefillRunner:
     async def run(self, call: PrefillCall, headers: Mapping[str, str]) -> PrefillAnswer:
         """Send ``call``; its answer, or why there is none. Never raises for the engine's
         failures (cancellation passes)."""
-        upstream = dict(headers)
+        upstream = tracing.inject(dict(headers), trace.get_current_span())
         left = max(call.deadline - trio.current_time(), 0.001)
         upstream[TIMEOUT_HEADER] = f"{left:.3f}"
         release = self._acquire(call.engine.id)
@@ -269,8 +271,11 @@ class Splitter:
         now = trio.current_time()
         target = prefiller or decision.prefill
         call = plan_prefill(path, body, target, decision.engine, now, deadline, self.cfg)
-        answer = PrefillAnswer() if call is None else await self.runner.run(call, headers)
-        out = after_prefill(call, answer, body, raw)
+        attributes = {"fleet.engine.id": call.engine.id} if call is not None else {}
+        with tracing.span("fleet.prefill", attributes) as span:
+            answer = PrefillAnswer() if call is None else await self.runner.run(call, headers)
+            out = after_prefill(call, answer, body, raw)
+            span.set_attributes({"fleet.pd.outcome": out.outcome, "fleet.pd.reason": out.reason})
         self.metrics.pd_requests.labels(outcome=out.outcome).inc()
         if out.outcome == "fallback" and call is not None:
             self.metrics.pd_fallbacks.labels(reason=out.reason).inc()

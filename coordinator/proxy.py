@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import httpx
 import trio
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from . import tracing
 from .admission import Admission, Overloaded, WaitEstimate, priority_of
 from .engineclient import EngineHTTPError, EngineURLError
 from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NoCapacity, UpstreamError
@@ -208,9 +210,13 @@ class Gateway:
         # minutes to start an engine); without one, max_queue_wait_s does.
         wait_until = deadline if math.isfinite(deadline) else start + self.max_queue_wait_s
         try:
-            queued = await slot.enter_async_context(
-                self.admission.admit(request.model, priority, wait_until)
-            )
+            with tracing.span("fleet.admission", {"fleet.priority": priority}) as span:
+                queued = await slot.enter_async_context(
+                    self.admission.admit(request.model, priority, wait_until)
+                )
+                span.set_attributes(
+                    {"fleet.queued": queued, "fleet.queue_wait_s": trio.current_time() - start}
+                )
         except Overloaded:
             self.metrics.shed.labels(model=request.model).inc()
             raise
@@ -280,7 +286,11 @@ class Gateway:
             # take a try of this request.
             elsewhere = [c for c in left if c.node not in failed_nodes]
             now = trio.current_time()
-            decision = self.scheduler.schedule(routing, elsewhere or left, self.inflight.get, now)
+            with tracing.span("fleet.schedule") as span:
+                decision = self.scheduler.schedule(
+                    routing, elsewhere or left, self.inflight.get, now
+                )
+                span.set_attributes(_decision_attributes(decision))
             engine = decision.engine
             if engine is None:
                 if not tried:
@@ -290,49 +300,63 @@ class Gateway:
                     )
                 break
             tried.append(engine.id)
-            if split is None:
-                split = await self.splitter.split(
-                    path, request.body, raw, decision, prefiller, upstream_headers, deadline
-                )
-                now = trio.current_time()
-            breaker = self.breakers.get(engine.id)
-            breaker.allow(now)
-            reason = ""
-            if timeout_s is not None:
-                upstream_headers[TIMEOUT_HEADER] = f"{max(deadline - now, 0.001):.3f}"
-            try:
-                with trio.move_on_at(deadline) as scope, self._watching(engine.id) as down:
-                    forwarded = await self._open(
-                        engine, path, split.body, upstream_headers, request, request_id
+            retry: dict[str, str | int] = {
+                "fleet.engine.id": engine.id,
+                "fleet.attempt.retry": len(tried) - 1,
+            }
+            with tracing.span("fleet.attempt", retry) as span:
+                if split is None:
+                    split = await self.splitter.split(
+                        path, request.body, raw, decision, prefiller, upstream_headers, deadline
                     )
-                if down.cancelled_caught:
-                    raise UpstreamError(engine.id, "stopped answering (health probe)", "down")
-                if scope.cancelled_caught:
-                    # Not a breaker failure: under overload every engine is slow, and a hung
-                    # one is found by its health probe (watch_silent).
-                    assert timeout_s is not None
-                    self.metrics.upstream_errors.labels(engine=engine.id).inc()
-                    raise DeadlineExceeded(timeout_s)
-            except UpstreamError as exc:
-                reason, last_error = exc.reason, str(exc)
-                log.warning("%s", exc)
-            else:
-                if forwarded.status < 500:
-                    breaker.success(trio.current_time())
-                    self.scheduler.served(routing, engine.id, trio.current_time())
-                    _decision_headers(forwarded.headers, decision, split.prefill)
-                    if request.stream and forwarded.status == 200 and _is_sse(forwarded):
-                        forwarded.body = self._resuming(
-                            forwarded.engine,
-                            forwarded.body,
-                            path,
-                            request,
-                            upstream_headers,
-                            routing,
-                            deadline,
+                    now = trio.current_time()
+                breaker = self.breakers.get(engine.id)
+                breaker.allow(now)
+                reason = ""
+                if timeout_s is not None:
+                    upstream_headers[TIMEOUT_HEADER] = f"{max(deadline - now, 0.001):.3f}"
+                try:
+                    with trio.move_on_at(deadline) as scope, self._watching(engine.id) as down:
+                        forwarded = await self._open(
+                            engine, path, split.body, upstream_headers, request, request_id
                         )
-                    return forwarded
-                reason, last_error = "5xx", f"engine {engine.id} answered {forwarded.status}"
+                    if down.cancelled_caught:
+                        raise UpstreamError(engine.id, "stopped answering (health probe)", "down")
+                    if scope.cancelled_caught:
+                        # Not a breaker failure: under overload every engine is slow, and a hung
+                        # one is found by its health probe (watch_silent).
+                        assert timeout_s is not None
+                        self.metrics.upstream_errors.labels(engine=engine.id).inc()
+                        span.set_attribute("fleet.attempt.outcome", "deadline")
+                        raise DeadlineExceeded(timeout_s)
+                except UpstreamError as exc:
+                    reason, last_error = exc.reason, str(exc)
+                    span.set_attribute("fleet.attempt.outcome", reason)
+                    log.warning("%s", exc)
+                else:
+                    ok = forwarded.status < 500
+                    span.set_attributes(
+                        {
+                            "fleet.attempt.outcome": "ok" if ok else "5xx",
+                            "http.response.status_code": forwarded.status,
+                        }
+                    )
+                    if ok:
+                        breaker.success(trio.current_time())
+                        self.scheduler.served(routing, engine.id, trio.current_time())
+                        _decision_headers(forwarded.headers, decision, split.prefill)
+                        if request.stream and forwarded.status == 200 and _is_sse(forwarded):
+                            forwarded.body = self._resuming(
+                                forwarded.engine,
+                                forwarded.body,
+                                path,
+                                request,
+                                upstream_headers,
+                                routing,
+                                deadline,
+                            )
+                        return forwarded
+                    reason, last_error = "5xx", f"engine {engine.id} answered {forwarded.status}"
             failed_nodes.add(engine.node)
             refused = reason == "refused"
             if refused:
@@ -434,9 +458,13 @@ class Gateway:
             self.metrics.upstream_errors.labels(engine=engine.id).inc()
             progress.absorb_events(sent)
             log.warning("engine %s broke a stream (%s); resuming it", engine.id, why)
-            nxt = await self._continue(
-                path, request, headers, routing, deadline, progress, failed, resumes
-            )
+            with tracing.span("fleet.resume", {"fleet.engine.id": engine.id}) as span:
+                nxt = await self._continue(
+                    path, request, headers, routing, deadline, progress, failed, resumes
+                )
+                span.set_attribute(
+                    "fleet.resume.outcome", "ended" if isinstance(nxt, list) else nxt[0].engine.id
+                )
             if isinstance(nxt, list):
                 for event in nxt:
                     yield event
@@ -741,12 +769,23 @@ class Gateway:
         request: ParsedRequest,
         request_id: str,
     ) -> Forwarded:
-        release = self._hold(engine.id)
-        started = self.clock()
+        call = tracing.start(
+            "fleet.engine_call",
+            {"fleet.engine.id": engine.id, "url.full": engine.url + path},
+            kind=SpanKind.CLIENT,
+        )
+        headers = tracing.inject(headers, call)
+        unhold, end_call = self._hold(engine.id), tracing.ender(call)
 
+        def release() -> None:  # the engine's slot, and the call's span: once, when it is done
+            unhold()
+            end_call()
+
+        started = self.clock()
         try:
             response = await self.pools.get(engine.url).request("POST", path, headers, raw)
         except (EngineHTTPError, EngineURLError) as exc:
+            call.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             release()
             # refused: nothing listens (or the host refused), the engine is gone
             reason = exc.reason if isinstance(exc, EngineHTTPError) else "connect"
@@ -755,6 +794,7 @@ class Gateway:
             release()
             raise
         took = self.clock() - started
+        call.set_attribute("http.response.status_code", response.status)
         self.metrics.ttfb.labels(model=request.model).observe(took)
         if response.status == 200:
             key = (request.model, request.stream)
@@ -827,6 +867,22 @@ async def _read_to_end(body: AsyncIterator[bytes]) -> None:
 
 def _is_sse(forwarded: Forwarded) -> bool:
     return forwarded.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _decision_attributes(decision: Decision) -> dict[str, str | bool | int | float]:
+    """A scheduling decision, as span attributes."""
+    out: dict[str, str | bool | int | float] = {
+        "fleet.prefix_tokens": decision.prefix_tokens,
+        "fleet.scheduling_ms": decision.scheduling_ms,
+    }
+    if decision.engine is not None:
+        out["fleet.engine.id"] = decision.engine.id
+    if decision.prefill is not None:
+        out["fleet.prefill.engine.id"] = decision.prefill.id
+    if decision.pd is not None:
+        out["fleet.pd.split"] = decision.pd.split
+        out["fleet.pd.reason"] = decision.pd.reason
+    return out
 
 
 def _decision_headers(

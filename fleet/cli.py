@@ -17,15 +17,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet import logjson
 from fleet.keyscli import add_curve_arg, client_keys, server_keys, up_keys
 from fleet.keyscli import add_parser as add_keys_parser
 from fleet.nodescalecli import add_node_scale_args, node_scale_config
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(".fleet/logs"),
         help="where fleet and engine logs go (default %(default)s)",
     )
+    _observability_args(up, otel=True)
     up.add_argument(
         "--engine-startup-timeout",
         type=float,
@@ -122,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         help="ZMQ endpoint agents connect to (default %(default)s)",
     )
     coord.add_argument("--log-dir", type=Path, default=None)
+    _observability_args(coord, otel=True)
     coord.add_argument(
         "--drain-timeout",
         type=float,
@@ -220,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         help="address engines listen on; the coordinator must reach it",
     )
     agent.add_argument("--log-dir", type=Path, default=Path(".fleet/logs"))
+    _observability_args(agent, otel=False)
     agent.add_argument(
         "--engine-startup-timeout",
         type=float,
@@ -497,18 +502,52 @@ def _version() -> str:
     return __version__
 
 
-def _setup_logging(log_dir: Path | None, *, verbose_stderr: bool) -> None:
+def _observability_args(parser: argparse.ArgumentParser, *, otel: bool) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=logjson.FORMATS,
+        default="text",
+        help="text, or one JSON object per line with request_id and trace_id (default text)",
+    )
+    if otel:
+        parser.add_argument(
+            "--otel-endpoint",
+            default=None,
+            metavar="URL",
+            help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://collector:4318; "
+            "default: $OTEL_EXPORTER_OTLP_ENDPOINT, unset: tracing off); needs the `tracing` extra",
+        )
+
+
+@contextlib.contextmanager
+def _tracing(args: argparse.Namespace) -> Iterator[None]:
+    """Tracing on while inside when ``--otel-endpoint`` (or the OTLP variable) says so; the
+    spans left are flushed on the way out."""
+    from fleet.coordinator import tracing
+
+    provider = tracing.configure(args.otel_endpoint)
+    try:
+        yield
+    finally:
+        if provider is not None:
+            tracing.install(None)
+            provider.shutdown()
+
+
+def _setup_logging(log_dir: Path | None, *, verbose_stderr: bool, log_format: str) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = logjson.formatter(log_format)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(logging.INFO if verbose_stderr else logging.WARNING)
     stderr.setFormatter(fmt)
+    stderr.addFilter(logjson.RequestContext())
     root.addHandler(stderr)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_dir / "fleet.log")
         handler.setFormatter(fmt)
+        handler.addFilter(logjson.RequestContext())
         root.addHandler(handler)
     for noisy in ("httpx", "httpcore", "hypercorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -683,7 +722,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     if args.coordinators < 1:
         raise FleetError(f"--coordinators must be at least 1, not {args.coordinators}")
-    _setup_logging(args.log_dir, verbose_stderr=False)
+    _setup_logging(args.log_dir, verbose_stderr=False, log_format=args.log_format)
     # bad flags fail before anything starts
     settings = (declared(args), scheduling(args), resilience(args), api_keys(args))
     check_perimeter(args, settings[3].enabled)
@@ -709,7 +748,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
         flags = _shared_flags(args, _parser_of("up"), _parser_of("coordinator"))
         return trio.run(run_up_many, args, flags, args.coordinators)
-    return trio.run(run_up, args, *settings)
+    with _tracing(args):
+        return trio.run(run_up, args, *settings)
 
 
 #: ``fleet up`` options a ``fleet coordinator`` child of ``--coordinators N`` does not inherit
@@ -753,7 +793,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
     from fleet.coordinator.service import Coordinator, CoordinatorConfig
 
-    _setup_logging(args.log_dir, verbose_stderr=True)
+    _setup_logging(args.log_dir, verbose_stderr=True, log_format=args.log_format)
     keys = api_keys(args)
     if args.http_fd is None:  # a child of `fleet up --coordinators N`: its parent checked
         check_perimeter(args, keys.enabled)
@@ -791,7 +831,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     if args.hot_restart:
         return _hot_restart(args)
     coordinator = Coordinator(cfg, tokenizer_files=files)
-    return trio.run(_serve_until_signal, coordinator.run, coordinator.drain, args.parent_fd)
+    with _tracing(args):
+        return trio.run(_serve_until_signal, coordinator.run, coordinator.drain, args.parent_fd)
 
 
 def _hot_restart(args: argparse.Namespace) -> int:
@@ -825,7 +866,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from fleet.agent.service import Agent, AgentConfig
     from fleet.agent.supervisor import SupervisorConfig
 
-    _setup_logging(args.log_dir, verbose_stderr=True)
+    _setup_logging(args.log_dir, verbose_stderr=True, log_format=args.log_format)
     kwargs: dict[str, Any] = {}
     if args.node_id:
         kwargs["node_id"] = args.node_id
