@@ -13,8 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from fleet.agent.sim.server import SimServer
+from fleet.coordinator import tracing
 from fleet.coordinator.pdsplit import (
     PREFILL_PARAMS,
     DecodeCall,
@@ -286,3 +290,27 @@ async def test_the_prefiller_header_naming_the_prefill_engine_splits_even_a_shor
         await ask(gateway, "hello there", headers=decode)
     assert gateway.metrics.ssrf_blocked.labels(reason="not_prefill")._value.get() == 1
     assert outcomes(gateway) == {"split": 1, "fallback": 0, "decode_only": 0}
+
+
+async def test_a_split_request_traces_its_prefill_within_its_attempt(fleet: Fleet) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        status, headers, _ = await ask(fleet.gateway, LONG)
+    finally:
+        tracing.install(None)
+    assert status == 200 and headers["x-prefill-pod"] == "p"
+    by_name = {s.name: s for s in exporter.get_finished_spans()}
+    schedule, attempt = by_name["fleet.schedule"], by_name["fleet.attempt"]
+    prefill, call = by_name["fleet.prefill"], by_name["fleet.engine_call"]
+    assert schedule.attributes is not None and schedule.attributes["fleet.pd.split"] is True
+    assert schedule.attributes["fleet.prefill.engine.id"] == "p"
+    assert prefill.parent is not None and call.parent is not None
+    assert prefill.parent.span_id == call.parent.span_id == attempt.context.span_id
+    assert dict(prefill.attributes or {}) == {
+        "fleet.engine.id": "p",
+        "fleet.pd.outcome": "split",
+        "fleet.pd.reason": "",
+    }

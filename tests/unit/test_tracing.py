@@ -27,6 +27,8 @@ from fleet.logjson import JsonFormatter, RequestContext
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.messages import EngineStatus, Register
 
+from .test_fastserve import Client, post
+
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{CLIENT_TRACE}-b7ad6b7169203331-01"
 
@@ -200,6 +202,40 @@ async def test_a_retried_request_shows_two_attempts(
     assert {_parent(c) for c in calls} == {a.context.span_id for a in attempts}
     sent = [h["traceparent"].split("-")[2] for e in engines.values() for h in e.seen]
     assert sorted(sent) == sorted(f"{c.context.span_id:016x}" for c in calls)
+
+
+async def test_a_stream_served_by_quart_nests_the_same(
+    spans: InMemorySpanExporter, fleet: tuple[str, dict[str, Engine]]
+) -> None:
+    url, _ = fleet
+    host, port = url.removeprefix("http://").split(":")
+    client = await Client.open((host, int(port)))
+    await client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # hands it to hypercorn
+    assert (await client.response())[0] == 200
+    body = json.dumps({"model": "demo", "prompt": "hi", "max_tokens": 2, "stream": True})
+    await client.send(post("/v1/completions", body.encode(), "Content-Type: application/json"))
+    status, _, raw = await client.response()
+    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    tree = _tree(spans)
+    (server,), (attempt,) = tree["POST /v1/completions"], tree["fleet.attempt"]
+    (call,) = tree["fleet.engine_call"]
+    assert _parent(attempt) == server.context.span_id
+    assert _parent(call) == attempt.context.span_id
+    assert server.end_time is not None and call.end_time is not None
+    assert server.end_time >= call.end_time
+
+
+async def test_a_refused_request_ends_its_span_with_the_status(
+    spans: InMemorySpanExporter, fleet: tuple[str, dict[str, Engine]]
+) -> None:
+    url, _ = fleet
+    async with httpx.AsyncClient(timeout=10) as client:
+        reply = await client.post(url + "/v1/completions", json={"model": "none", "prompt": "x"})
+    assert reply.status_code == 404
+    (server,) = spans.get_finished_spans()
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 404
+    assert server.attributes["gen_ai.request.model"] == "none"
 
 
 async def test_a_resumed_stream_shows_the_resume_and_its_engine_call(
