@@ -145,8 +145,9 @@ def extract(headers: Mapping[str, str]) -> otel_context.Context | None:
 
 
 def inject(headers: dict[str, str], span_: trace.Span) -> dict[str, str]:
-    """``headers`` with ``span_``'s W3C trace context (the same dict when it records none)."""
-    if not span_.is_recording():
+    """``headers`` with ``span_``'s W3C trace context (the same dict when it has none: tracing
+    is off). A span not sampled is passed on too, flagged so."""
+    if not span_.get_span_context().is_valid:
         return headers
     out = dict(headers)
     _W3C.inject(out, context=trace.set_span_in_context(span_))
@@ -162,7 +163,8 @@ def new_request_id() -> str:
 def within(span_: trace.Span, request_id: str) -> Iterator[None]:
     """While inside, ``span_`` is the current span and log lines carry ``request_id``."""
     rid = REQUEST_ID.set(request_id)
-    token = otel_context.attach(trace.set_span_in_context(span_)) if span_.is_recording() else None
+    valid = span_.get_span_context().is_valid
+    token = otel_context.attach(trace.set_span_in_context(span_)) if valid else None
     try:
         yield
     finally:
@@ -184,14 +186,20 @@ async def spanning(
     stream: AsyncIterator[bytes], span_: trace.Span, request_id: str, status: int
 ) -> AsyncIterator[bytes]:
     """Re-yield ``stream``, each chunk made :func:`within` the request's span; then, or when
-    abandoned, close it and :func:`finish` the span."""
+    abandoned, close it and :func:`finish` the span. (Inlined: it runs once per chunk.)"""
+    ctx = trace.set_span_in_context(span_) if span_.get_span_context().is_valid else None
     try:
         while True:
-            with within(span_, request_id):
-                try:
-                    chunk = await stream.__anext__()
-                except StopAsyncIteration:
-                    return
+            rid = REQUEST_ID.set(request_id)
+            token = otel_context.attach(ctx) if ctx is not None else None
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+                REQUEST_ID.reset(rid)
             yield chunk
     finally:
         try:

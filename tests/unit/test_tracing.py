@@ -288,6 +288,19 @@ async def test_a_log_line_carries_the_request_id_and_trace_id(
     assert all(line.get("request_id") == "req-7" for line in lines)
 
 
+async def test_a_trace_the_client_did_not_sample_is_passed_on_unsampled(
+    spans: InMemorySpanExporter, fleet: tuple[str, dict[str, Engine]]
+) -> None:
+    url, engines = fleet
+    unsampled = TRACEPARENT.removesuffix("-01") + "-00"
+    assert (await _post(url, {"traceparent": unsampled})).status_code == 200
+    assert spans.get_finished_spans() == ()  # the SDK's default sampler follows the parent
+    (seen,) = [h for e in engines.values() for h in e.seen]
+    version, trace_id, span_id, flags = seen["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", CLIENT_TRACE, "00")
+    assert span_id != TRACEPARENT.split("-")[2]  # the engine call's own id
+
+
 async def test_tracing_off_adds_nothing_and_passes_the_clients_traceparent(
     fleet: tuple[str, dict[str, Engine]],
 ) -> None:
