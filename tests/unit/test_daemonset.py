@@ -765,4 +765,4 @@ def test_the_dockerfile_builds_both_variants_running_fleet() -> None:
     (vllm,) = extras["optional-dependencies"]["gpu"]
     assert f"ARG VLLM_IMAGE=vllm/vllm-openai:v{vllm.split('==')[1]}" in text
     assert text.count('ENTRYPOINT ["fleet"]') == 2
-    assert '"/src/fleet[cpu]"' in text
+    assert '"/src/fleet[cpu,tracing]"' in text  # the CPU engine, and --otel-endpoint
