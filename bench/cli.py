@@ -15,6 +15,7 @@ BENCHMARKS = {
     "coordinators": "coordinators",
     "engine-client": "engine_client",
     "simday": "simday",
+    "pd-split": "pd_split",
 }
 
 

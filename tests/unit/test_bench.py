@@ -70,3 +70,26 @@ def test_pick_overhead_runs_small(tmp_path: Path) -> None:
     assert result["index_entries"] == 4 * 64
     assert result["schedule"]["n"] == 20 and result["schedule"]["p99_ms"] > 0
     assert result["prompt_blocks"] == 256 // 16 and result["tokenize"]["n"] == 20 // 4
+
+
+def test_pd_split_runs_small_and_the_split_fleet_splits(tmp_path: Path) -> None:
+    from fleet.bench.cli import main
+
+    main(
+        ["pd-split", "--engines", "2", "--prefill", "1", "--duration-s", "1.5", "--long-rates",
+         "1.5", "--long-tokens", "500-700", "--long-max-tokens", "4", "--chat-rate", "2",
+         "--chat-max-tokens", "8", "--out", str(tmp_path)]
+    )  # fmt: skip
+    result = json.loads((tmp_path / "pd_split" / "result.json").read_text())
+    runs = {run["fleet"]: run for run in result["runs"]}
+    assert set(runs) == {"unsplit", "split"}
+    for run in runs.values():
+        for cls in ("long", "chat"):
+            assert run[cls]["sent"] > 0 and run[cls]["ok"] == run[cls]["sent"], run[cls]
+            assert run[cls]["ttft"]["n"] == run[cls]["sent"]
+    long_sent = runs["split"]["long"]["sent"]
+    assert runs["split"]["long"]["split_by_header"] == long_sent  # every long prompt split
+    assert runs["split"]["pd_requests_total"]["split"] == long_sent
+    assert runs["split"]["chat"]["split_by_header"] == 0  # short prompts are not
+    assert runs["unsplit"]["pd_requests_total"] == {"split": 0, "fallback": 0, "decode_only": 0}
+    assert "| 1.5 | split | long |" in (tmp_path / "pd_split" / "result.md").read_text()
