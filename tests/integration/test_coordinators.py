@@ -75,6 +75,30 @@ def _get(url: str) -> Any:
         return None
 
 
+def _start_pair(
+    tmp_path: Path, flags: list[str], procs: list[subprocess.Popen[bytes]]
+) -> dict[str, str]:
+    """Start coordinators ``a`` and ``b`` (each with ``flags``) and one agent reporting to both,
+    each process in ``procs`` as soon as it runs (the caller stops them); the HTTP URLs."""
+    fleet = [sys.executable, "-m", "fleet"]
+    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
+    for name, (http, link) in ports.items():
+        argv = [*fleet, "coordinator", "--port", str(http), "--agent-endpoint",
+                f"tcp://127.0.0.1:{link}", *flags, "--coordinator-id", f"coord-{name}",
+                "--log-dir", str(tmp_path / name)]  # fmt: skip
+        with open(tmp_path / f"{name}.out", "ab") as out:
+            procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    links = ",".join(f"tcp://127.0.0.1:{link}" for _, link in ports.values())
+    with open(tmp_path / "agent.out", "ab") as out:
+        procs.append(subprocess.Popen(
+            [*fleet, "agent", "--coordinator", links, "--node-id", "n1", "--http-port", "0",
+             "--log-dir", str(tmp_path / "agent")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        ))  # fmt: skip
+    return {n: f"http://127.0.0.1:{http}" for n, (http, _) in ports.items()}
+
+
 def _wait(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> float:
     start = time.monotonic()
     while not check():
@@ -89,29 +113,13 @@ def test_a_sigkilled_lease_holder_is_replaced_within_the_lease_duration(
     """Two ``fleet coordinator --leader-lease`` processes on the test API server and one agent
     reporting to both: SIGKILL of the leader (no hand-back) and the other leads once the Lease
     lapsed; the engines are neither restarted nor placed again."""
-    fleet = [sys.executable, "-m", "fleet"]
     procs: list[subprocess.Popen[bytes]] = []
-    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
     with running_emulator() as kube:
         try:
-            for name, (http, link) in ports.items():
-                argv = [*fleet, "coordinator", "--port", str(http), "--agent-endpoint",
-                        f"tcp://127.0.0.1:{link}", "--model", str(demo_model), "--engine", "sim",
-                        "--replicas", "2", "--leader-lease", "fleet-system/fleet-leader",
-                        "--kube-api", kube, "--lease-duration", str(LEASE_S),
-                        "--coordinator-id", f"coord-{name}",
-                        "--log-dir", str(tmp_path / name)]  # fmt: skip
-                with open(tmp_path / f"{name}.out", "ab") as out:
-                    procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                                  start_new_session=True))  # fmt: skip
-            links = ",".join(f"tcp://127.0.0.1:{link}" for _, link in ports.values())
-            with open(tmp_path / "agent.out", "ab") as out:
-                procs.append(subprocess.Popen(
-                    [*fleet, "agent", "--coordinator", links, "--node-id", "n1", "--http-port",
-                     "0", "--log-dir", str(tmp_path / "agent")],
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                ))  # fmt: skip
-            urls = {n: f"http://127.0.0.1:{http}" for n, (http, _) in ports.items()}
+            flags = ["--model", str(demo_model), "--engine", "sim", "--replicas", "2",
+                     "--leader-lease", "fleet-system/fleet-leader", "--kube-api", kube,
+                     "--lease-duration", str(LEASE_S)]  # fmt: skip
+            urls = _start_pair(tmp_path, flags, procs)
 
             def engines(name: str) -> dict[str, tuple[int, int]]:
                 found = _get(urls[name] + "/api/v1/engines") or {"engines": []}
@@ -155,26 +163,11 @@ def test_a_request_reaching_a_follower_scales_a_deployment_from_zero(
     doc = {"apiVersion": "fleet.dev/v1alpha1", "kind": "FleetModel", "metadata": {"name": "zero"},
            "spec": {"source": str(demo_model), "minReplicas": 0, "maxReplicas": 2}}  # fmt: skip
     (folder / "zero.yaml").write_text(json.dumps(doc))
-    fleet = [sys.executable, "-m", "fleet"]
     procs: list[subprocess.Popen[bytes]] = []
-    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
     try:
-        for name, (http, link) in ports.items():
-            argv = [*fleet, "coordinator", "--port", str(http), "--agent-endpoint",
-                    f"tcp://127.0.0.1:{link}", "--deployments", str(folder), "--engine", "sim",
-                    "--leader-lock", str(tmp_path / "leader.lock"), "--coordinator-id",
-                    f"coord-{name}", "--log-dir", str(tmp_path / name)]  # fmt: skip
-            with open(tmp_path / f"{name}.out", "ab") as out:
-                procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
-        links = ",".join(f"tcp://127.0.0.1:{link}" for _, link in ports.values())
-        with open(tmp_path / "agent.out", "ab") as out:
-            procs.append(subprocess.Popen(
-                [*fleet, "agent", "--coordinator", links, "--node-id", "n1", "--http-port",
-                 "0", "--log-dir", str(tmp_path / "agent")],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
-        urls = {n: f"http://127.0.0.1:{http}" for n, (http, _) in ports.items()}
+        flags = ["--deployments", str(folder), "--engine", "sim",
+                 "--leader-lock", str(tmp_path / "leader.lock")]  # fmt: skip
+        urls = _start_pair(tmp_path, flags, procs)
 
         def leads(name: str) -> bool | None:
             health = _get(urls[name] + "/healthz")

@@ -5,7 +5,6 @@ cached on that engine (the KV index); the prefill profile then picks among the o
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 
 from fleet.coordinator.kvindex import KVIndex
 from fleet.coordinator.picker import InflightCounter
@@ -15,40 +14,15 @@ from fleet.coordinator.router.pd import AlwaysDisaggPDDecider, PrefixBasedPDDeci
 from fleet.coordinator.router.plugins import Params
 from fleet.coordinator.router.prompt import RoutingRequest
 from fleet.coordinator.router.scheduler import Scheduler
-from fleet.protocol.kvevents import BlockStored
 
-BS = 4
+from .test_router import BS, store
+from .test_router import view as router_view
+
 PROMPT = tuple(range(100, 100 + 16 * BS))  # 64 tokens, 16 full blocks
 
 
 def view(engine_id: str, role: str) -> EngineView:
-    return EngineView(
-        id=engine_id,
-        node="n1",
-        model="m",
-        url=f"http://127.0.0.1/{engine_id}",
-        pid=1,
-        state="ready",
-        role=role,
-        kind="sim",
-        restarts=0,
-        block_size=BS,
-        gpus=(),
-        routable=True,
-    )
-
-
-def store(index: KVIndex, engine_id: str, tokens: Sequence[int]) -> None:
-    n = len(tokens) // BS
-    event = BlockStored(
-        block_hashes=tuple(hash((engine_id, i)) & 0xFFFF_FFFF for i in range(n)),
-        parent_block_hash=None,
-        token_ids=tuple(tokens[: n * BS]),
-        block_size=BS,
-        medium="GPU",
-    )
-    entry = index.engine(engine_id)
-    index.apply(engine_id, "m", entry.next_seq if entry else 0, [event])
+    return router_view(engine_id, role=role)
 
 
 def pd_config(
