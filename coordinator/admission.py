@@ -122,6 +122,9 @@ class Admission:
     Args:
         engines_of: the number of routable engines of a model, now.
         slots_per_engine: requests in flight per engine before requests queue.
+        held_elsewhere: the model's requests in flight on engines that left routing (draining
+            after a scale-down, or down): their slots are not the routable engines' (default
+            none), so a request never waits for a drain while a routable engine is free.
         max_queue: waiters per model (when ``limits`` is not given).
         on_change: called with (model, queued) when a queue's length changes (metrics).
         limits: counts waiters against the fleet-wide bound (default: this coordinator's
@@ -136,8 +139,10 @@ class Admission:
         max_queue: int = 500,
         on_change: Callable[[str, int], None] | None = None,
         limits: SharedLimits | None = None,
+        held_elsewhere: Callable[[str], int] = lambda model: 0,
     ) -> None:
         self.engines_of = engines_of
+        self.held_elsewhere = held_elsewhere
         self.slots_per_engine = slots_per_engine
         self.max_queue = max_queue
         self.on_change = on_change
@@ -169,7 +174,7 @@ class Admission:
         return q.inflight if q else 0
 
     def _capacity(self, model: str) -> int:
-        return self.engines_of(model) * self.slots_per_engine
+        return self.engines_of(model) * self.slots_per_engine + self.held_elsewhere(model)
 
     @asynccontextmanager
     async def admit(

@@ -145,6 +145,8 @@ class Gateway:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.inflight = InflightCounter()
+        # served name -> engine -> its requests in flight there (slots held off routing)
+        self._by_model: dict[str, InflightCounter] = {}
         self.resilience = resilience or ResilienceConfig()
         self.breakers = Breakers(self.resilience)
         self.budget = RetryBudget(self.resilience)
@@ -163,6 +165,7 @@ class Gateway:
             max_queue=max_queue,
             on_change=lambda model, n: self.metrics.queued.labels(model=model).set(n),
             limits=limits,
+            held_elsewhere=self._held_off_routing,
         )
         self.is_deployed = is_deployed
         self.max_queue_wait_s = max_queue_wait_s
@@ -733,12 +736,16 @@ class Gateway:
             routing.tokenize_ms = (self.clock() - started) * 1000
         return routing
 
-    def _hold(self, engine_id: str) -> Callable[[], None]:
-        """Count a request in flight on ``engine_id``; returns its release (idempotent)."""
+    def _hold(self, engine_id: str, model: str | None = None) -> Callable[[], None]:
+        """Count a request in flight on ``engine_id`` (and against ``model``'s slots there);
+        returns its release (idempotent)."""
         if self.inflight.get(engine_id) == 0:  # an idle engine's silence was not a stall
             self.progress[engine_id] = trio.current_time()
         self.inflight.acquire(engine_id)
         self.metrics.inflight.labels(engine=engine_id).inc()
+        by_engine = None if model is None else self._by_model.setdefault(model, InflightCounter())
+        if by_engine is not None:
+            by_engine.acquire(engine_id)
         released = False
 
         def release() -> None:
@@ -747,8 +754,23 @@ class Gateway:
                 released = True
                 self.inflight.release(engine_id)
                 self.metrics.inflight.labels(engine=engine_id).dec()
+                if by_engine is not None:
+                    by_engine.release(engine_id)
 
         return release
+
+    def _held_off_routing(self, model: str) -> int:
+        """``model``'s requests in flight on engines that no longer take traffic (draining
+        or down): admission counts them apart from the routable engines' slots."""
+        by_engine = self._by_model.get(model)
+        if by_engine is None:
+            return 0
+        held = 0
+        for engine_id, n in by_engine.counts().items():
+            view = self.registry.engine(engine_id)
+            if view is None or not view.routable:
+                held += n
+        return held
 
     def _prefill_failed(self, engine_id: str, reason: str) -> None:
         """A split's prefill engine failed (:data:`.pdsplit.FALLBACK_REASONS`): eject it when
@@ -775,7 +797,7 @@ class Gateway:
             kind=SpanKind.CLIENT,
         )
         headers = tracing.inject(headers, call)
-        unhold, end_call = self._hold(engine.id), tracing.ender(call)
+        unhold, end_call = self._hold(engine.id, request.model), tracing.ender(call)
 
         def release() -> None:  # the engine's slot, and the call's span: once, when it is done
             unhold()

@@ -190,3 +190,32 @@ def test_coordinator_admission_settings_are_checked(key: str) -> None:
     with pytest.raises(ConfigError) as err:
         CoordinatorConfig(**{key: 0})  # type: ignore[arg-type]
     assert key in str(err.value)
+
+
+async def test_requests_draining_off_routing_do_not_take_the_routable_engines_slots(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engines, draining = Engines(2), Engines(0)
+    admission = Admission(engines, slots_per_engine=2, held_elsewhere=draining)
+    log: list[str] = []
+    on_a, on_b, late = trio.Event(), trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, admission, STANDARD, on_a, log, "a")
+        nursery.start_soon(_hold, admission, STANDARD, on_b, log, "b")
+        await trio.sleep(1)
+        engines.n, draining.n = 1, 1  # scaled down: b's engine drains, b runs on there
+        nursery.start_soon(_hold, admission, STANDARD, late, log, "c")
+        await trio.sleep(1)
+        assert log == ["in a", "in b", "in c"]  # the routable engine had a free slot
+        nursery.start_soon(_hold, admission, STANDARD, late, log, "d")
+        await trio.sleep(1)
+        assert admission.queued("m") == 1  # ... and now it has none
+        draining.n = 0
+        on_b.set()  # b finishes on the drained engine: that frees no routable slot
+        await trio.sleep(1)
+        assert log == ["in a", "in b", "in c"] and admission.queued("m") == 1
+        on_a.set()
+        await trio.sleep(1)
+        assert log[-1] == "in d"
+        late.set()
+    assert admission.inflight("m") == 0
