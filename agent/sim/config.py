@@ -30,6 +30,8 @@ from .kvtransfer import KVTransferSettings, parse_kv_transfer_config
 from .latency import (
     DEFAULT_DECODE_BATCH_SLOPE,
     DEFAULT_DECODE_MS_PER_TOKEN,
+    DEFAULT_KV_TRANSFER_BASE_MS,
+    DEFAULT_KV_TRANSFER_MS_PER_TOKEN,
     DEFAULT_PREFILL_MS_PER_TOKEN,
     LatencyModel,
 )
@@ -252,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sim-decode-ms-per-token to the step (default %(default)s)",
     )
     s.add_argument(
+        "--sim-kv-transfer-ms-per-token",
+        type=float,
+        default=DEFAULT_KV_TRANSFER_MS_PER_TOKEN,
+        help="a P/D decode request's KV load from its prefill engine: time per prompt token "
+        "loaded (default %(default)s ms); the load delays that request, not the batch",
+    )
+    s.add_argument(
+        "--sim-kv-transfer-base-ms",
+        type=float,
+        default=DEFAULT_KV_TRANSFER_BASE_MS,
+        help="... and per load, whatever its size (default %(default)s ms)",
+    )
+    s.add_argument(
         "--sim-hash-seed",
         default="random",
         help="seed of NONE_HASH (default: 'random', one per process, as engines started with "
@@ -299,6 +314,8 @@ def parse_args(argv: Sequence[str], *, environ: dict[str, str] | None = None) ->
         prefill_ms_per_token=args.sim_prefill_ms_per_token,
         decode_ms_per_token=args.sim_decode_ms_per_token,
         decode_batch_slope=args.sim_decode_batch_slope,
+        kv_transfer_ms_per_token=args.sim_kv_transfer_ms_per_token,
+        kv_transfer_base_ms=args.sim_kv_transfer_base_ms,
     )
     hash_seed = args.sim_hash_seed
     if hash_seed == "vllm":

@@ -213,8 +213,12 @@ class SimEngine:
             if not plan.entries:
                 device_free = -math.inf
                 self._publish(plan)
+                if self.metrics is not None and plan.admitted:
+                    self.metrics.observe_admitted(plan)
                 self._wakeup = trio.Event()
-                await self._wakeup.wait()
+                loaded = self.scheduler.next_loaded_s(now)  # a P/D request's KV arriving
+                with trio.move_on_at(math.inf if loaded is None else loaded):
+                    await self._wakeup.wait()
                 continue
             start = now if device_free == -math.inf else max(device_free, now - MAX_CATCH_UP_S)
             device_free = start + plan.duration_s

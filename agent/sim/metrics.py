@@ -225,6 +225,17 @@ class SimMetrics:
 
     def observe_step(self, plan: StepPlan, result: StepResult) -> None:
         """Count what one step did: admissions, preemptions, tokens, latencies."""
+        self.observe_admitted(plan)
+        if plan.preempted:
+            self.preemptions.inc(len(plan.preempted))
+        if result.outputs:
+            self.generation_tokens.inc(len(result.outputs))
+        for itl in result.itl_s:
+            self.itl.observe(itl)
+
+    def observe_admitted(self, plan: StepPlan) -> None:
+        """Count a plan's admissions, a plan with nothing to compute yet included (its
+        requests still loading their KV from a prefill engine)."""
         for request in plan.admitted:
             if request.num_preemptions == 0:
                 self.prefix_queries.inc(len(request.prompt))
@@ -233,12 +244,6 @@ class SimMetrics:
                 if self.connector:
                     self.external_queries.inc(len(request.prompt) - request.num_cached_tokens)
                     self.external_hits.inc(request.num_external_tokens)
-        if plan.preempted:
-            self.preemptions.inc(len(plan.preempted))
-        if result.outputs:
-            self.generation_tokens.inc(len(result.outputs))
-        for itl in result.itl_s:
-            self.itl.observe(itl)
 
     def observe_finished(self, done: FinishedRequest) -> None:
         """Count a request that left the engine, with its latencies."""

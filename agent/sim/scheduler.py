@@ -25,6 +25,7 @@ finished, and the KV events it caused. What it mirrors (vllm/v1/core/sched/sched
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class SimRequest:
             request, :mod:`.kvtransfer`): the prompt tokens not hit locally are loaded on
             first admission, only the last one is computed.
         num_external_tokens: prompt tokens loaded that way (vLLM's external prefix-cache hits).
+        loaded_at: when that load is done (:meth:`.LatencyModel.transfer_s` after admission);
+            the request computes nothing before (vLLM's ``WAITING_FOR_REMOTE_KVS``).
         keep_block_ids: record the request's block ids when it finishes (a P/D prefill
             request, whose blocks a decode engine reads).
         block_ids: those block ids.
@@ -75,6 +78,7 @@ class SimRequest:
     last_token_s: float | None = None
     remote_prefill: bool = False
     num_external_tokens: int = 0
+    loaded_at: float = -math.inf
     keep_block_ids: bool = False
     block_ids: tuple[int, ...] = ()
 
@@ -174,6 +178,11 @@ class Scheduler:
         self.running: list[SimRequest] = []
         self._ids: dict[str, SimRequest] = {}
 
+    def next_loaded_s(self, now: float) -> float | None:
+        """When the next running request still loading its KV at ``now`` is done, if any."""
+        loading = [r.loaded_at for r in self.running if r.loaded_at > now]
+        return min(loading) if loading else None
+
     @property
     def has_work(self) -> bool:
         """Whether any request waits or runs."""
@@ -211,7 +220,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(len(request.tokens) - request.num_computed, budget)
-            if num_new <= 0:
+            if num_new <= 0 or request.loaded_at > now:
                 index += 1
                 continue
             scheduled = True
@@ -253,6 +262,10 @@ class Scheduler:
             request.status = "running"
             self.running.append(request)
             admitted.append(request)
+            if loaded:  # its blocks arrive beside the steps; it computes once they are in
+                request.loaded_at = now + self.latency.transfer_s(loaded)
+                if request.loaded_at > now:
+                    continue
             entries.append((request, num_new))
             budget -= num_new
 

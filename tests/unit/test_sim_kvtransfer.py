@@ -76,7 +76,12 @@ def test_a_loaded_prompt_costs_one_token_of_prefill() -> None:
     scheduler.abort("a", 1.0)
     loaded = _request("b", prompt, remote_prefill=True)
     scheduler.add(loaded)
-    plan = scheduler.schedule(2.0)
+    loading = scheduler.schedule(2.0)  # admitted: its uncached tokens' KV is on its way
+    assert not loading.entries and loading.admitted == (loaded,)
+    arrives = 2.0 + LATENCY.transfer_s(15)  # 16 uncached, the last one computed, not loaded
+    assert arrives == pytest.approx(2.0 + (1.0 + 0.004 * 15) / 1000)
+    assert scheduler.next_loaded_s(2.0) == arrives and scheduler.next_loaded_s(arrives) is None
+    plan = scheduler.schedule(arrives)
     assert plan.prefill_tokens == 1 and plan.duration_s == LATENCY.step_s(
         prefill_tokens=1, decode_seqs=0
     )  # one token of compute, not the 16 uncached ones
@@ -91,6 +96,35 @@ def test_a_loaded_prompt_costs_one_token_of_prefill() -> None:
     held = cache.block_ids("c")
     scheduler.finish_step(plan, 5.0)
     assert sender.status == "finished" and sender.block_ids == tuple(held) and len(held) == 8
+
+
+def test_a_kv_load_delays_its_request_not_the_batch() -> None:
+    latency = LatencyModel(
+        prefill_ms_per_token=1, decode_ms_per_token=10, kv_transfer_ms_per_token=10,
+        kv_transfer_base_ms=100,
+    )  # fmt: skip
+    scheduler = Scheduler(
+        PrefixCache(block_size=4, num_blocks=64, hash_seed="t"), latency,
+        max_num_seqs=8, max_batched_tokens=1024,
+    )  # fmt: skip
+    local = _request("local", tuple(range(8)), max_tokens=50)
+    scheduler.add(local)
+    scheduler.finish_step(scheduler.schedule(0.0), 0.01)  # local decodes from here on
+    remote = _request("remote", tuple(range(100, 132)), max_tokens=2, remote_prefill=True)
+    scheduler.add(remote)
+    now, firsts = 0.01, {}
+    while "remote" not in firsts:
+        plan = scheduler.schedule(now)
+        if not plan.entries:  # only the load is left to wait for
+            now = scheduler.next_loaded_s(now) or pytest.fail("idle with nothing loading")
+            continue
+        now += plan.duration_s
+        for out in scheduler.finish_step(plan, now).outputs:
+            firsts.setdefault(out.request_id, now)
+    # 31 tokens loaded: 100 + 31 x 10 ms = 0.41 s, then the next step boundary and its own step
+    assert 0.01 + 0.41 < firsts["remote"] <= 0.01 + 0.41 + 2 * 0.011
+    # the local stream kept decoding meanwhile
+    assert local.num_computed - 8 >= 40  # ~41 decode steps of 10 ms ran during the load
 
 
 async def _metric(http: httpx.AsyncClient, url: str, name: str) -> float:
