@@ -6,7 +6,8 @@ connect) and no event is lost to a slow subscriber join. Frames are drained in b
 with vLLM's format, and forwarded with the engine id and the engine's own sequence number. A frame
 that cannot be decoded is logged and counted, never fatal.
 
-Sequence numbers are checked against ``next_seq``, the one expected next:
+Sequence numbers are checked against ``next_seq``, the one expected next, by the
+:class:`~fleet.protocol.sequence.SequenceTracker` the coordinator's index uses too:
 
 - ``seq == next_seq``: forwarded.
 - ``seq > next_seq`` (a gap: PUB dropped batches): the relay asks the engine's replay socket
@@ -41,6 +42,7 @@ import zmq
 
 from fleet.protocol.errors import ConfigError, ProtocolError
 from fleet.protocol.messages import KVEventBatch
+from fleet.protocol.sequence import Order, SequenceTracker
 from fleet.protocol.vllm_events import (
     VllmEventBatch,
     decode_replay_reply,
@@ -111,7 +113,7 @@ class KVRelay:
         self.replay_endpoint = replay_endpoint
         self.replay_timeout_s = float(replay_timeout_s)
         self.endpoint = ""
-        self.next_seq = 0
+        self.seqs: SequenceTracker[None] = SequenceTracker(first=0)  # gaps are replayed, not held
         self.events = 0
         self._labels = {"engine": engine_id}
         self._generation = 0  # engine processes started; a replay may outlive one
@@ -134,10 +136,15 @@ class KVRelay:
                 for frames in batches:
                     await self._relay(frames)
 
+    @property
+    def next_seq(self) -> int:
+        """The batch number expected next."""
+        return self.seqs.next_seq
+
     def engine_started(self) -> None:
         """A new engine process is starting: its first batch will be seq 0 again."""
         self._generation += 1
-        self.next_seq = 0
+        self.seqs.expect(0)
 
     async def _relay(self, frames: list[bytes]) -> None:
         try:
@@ -146,20 +153,21 @@ class KVRelay:
             self.metrics.kv_rejected.labels(**self._labels).inc()
             log.warning("engine %s sent an undecodable KV frame: %s", self.engine_id, exc)
             return
-        if batch.seq < self.next_seq and batch.seq != 0:
+        verdict = self.seqs.classify(batch.seq)
+        if verdict.order is Order.DUPLICATE:
             self.metrics.kv_duplicates.labels(**self._labels).inc()
             log.debug("engine %s: duplicate KV batch %d dropped", self.engine_id, batch.seq)
             return
-        if batch.seq > self.next_seq:
+        if verdict.order is Order.GAP:
             self.metrics.kv_gaps.labels(**self._labels).inc()
             generation = self._generation
-            replayed = await self._replay(self.next_seq, batch.seq)
+            replayed = await self._replay(verdict.missing.start, verdict.missing.stop)
             if self._generation != generation:
                 # The engine restarted during the replay: this batch and the replayed ones are
                 # the old process's; its successor starts at 0.
                 self._forward(batch, resync=True)
                 self.metrics.kv_resyncs.labels(**self._labels).inc()
-                self.next_seq = 0
+                self.seqs.expect(0)
                 return
             if replayed is None:
                 self.metrics.kv_resyncs.labels(**self._labels).inc()
@@ -295,7 +303,7 @@ class KVRelay:
         return None  # a bad reply
 
     def _forward(self, batch: VllmEventBatch, *, resync: bool = False) -> None:
-        self.next_seq = batch.seq + 1
+        self.seqs.advance(batch.seq)
         self.ledger.apply(batch.seq, batch.events, reset=resync)
         self.events += len(batch.events)
         self.metrics.kv_batches.labels(**self._labels).inc()

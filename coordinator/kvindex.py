@@ -5,7 +5,8 @@ key over token ids (``key = H(parent_key, block tokens)``, rooted per model), so
 right whatever hash algorithm or seed an engine uses. Each engine keeps a map from its own block
 hash to Fleet's key, which is how ``BlockRemoved`` is applied.
 
-Sequence numbers are checked per engine, and batches are applied once and in order:
+Sequence numbers are checked per engine (:class:`~fleet.protocol.sequence.SequenceTracker`, the
+same rules as the agent's relay), and batches are applied once and in order:
 
 - a duplicate (a number already applied or already waiting) is skipped;
 - a batch numbered 0 after others means the engine restarted: its entries are dropped first;
@@ -19,86 +20,41 @@ Sequence numbers are checked per engine, and batches are applied once and in ord
 So the index never reports a block an engine no longer has for longer than one resync. Memory is
 bounded: past ``max_entries`` (block, engine) entries new blocks are not indexed (counted as
 ``capped``) until others leave: the index under-reports, never over-reports.
+
+Every removal of an engine's entries, whoever decides it (the index itself on a restart or
+resync, the agent link when an engine leaves or moves, upkeep when a node is lost), goes through
+:meth:`KVIndex.drop_engine` or the index's own resync, and is counted by reason in
+:attr:`KVIndex.drops` (``fleet_kv_engine_drops_total``); only an engine's own
+``AllBlocksCleared`` event empties it otherwise.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from fleet.protocol.kvevents import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KVEvent
+from fleet.protocol.sequence import Order, SequenceTracker
 
+from .blockkeys import BlockKeys, block_keys, chain_key, root_key
 
-def root_key(model: str, lora: str | None = None) -> int:
-    """Return the chain root for a model (and LoRA adapter)."""
-    digest = hashlib.blake2b(f"fleet/{model}/{lora or ''}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def chain_key(parent: int, tokens: Sequence[int]) -> int:
-    """Return Fleet's key of a block given its parent's key and its token ids."""
-    payload = struct.pack(f">Q{len(tokens)}I", parent, *tokens)
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "big")
-
-
-def block_keys(model: str, token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Return the keys of every full block of a token sequence, in order.
-
-    The same keys as chaining :func:`chain_key` from :func:`root_key`.
-    """
-    return list(BlockKeys(model, token_ids, block_size))
-
-
-class BlockKeys:
-    """A prompt's block keys, computed only as far as they are read (and then kept).
-
-    Matching stops at the first block no candidate holds, so the blocks after the longest cached
-    prefix of a long prompt are never hashed. ``len()`` is the number of full blocks.
-    """
-
-    def __init__(self, model: str, token_ids: Sequence[int], block_size: int) -> None:
-        self.block_size = block_size
-        self._n = len(token_ids) // block_size
-        self._tokens = token_ids
-        self._packed: bytes | None = None
-        self._keys: list[int] = []
-        self._parent = root_key(model) if self._n else 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __iter__(self) -> Iterator[int]:
-        i = 0
-        while i < self._n:
-            if i == len(self._keys):
-                self._grow(i + 32)
-            yield self._keys[i]
-            i += 1
-
-    def _grow(self, upto: int) -> None:
-        upto = min(upto, self._n)
-        width = 4 * self.block_size
-        if self._packed is None:
-            count = self._n * self.block_size
-            self._packed = struct.pack(f">{count}I", *self._tokens[:count])
-        packed, parent, keys = self._packed, self._parent, self._keys
-        blake2b, pack_parent, from_bytes = hashlib.blake2b, _PARENT.pack, int.from_bytes
-        for start in range(len(keys) * width, upto * width, width):
-            digest = blake2b(pack_parent(parent) + packed[start : start + width], digest_size=8)
-            parent = from_bytes(digest.digest(), "big")
-            keys.append(parent)
-        self._parent = parent
-
-    def head(self, n: int | None) -> Iterator[int]:
-        """The first ``n`` keys (all when None)."""
-        return iter(self) if n is None or n >= self._n else itertools.islice(self, n)
-
-
-_PARENT = struct.Struct(">Q")
+DropReason = Literal[
+    "restart",  # the engine's batches began again at 0
+    "resync",  # the agent lost batches the engine's replay buffer no longer held
+    "gap_timeout",  # a gap stayed open past gap_timeout_s
+    "reorder_window",  # more batches waited behind a gap than reorder_window
+    "snapshot",  # an agent's snapshot of the engine replaces what the index knew
+    "model_changed",  # the engine id now serves another model
+    "node_lost",  # its node stopped sending heartbeats
+    "engine_gone",  # its node no longer reports it
+    "engine_restarted",  # its node reports a new process (an empty cache)
+    "second_copy",  # it runs on two nodes; the copy not routed is being stopped
+    "relocated",  # stopped to move it off an unhealthy GPU
+    "crash_loop",  # stopped to move it off a node where it keeps crashing
+]
+DROP_REASONS: frozenset[str] = frozenset(get_args(DropReason))
 
 
 @dataclass
@@ -106,7 +62,7 @@ class EngineEntry:
     """What the index knows of one engine."""
 
     model: str
-    next_seq: int = 0
+    seqs: SequenceTracker[tuple[KVEvent, ...]]  # its sequence; batches waiting behind a gap
     blocks: dict[BlockHash, int] = field(default_factory=dict)  # engine hash -> Fleet key
     # Fleet key -> how many *more* engine hashes map to it than the first (same tokens, other
     # extra keys such as a cache salt): the engine holds the key until the last is removed.
@@ -114,9 +70,16 @@ class EngineEntry:
     extra_refs: dict[int, int] = field(default_factory=dict)
     events: int = 0
     batches: int = 0
-    started: bool = False  # a batch was applied (next_seq is meaningful)
-    pending: dict[int, tuple[KVEvent, ...]] = field(default_factory=dict)  # seq -> events
-    gap_since: float | None = None
+
+    @property
+    def next_seq(self) -> int:
+        """The batch number expected next."""
+        return self.seqs.next_seq
+
+    @property
+    def pending(self) -> dict[int, tuple[KVEvent, ...]]:
+        """Batches waiting behind a gap: seq -> events."""
+        return self.seqs.held
 
 
 DEFAULT_MAX_ENTRIES = 5_000_000
@@ -149,6 +112,7 @@ class KVIndex:
         self._holders: dict[int, str | set[str]] = {}
         self.entries = 0
         self.stats: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()  # engines' entries dropped, by DropReason
 
     def apply(
         self,
@@ -167,29 +131,28 @@ class KVIndex:
             (applied after dropping the engine's entries).
         """
         entry = self._entry(engine_id, model)
+        seqs = entry.seqs
         batch = tuple(events)
         outcome = "applied"
+        order = Order.NEXT if resync else seqs.classify(seq).order
         if resync:
             self.stats["resyncs"] += 1
-            self._resync(engine_id, entry, seq)
+            self._resync(engine_id, entry, seq, "resync")
             outcome = "resync"
-        elif seq == 0 and entry.started and entry.next_seq > 0:
+        elif order is Order.RESTART:
             self.stats["restarts"] += 1
-            self._resync(engine_id, entry, 0)
+            self._resync(engine_id, entry, 0, "restart")
             outcome = "restart"
-        elif not entry.started:
-            entry.next_seq = seq  # the first batch seen sets the sequence
-        elif seq < entry.next_seq or seq in entry.pending:
+        elif order is Order.DUPLICATE:
             self.stats["duplicates"] += 1
             return "duplicate"
-        elif seq > entry.next_seq:
-            if not entry.pending:
+        elif order is Order.GAP:
+            if not seqs.held:
                 self.stats["gaps"] += 1
-                entry.gap_since = now
-            entry.pending[seq] = batch
-            if len(entry.pending) > self.reorder_window:
+            seqs.hold(seq, batch, now)
+            if seqs.overflowing:
                 self.stats["resyncs"] += 1
-                self._resync(engine_id, entry, min(entry.pending))
+                self._resync(engine_id, entry, seqs.oldest_held(), "reorder_window")
                 self._drain(engine_id, entry)
             return "waiting"
         self._apply(engine_id, entry, seq, batch)
@@ -205,11 +168,8 @@ class KVIndex:
         entry = self._entry(engine_id, model)
         if first:
             self.stats["snapshots"] += 1
-            self._clear(engine_id, entry)
-            entry.pending = {s: b for s, b in entry.pending.items() if s > seq}
-            entry.next_seq = seq + 1
-            entry.started = seq >= 0
-            entry.gap_since = None
+            self._drop_blocks(engine_id, entry, "snapshot")
+            entry.seqs.load(seq)
         for event in events:
             if isinstance(event, BlockStored):
                 self._stored(engine_id, entry, event)
@@ -228,40 +188,37 @@ class KVIndex:
         entry = self._engines.get(engine_id)
         if entry is None or entry.model != model:
             if entry is not None:
-                self.drop_engine(engine_id)
-            entry = self._engines[engine_id] = EngineEntry(model=model)
+                self.drop_engine(engine_id, "model_changed")
+            seqs: SequenceTracker[tuple[KVEvent, ...]] = SequenceTracker(
+                first=None, reorder_window=self.reorder_window, gap_timeout_s=self.gap_timeout_s
+            )
+            entry = self._engines[engine_id] = EngineEntry(model=model, seqs=seqs)
         return entry
 
     def expire(self, now: float) -> list[str]:
         """Resync every engine whose oldest gap is older than ``gap_timeout_s``; return them."""
         expired = []
         for engine_id, entry in self._engines.items():
-            if entry.pending and entry.gap_since is not None:
-                if now - entry.gap_since >= self.gap_timeout_s:
-                    self.stats["resyncs"] += 1
-                    self._resync(engine_id, entry, min(entry.pending))
-                    self._drain(engine_id, entry)
-                    expired.append(engine_id)
+            if entry.seqs.overdue(now):
+                self.stats["resyncs"] += 1
+                self._resync(engine_id, entry, entry.seqs.oldest_held(), "gap_timeout")
+                self._drain(engine_id, entry)
+                expired.append(engine_id)
         return expired
 
-    def _resync(self, engine_id: str, entry: EngineEntry, seq: int) -> None:
+    def _resync(self, engine_id: str, entry: EngineEntry, seq: int, reason: DropReason) -> None:
         """Drop the engine's entries; continue from ``seq`` (waiting batches from it on stay)."""
-        self._clear(engine_id, entry)
-        entry.pending = {s: b for s, b in entry.pending.items() if s >= seq}
-        entry.next_seq = seq
-        entry.gap_since = None
+        self._drop_blocks(engine_id, entry, reason)
+        entry.seqs.expect(seq)
 
     def _drain(self, engine_id: str, entry: EngineEntry) -> None:
-        while entry.next_seq in entry.pending:
-            seq = entry.next_seq
-            self._apply(engine_id, entry, seq, entry.pending.pop(seq))
-        entry.gap_since = None if not entry.pending else entry.gap_since
+        for seq, events in entry.seqs.take_ready():
+            self._apply(engine_id, entry, seq, events)
 
     def _apply(
         self, engine_id: str, entry: EngineEntry, seq: int, events: tuple[KVEvent, ...]
     ) -> None:
-        entry.started = True
-        entry.next_seq = seq + 1
+        entry.seqs.advance(seq)
         entry.batches += 1
         for event in events:
             entry.events += 1
@@ -274,11 +231,23 @@ class KVIndex:
             elif isinstance(event, AllBlocksCleared):
                 self._clear(engine_id, entry)
 
-    def drop_engine(self, engine_id: str) -> None:
-        """Forget an engine (it left, or its state can no longer be trusted)."""
+    def drop_engine(self, engine_id: str, reason: DropReason) -> None:
+        """Forget an engine (it left, or its state can no longer be trusted): the one way its
+        entries leave the index from outside, counted in :attr:`drops` when it had any entry.
+
+        Raises:
+            ValueError: ``reason`` is not one of :data:`DROP_REASONS`.
+        """
+        if reason not in DROP_REASONS:
+            raise ValueError(f"reason: {reason!r} is not one of {sorted(DROP_REASONS)}")
         entry = self._engines.pop(engine_id, None)
         if entry is not None:
-            self._clear(engine_id, entry)
+            self._drop_blocks(engine_id, entry, reason)
+
+    def _drop_blocks(self, engine_id: str, entry: EngineEntry, reason: DropReason) -> None:
+        """Remove every entry of the engine, counting why."""
+        self.drops[reason] += 1
+        self._clear(engine_id, entry)
 
     def _stored(self, engine_id: str, entry: EngineEntry, event: BlockStored) -> None:
         size = event.block_size
@@ -411,4 +380,13 @@ class KVIndex:
         return sorted(self._engines)
 
 
-__all__ = ["BlockKeys", "EngineEntry", "KVIndex", "block_keys", "chain_key", "root_key"]
+__all__ = [
+    "DROP_REASONS",
+    "BlockKeys",
+    "DropReason",
+    "EngineEntry",
+    "KVIndex",
+    "block_keys",
+    "chain_key",
+    "root_key",
+]

@@ -202,7 +202,7 @@ class AgentLink:
             )
             self._unassigned.setdefault(node_id, set()).add(engine_id)
             # Both copies' KV events went under one id: start its index entry again.
-            self.kvindex.drop_engine(engine_id)
+            self.kvindex.drop_engine(engine_id, "second_copy")
             self.send(node_id, UnassignEngine(engine_id))
         for node_id, engine_id in self.placer.relocate(self.registry, self.clock()):
             if engine_id in self._unassigned.get(node_id, set()):
@@ -214,7 +214,7 @@ class AgentLink:
                 node_id,
             )
             self._unassigned.setdefault(node_id, set()).add(engine_id)
-            self.kvindex.drop_engine(engine_id)
+            self.kvindex.drop_engine(engine_id, "relocated")
             self.send(node_id, UnassignEngine(engine_id))
         loops = self.placer.crash_loops
         loops.observe(self.registry, self.clock())
@@ -228,7 +228,7 @@ class AgentLink:
             )  # fmt: skip
             loops.moved(node_id, engine_id, self.clock())
             self._unassigned.setdefault(node_id, set()).add(engine_id)
-            self.kvindex.drop_engine(engine_id)
+            self.kvindex.drop_engine(engine_id, "crash_loop")
             self.send(node_id, UnassignEngine(engine_id))
         now = self.clock()
         unwanted = self.placer.unwanted(self.registry, now)
@@ -286,7 +286,7 @@ class AgentLink:
         if known is not None:
             # The node restarted its link: engines it no longer reports leave the index.
             for engine_id in set(known.engines) - {e.engine_id for e in msg.engines}:
-                self.kvindex.drop_engine(engine_id)
+                self.kvindex.drop_engine(engine_id, "engine_gone")
         self.registry.register(msg, self.clock())
         log.info(
             "node %s registered with %d GPUs, %d engines",
@@ -310,7 +310,9 @@ class AgentLink:
             current = now.get(engine_id)
             # Gone, or restarted (a new process has an empty cache): its blocks go too.
             if current is None or current.restarts != status.restarts:
-                self.kvindex.drop_engine(engine_id)
+                self.kvindex.drop_engine(
+                    engine_id, "engine_gone" if current is None else "engine_restarted"
+                )
         self.reconcile()
 
     def _on_snapshot(self, msg: KVSnapshot) -> None:

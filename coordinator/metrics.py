@@ -169,6 +169,14 @@ class CoordinatorMetrics:
             ["outcome"],
             registry=r,
         )
+        self.kv_engine_drops = Counter(
+            "fleet_kv_engine_drops_total",
+            "Engines whose KV index entries were all dropped, by reason: restart, resync, "
+            "gap_timeout, reorder_window, snapshot, model_changed (index); node_lost, "
+            "engine_gone, engine_restarted, second_copy, relocated, crash_loop (fleet).",
+            ["reason"],
+            registry=r,
+        )
         self.link_messages = Counter(
             "fleet_link_messages_total", "Agent messages received, by type.", ["type"], registry=r
         )

@@ -138,6 +138,7 @@ class Coordinator:
         self.tokenizers = Tokenizers(self.prompt_tokenizer, tokenizer_files, self.metrics)
         self.tokenizers.want(deployments)
         self._index_stats_seen: dict[str, int] = {}
+        self._index_drops_seen: dict[str, int] = {}
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
             coordinator_id=cfg.coordinator_id,
@@ -354,7 +355,7 @@ class Coordinator:
                     "node %s lost (no heartbeat); engines leave routing: %s", node_id, engines
                 )
                 for engine_id in engines:
-                    self.kvindex.drop_engine(engine_id)
+                    self.kvindex.drop_engine(engine_id, "node_lost")
                 self._bump()
             for engine_id in self.kvindex.expire(trio.current_time()):
                 log.warning(
@@ -407,6 +408,11 @@ class Coordinator:
             if total > seen:
                 self.metrics.kv_index_outcomes.labels(outcome=outcome).inc(total - seen)
                 self._index_stats_seen[outcome] = total
+        for reason, total in self.kvindex.drops.items():
+            seen = self._index_drops_seen.get(reason, 0)
+            if total > seen:
+                self.metrics.kv_engine_drops.labels(reason=reason).inc(total - seen)
+                self._index_drops_seen[reason] = total
 
 
 __all__ = ["Coordinator", "CoordinatorAddresses", "CoordinatorConfig"]

@@ -156,6 +156,10 @@ async def test_silent_node_is_lost_and_leaves_routing_and_the_index() -> None:
         # never before its missed heartbeats (how soon after: test_registry.py, explicit times)
         assert took >= HEARTBEAT_S * LOST_AFTER_MISSED
         assert _metric(coord.metrics.render(), "fleet_nodes_lost_total") == 1
+        assert coord.kvindex.drops == {"node_lost": 1}  # one owner, counted by reason
+        coord.refresh_gauges()
+        dropped = 'fleet_kv_engine_drops_total{reason="node_lost"}'
+        assert _metric(coord.metrics.render(), dropped) == 1
         nursery.cancel_scope.cancel()
 
 

@@ -269,7 +269,7 @@ def test_holders_are_cleaned_up_so_block_count_returns_to_zero() -> None:
     index.apply("e1", "m", 1, [BlockRemoved(block_hashes=tuple(engine_hashes(toks, salt=0)))])
     index.apply("e2", "m", 1, [AllBlocksCleared()])
     assert index.block_count() == 3
-    index.drop_engine("e3")
+    index.drop_engine("e3", "engine_gone")
     assert index.block_count() == 0
 
 
@@ -383,7 +383,7 @@ def test_entries_are_capped_and_counted() -> None:
         index.apply("e1", "m", seq, [event])
     assert index.entries == 3 and len(index.engine_keys("e1")) == 3
     assert index.stats["capped"] == 1  # the 4th; the 5th is an orphan of it
-    index.drop_engine("e1")
+    index.drop_engine("e1", "engine_gone")
     assert index.entries == 0 and index.block_count() == 0
 
 
@@ -433,8 +433,8 @@ def test_drop_engine_forgets_it() -> None:
     index = KVIndex()
     index.apply("e1", "m", 0, [stored(toks, engine_hashes(toks))])
     index.apply("e2", "m", 0, [stored(toks, engine_hashes(toks))])
-    index.drop_engine("e1")
-    index.drop_engine("never-seen")
+    index.drop_engine("e1", "engine_gone")
+    index.drop_engine("never-seen", "node_lost")
     assert index.engine("e1") is None
     assert index.engine_keys("e1") == set()
     assert index.engine_ids() == ["e2"]
@@ -476,7 +476,7 @@ def test_random_event_streams_keep_the_index_consistent(seed: int) -> None:
             for key in keys:
                 assert index.match([key], [e]) == {e: 1}
     for e in seqs:
-        index.drop_engine(e)
+        index.drop_engine(e, "engine_gone")
     assert index.block_count() == 0
 
 
@@ -524,3 +524,40 @@ def test_block_keys_are_the_chain_and_are_computed_lazily() -> None:
     assert index.match(keys, ["e1"]) == {"e1": 3}
     assert len(keys._keys) < 100  # the walk stopped at block 4
     assert list(keys) == expected and block_keys("m", toks[: BS - 1], BS) == []
+
+
+# -- dropping an engine: one owner, counted by reason --------------------------------------------
+
+
+def test_every_drop_of_an_engines_entries_is_counted_by_reason() -> None:
+    index = KVIndex(reorder_window=1, gap_timeout_s=2.0)
+    toks = tokens(BS)
+    index.apply("e1", "m", 0, [stored(toks, [1])])
+    index.apply("e1", "m", 0, [stored(toks, [1])])  # the engine restarted
+    index.apply("e1", "m", 9, [stored(toks, [1])], resync=True)  # the agent lost batches
+    index.apply("e1", "m", 12, [], now=1.0)  # a gap that stays open
+    assert index.expire(3.0) == ["e1"]
+    index.apply("e1", "m", 20, [])
+    index.apply("e1", "m", 21, [])  # two waiting behind a gap: past the window
+    index.load_snapshot("e1", "m", 30, [stored(toks, [1])], first=True)
+    index.apply("e1", "n", 31, [])  # the id now serves another model
+    index.drop_engine("e1", "engine_restarted")
+    index.drop_engine("never-seen", "node_lost")  # nothing to drop: not counted
+    assert index.drops == {
+        "restart": 1,
+        "resync": 1,
+        "gap_timeout": 1,
+        "reorder_window": 1,
+        "snapshot": 1,
+        "model_changed": 1,
+        "engine_restarted": 1,
+    }
+    assert index.engine_ids() == [] and index.block_count() == 0
+
+
+def test_a_drop_without_a_known_reason_is_refused() -> None:
+    index = KVIndex()
+    index.apply("e1", "m", 0, [stored(tokens(BS), [1])])
+    with pytest.raises(ValueError, match="reason: 'gone' is not one of"):
+        index.drop_engine("e1", "gone")  # type: ignore[arg-type]
+    assert index.block_count() == 1 and not index.drops
