@@ -16,6 +16,7 @@ BENCHMARKS = {
     "engine-client": "engine_client",
     "simday": "simday",
     "pd-split": "pd_split",
+    "proxy-cpu": "proxy_cpu",
 }
 
 
