@@ -141,7 +141,8 @@ class KVIndex:
             outcome = "resync"
         elif order is Order.RESTART:
             self.stats["restarts"] += 1
-            self._resync(engine_id, entry, 0, "restart")
+            self._drop_blocks(engine_id, entry, "restart")
+            seqs.restart()
             outcome = "restart"
         elif order is Order.DUPLICATE:
             self.stats["duplicates"] += 1

@@ -104,6 +104,14 @@ class SequenceTracker(Generic[T]):
         self.held = {s: b for s, b in self.held.items() if s >= seq}
         self.gap_since = None
 
+    def restart(self) -> None:
+        """The engine restarted: its new process numbers from 0, and the batches held from
+        the old one are dropped (its numbers will come again, meaning other batches)."""
+        self.next_seq = 0
+        self.started = True
+        self.held = {}
+        self.gap_since = None
+
     def load(self, seq: int) -> None:
         """A snapshot as of batch ``seq`` (-1: before any) replaces what came before: batches
         after it continue it, and the sequence is started only if ``seq >= 0``."""

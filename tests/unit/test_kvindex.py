@@ -305,6 +305,18 @@ def test_seq_zero_after_others_is_a_restart_that_clears_the_engine() -> None:
     assert entry(index, "e1").next_seq == 1
 
 
+def test_a_restart_drops_the_old_process_batches_held_behind_a_gap() -> None:
+    old, new = tokens(2 * BS, seed=1), tokens(2 * BS, seed=2)
+    index = KVIndex(reorder_window=8)
+    index.apply("e1", "m", 0, [])
+    assert index.apply("e1", "m", 2, [stored(old, engine_hashes(old))]) == "waiting"  # 1 lost
+    assert index.apply("e1", "m", 0, []) == "restart"  # the new process
+    index.apply("e1", "m", 1, [])
+    # the new process's batch 2 is its own, not a duplicate of the old one held
+    assert index.apply("e1", "m", 2, [stored(new, engine_hashes(new))]) == "applied"
+    assert index.engine_keys("e1") == set(block_keys("m", new, BS))
+
+
 def _chain(n: int) -> tuple[list[int], list[BlockStored]]:
     """n one-block BlockStored events of one sequence, chained."""
     toks = tokens(n * BS)
