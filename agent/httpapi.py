@@ -4,6 +4,7 @@ fake GPUs. Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,7 +42,8 @@ def _error(message: str, status: int, *, param: str | None = None, code: str) ->
 
 
 def create_app(agent: Agent) -> QuartTrio:
-    """``GET /healthz``, ``/metrics``, ``/api/v1/engines``, ``/api/v1/gpus``; ``POST
+    """``GET /healthz``, ``/metrics``, ``/api/v1/engines``, ``/api/v1/gpus``,
+    ``/api/v1/models`` (the model store: ``models`` cached, ``fetches`` in flight); ``POST
     /api/v1/gpus/{index}/xid`` (body ``{"xid": N}``, default 79) injects an XID into a fake GPU:
     202, or 409 on real GPUs, 404 for an unknown index, 400 for a bad body."""
     app = QuartTrio("fleet.agent")
@@ -70,6 +72,16 @@ def create_app(agent: Agent) -> QuartTrio:
     async def gpus() -> Response:
         snapshot = agent.gpus.snapshot()
         return _json({"gpus": [g.__dict__ | {"xids": list(g.xids)} for g in snapshot]})
+
+    @app.get("/api/v1/models")
+    async def models() -> Response:
+        cached, fetches = agent.model_store()
+        return _json(
+            {
+                "models": [dataclasses.asdict(m) for m in cached],
+                "fetches": [dataclasses.asdict(f) for f in fetches],
+            }
+        )
 
     @app.post("/api/v1/gpus/<int:index>/xid")
     async def inject_xid(index: int) -> Response:

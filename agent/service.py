@@ -315,6 +315,10 @@ class Agent:
                 )
             self.metrics.kv_snapshot_blocks.labels(engine=engine_id).inc(len(ledger))
 
+    def model_store(self) -> StoreState:
+        """What the model store holds and is fetching now (empty without a store)."""
+        return self._store_state()
+
     def _store_state(self) -> StoreState:
         if self.store is None:
             return (), ()

@@ -144,9 +144,14 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/api/v1/nodes")
     async def nodes() -> Response:
+        now = coord.link.clock()
         return _json(
             {
-                "nodes": [n.as_json() for n in coord.registry.nodes()],
+                # heartbeat_age_s: seconds since the node's last register or heartbeat
+                "nodes": [
+                    n.as_json() | {"heartbeat_age_s": round(now - n.last_seen, 3)}
+                    for n in coord.registry.nodes()
+                ],
                 "agent_endpoint": coord.link.bound_endpoint,
                 # The link's CURVE public key ("" when plaintext): public, it lets no one in.
                 "agent_curve_key": coord.link.curve_key,

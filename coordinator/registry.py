@@ -92,6 +92,7 @@ class NodeRecord:
                     "utilization_pct": g.utilization_pct,
                     "temperature_c": g.temperature_c,
                     "power_w": g.power_w,
+                    "ecc_uncorrected": g.ecc_uncorrected,
                     "healthy": g.healthy,
                     "xids": list(g.xids),
                     "reason": g.reason,

@@ -3,73 +3,44 @@
 ``fleet models [-o json]`` reads ``/api/v1/nodes`` (every node's ``models`` and ``fetches``, as
 its heartbeats report them). ``fleet models prestage NAME [--nodes a,b]`` posts to
 ``/admin/v1/prestage`` (NAME is a deployment, or a source URI when it contains ``://``) and
-prints each node's status; run ``fleet models`` to follow the download.
+prints each node's status; ``--wait`` follows each node's download with a progress bar until
+the model is cached (or ``fleet models --watch``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import time
 from typing import Any
 
+from rich.console import RenderableType
+
+from fleet import cliout
+from fleet.cliconn import add_coordinator_args, call
+from fleet.cliprogress import Tracker
 from fleet.protocol.errors import FleetError
 
 
-def add_parser(sub: Any, default_coordinator: str) -> None:
+def add_parser(sub: Any) -> None:
     """Add ``fleet models`` and ``fleet models prestage`` to the ``fleet`` subparsers."""
     p = sub.add_parser("models", help="models cached or being fetched on each node; prestage")
-    coordinator_args(p, default_coordinator)
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_coordinator_args(p, admin=False)
+    cliout.add_output_args(p)
     p.set_defaults(func=run_list)
     msub = p.add_subparsers(dest="models_cmd", metavar="COMMAND")
     pre = msub.add_parser("prestage", help="fetch a model onto nodes before engines need it")
     pre.add_argument("name", metavar="NAME", help="a deployment, or a source URI (has ://)")
     pre.add_argument("--nodes", default="", help="comma-separated node ids (default: all live)")
-    coordinator_args(pre, default_coordinator)
-    pre.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    pre.add_argument(
+        "--wait", action="store_true", help="show each node's download until it is cached"
+    )
+    pre.add_argument(
+        "--timeout", type=float, default=3600.0, metavar="S",
+        help="with --wait, give up (exit 1) after this long (default %(default)s)",
+    )  # fmt: skip
+    add_coordinator_args(pre)
+    cliout.add_output_args(pre, watch=False)
     pre.set_defaults(func=run_prestage)
-
-
-def coordinator_args(p: Any, default_coordinator: str) -> None:
-    """``--coordinator`` and ``--admin-key``, for commands that call the admin API."""
-    p.add_argument(
-        "--coordinator",
-        default=os.environ.get("FLEET_COORDINATOR", default_coordinator),
-        help="coordinator URL (default $FLEET_COORDINATOR or %(default)s)",
-    )
-    p.add_argument(
-        "--admin-key",
-        default=os.environ.get("FLEET_ADMIN_KEY", ""),
-        help="the coordinator's admin key (default $FLEET_ADMIN_KEY)",
-    )
-
-
-def call(coordinator: str, path: str, admin_key: str = "", body: Any = None) -> dict[str, Any]:
-    """GET (or POST ``body`` to) ``path``; the JSON answer.
-
-    Raises:
-        FleetError: the coordinator is unreachable or answered with an error (its message).
-    """
-    import httpx
-
-    headers = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
-    url = coordinator.rstrip("/") + path
-    try:
-        if body is None:
-            response = httpx.get(url, headers=headers, timeout=10)
-        else:
-            response = httpx.post(url, json=body, headers=headers, timeout=30)
-    except httpx.HTTPError as exc:
-        raise FleetError(f"cannot reach the coordinator at {coordinator}: {exc}") from exc
-    if response.status_code >= 300:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise FleetError(f"{url}: {response.status_code}: {message}")
-    data: dict[str, Any] = response.json()
-    return data
 
 
 def size(n: float) -> str:
@@ -110,8 +81,9 @@ def node_summary(node: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
-def run_list(args: argparse.Namespace) -> int:
-    data = call(args.coordinator, "/api/v1/nodes")
+def model_rows(data: dict[str, Any]) -> dict[str, Any]:
+    """``fleet models -o json``: one row per cached model or fetch on each node of
+    ``/api/v1/nodes``."""
     rows: list[dict[str, Any]] = []
     for node in data["nodes"]:
         for m in node.get("models", []):
@@ -121,11 +93,24 @@ def run_list(args: argparse.Namespace) -> int:
         for f in node.get("fetches", []):
             rows.append({"node": node["id"], "source": f["uri"], "size": size(f["bytes_total"]),
                          "state": fetch_line(f), "fetch": f})  # fmt: skip
-    if args.output == "json":
-        print(json.dumps({"models": rows}, indent=2))
-        return 0
-    _print(["node", "source", "size", "state"], rows)
-    return 0
+    return {"models": rows}
+
+
+def render_models(data: dict[str, Any], wide: bool) -> RenderableType:
+    """``fleet models``' table (``wide``: also the exact size in bytes)."""
+    columns = ["node", "source", "size", "state"] + (["bytes"] if wide else [])
+    rows = [
+        [r["node"], r["source"], r["size"], r["state"]]
+        + ([str(r.get("bytes", r.get("fetch", {}).get("bytes_total", "-")))] if wide else [])
+        for r in data["models"]
+    ]
+    return cliout.table(columns, rows)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    return cliout.show(
+        args, lambda: model_rows(call(args.coordinator, "/api/v1/nodes")), render_models
+    )
 
 
 def run_prestage(args: argparse.Namespace) -> int:
@@ -133,30 +118,64 @@ def run_prestage(args: argparse.Namespace) -> int:
     if args.nodes:
         body["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
     data = call(args.coordinator, "/admin/v1/prestage", args.admin_key, body)
-    if args.output == "json":
-        print(json.dumps(data, indent=2))
-        return 0
-    print(
-        f"prestaging {data['source']}" + (f" ({data['deployment']})" if data["deployment"] else "")
-    )
-    rows = [
-        {"node": n["node"], "state": n["state"], "detail": n.get("error", "")}
-        for n in data["nodes"]
-    ]
-    _print(["node", "state", "detail"], rows)
+    if args.output in ("json", "yaml"):
+        print(cliout.dump(data, args.output), flush=True)
+    else:
+        print(
+            f"prestaging {data['source']}"
+            + (f" ({data['deployment']})" if data["deployment"] else ""),
+            flush=True,
+        )
+        rows = [[n["node"], n["state"], n.get("error", "") or "-"] for n in data["nodes"]]
+        cliout.console().print(cliout.table(["node", "state", "detail"], rows))
+    if args.wait:
+        wait_cached(args.coordinator, data["source"], [n["node"] for n in data["nodes"]],
+                    args.timeout)  # fmt: skip
     return 0
 
 
-def _print(columns: list[str], rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def wait_cached(coordinator: str, uri: str, nodes: list[str], timeout_s: float) -> None:
+    """Show each node's download of ``uri`` until every one of ``nodes`` has it cached.
 
-    table = Table(box=None, header_style="bold")
-    for column in columns:
-        table.add_column(column.upper())
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) or "-" for c in columns))
-    Console().print(table)
+    Raises:
+        FleetError: a download failed, or did not finish within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    with Tracker() as bars:
+        while True:
+            by_id = {n["id"]: n for n in call(coordinator, "/api/v1/nodes")["nodes"]}
+            waiting = []
+            for node_id in nodes:
+                node = by_id.get(node_id, {})
+                cached = next((m for m in node.get("models", []) if m["uri"] == uri), None)
+                fetch = next((f for f in node.get("fetches", []) if f["uri"] == uri), None)
+                if cached is not None:
+                    total = cached["size_bytes"] or 1
+                    bars.update(node_id, f"{node_id}: cached, {size(total)}", total, total)
+                    continue
+                if fetch is not None and fetch["state"] == "failed":
+                    raise FleetError(f"{node_id}: fetching {uri} failed: {fetch['error']}")
+                waiting.append(node_id)
+                if fetch is None:
+                    bars.update(node_id, f"{node_id}: queued", 0, None)
+                else:
+                    bars.update(node_id, f"{node_id}: {fetch_line(fetch)}", fetch["bytes_done"],
+                                fetch["bytes_total"] or None)  # fmt: skip
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise FleetError(f"{uri} not cached within {timeout_s:g} s on {waiting}")
+            time.sleep(0.5)
 
 
-__all__ = ["add_parser", "call", "fetch_line", "node_summary", "run_list", "run_prestage", "size"]
+__all__ = [
+    "add_parser",
+    "fetch_line",
+    "model_rows",
+    "node_summary",
+    "render_models",
+    "run_list",
+    "run_prestage",
+    "size",
+    "wait_cached",
+]

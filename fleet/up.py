@@ -2,12 +2,14 @@
 
 Both services run in one trio nursery; the agent's engines are child processes it owns. SIGINT
 or SIGTERM cancels the nursery: engines get SIGTERM and their grace period, then SIGKILL, and
-the process exits once they are gone. While engines load, a status line says what is happening.
+the process exits once they are gone. While engines load, a status line says what is happening
+and, on a terminal, progress bars show the engines ready and each model download.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -18,6 +20,7 @@ import trio
 from fleet.agent.launcher import LaunchConfig
 from fleet.agent.service import Agent, AgentConfig
 from fleet.agent.supervisor import SupervisorConfig
+from fleet.cliprogress import Tracker
 from fleet.coordinator.apikeys import ApiKeys
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.router.scheduler import SchedulingConfig
@@ -100,35 +103,54 @@ async def _report_progress(coord: Coordinator, addrs: CoordinatorAddresses) -> N
     started = time.monotonic()
     last_line = 0.0
     announced: set[str] = set()
-    while True:
-        for engine in coord.registry.engines():
-            key = (engine.state, engine.pid)
-            if engine.state == "starting" and not engine.pid:
-                continue  # assigned, process not spawned yet: the next line says more
-            if seen.get(engine.id) != key:
-                seen[engine.id] = key
-                elapsed = time.monotonic() - started
-                detail = f"pid {engine.pid}" if engine.pid else ""
-                if engine.state == "starting":
-                    detail += ", loading the model, waiting for /health"
-                say(
-                    f"• [{elapsed:5.1f} s] engine {engine.id}: {engine.state}"
-                    + (f" ({detail.strip(', ')})" if detail else "")
-                )
-        served = coord.served_models()
-        for model in served:
-            if model not in announced:
-                say(banner(addrs.http_url, model))
-        announced = set(served)
-        if not served:
-            now = time.monotonic()
-            if now - last_line >= STATUS_EVERY_S:
-                last_line = now
-                states = ", ".join(f"{k}={v[0]}" for k, v in sorted(seen.items())) or "placing"
-                fetching = "".join(f"; {line}" for line in _fetching(coord))
-                say(f"• [{now - started:5.1f} s] waiting for engines: {states}{fetching}")
-        with trio.move_on_after(STATUS_EVERY_S):  # a waiting line at least this often
-            await coord.changed()
+    with contextlib.ExitStack() as stack:
+        bars = stack.enter_context(Tracker()) if sys.stdout.isatty() else None
+        while True:
+            if bars is not None and _show_bars(coord, bars):
+                stack.close()  # every engine is ready: the bars stay as they are
+                bars = None
+            for engine in coord.registry.engines():
+                key = (engine.state, engine.pid)
+                if engine.state == "starting" and not engine.pid:
+                    continue  # assigned, process not spawned yet: the next line says more
+                if seen.get(engine.id) != key:
+                    seen[engine.id] = key
+                    elapsed = time.monotonic() - started
+                    detail = f"pid {engine.pid}" if engine.pid else ""
+                    if engine.state == "starting":
+                        detail += ", loading the model, waiting for /health"
+                    say(
+                        f"• [{elapsed:5.1f} s] engine {engine.id}: {engine.state}"
+                        + (f" ({detail.strip(', ')})" if detail else "")
+                    )
+            served = coord.served_models()
+            for model in served:
+                if model not in announced:
+                    say(banner(addrs.http_url, model))
+            announced = set(served)
+            if not served:
+                now = time.monotonic()
+                if now - last_line >= STATUS_EVERY_S:
+                    last_line = now
+                    states = ", ".join(f"{k}={v[0]}" for k, v in sorted(seen.items())) or "placing"
+                    fetching = "".join(f"; {line}" for line in _fetching(coord))
+                    say(f"• [{now - started:5.1f} s] waiting for engines: {states}{fetching}")
+            with trio.move_on_after(STATUS_EVERY_S):  # a waiting line at least this often
+                await coord.changed()
+
+
+def _show_bars(coord: Coordinator, bars: Tracker) -> bool:
+    """Move the bars of ``fleet up`` on a terminal: engines ready of those declared, and
+    each model download; True once every declared engine is ready."""
+    desired = sum(d.replicas for d in coord.placer.deployments)
+    ready = sum(e.state == "ready" for e in coord.registry.engines())
+    bars.update("engines", f"engines ready {ready}/{desired}", ready, desired or 1)
+    for node in coord.registry.live_nodes():
+        for f in node.fetches:
+            if f.state != "failed":
+                bars.update(f"{node.node_id} {f.uri}", f"{node.node_id}: fetching {f.uri}",
+                            f.bytes_done, f.bytes_total or None)  # fmt: skip
+    return bool(desired) and ready >= desired
 
 
 def _fetching(coord: Coordinator) -> list[str]:
