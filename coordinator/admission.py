@@ -20,8 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -176,27 +175,14 @@ class Admission:
     def _capacity(self, model: str) -> int:
         return self.engines_of(model) * self.slots_per_engine + self.held_elsewhere(model)
 
-    @asynccontextmanager
-    async def admit(
-        self, model: str, priority: int, deadline: float = math.inf
-    ) -> AsyncIterator[bool]:
-        """Hold one of the model's slots for the body of the ``async with``, which gets
+    def admit(self, model: str, priority: int, deadline: float = math.inf) -> Slot:
+        """One of the model's slots, held for the body of an ``async with``, which gets
         whether the request waited in the queue for it.
 
-        Raises:
+        Raises (on entering):
             Overloaded: shed (queue full), or the deadline passed while waiting.
         """
-        q = self._queues.setdefault(model, _ModelQueue())
-        queued = bool(q.waiters) or q.inflight >= self._capacity(model)
-        if queued:
-            await self._wait(model, q, priority, deadline)
-        else:
-            q.inflight += 1
-        try:
-            yield queued
-        finally:
-            q.inflight -= 1
-            self.wake(model)
+        return Slot(self, model, priority, deadline)
 
     async def _wait(self, model: str, q: _ModelQueue, priority: int, deadline: float) -> None:
         waiter = _Waiter(priority, next(self._seq))
@@ -271,11 +257,43 @@ class Admission:
             self.on_change(model, len(q.waiters))
 
 
+class Slot:
+    """A model's slot (:meth:`Admission.admit`): taken on entering, maybe after a wait in the
+    queue; given back on leaving. A class, not a generator: every request enters one."""
+
+    __slots__ = ("_admission", "_model", "_priority", "_deadline", "_queue")
+
+    def __init__(self, admission: Admission, model: str, priority: int, deadline: float) -> None:
+        self._admission = admission
+        self._model = model
+        self._priority = priority
+        self._deadline = deadline
+        self._queue: _ModelQueue | None = None
+
+    async def __aenter__(self) -> bool:
+        admission, model = self._admission, self._model
+        q = admission._queues.setdefault(model, _ModelQueue())
+        queued = bool(q.waiters) or q.inflight >= admission._capacity(model)
+        if queued:
+            await admission._wait(model, q, self._priority, self._deadline)
+        else:
+            q.inflight += 1
+        self._queue = q
+        return queued
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        q, self._queue = self._queue, None
+        if q is not None:
+            q.inflight -= 1
+            self._admission.wake(self._model)
+
+
 __all__ = [
     "PRIORITIES",
     "PRIORITY_HEADER",
     "Admission",
     "Overloaded",
+    "Slot",
     "WaitEstimate",
     "priority_of",
 ]

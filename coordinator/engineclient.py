@@ -145,8 +145,9 @@ class Response:
         self._released = False
 
     async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
-        """The body's bytes as they arrive, one item per piece h11 decodes (a chunk, or what
-        one receive brought); at the end the connection is kept for the next request.
+        """The body's bytes as they arrive, one item per receive (every chunk h11 decodes
+        from what came, joined: a stream's events that arrived together are passed on
+        together); at the end the connection is kept for the next request.
 
         Raises:
             EngineTimeout: no byte within the read timeout.
@@ -155,19 +156,27 @@ class Response:
         if self._released:
             raise RuntimeError("the response is closed")
         conn, client = self._conn, self._client
+        state = conn.h11
         complete = False
+        parts: list[bytes | bytearray] = []
         try:
             while True:
                 try:
-                    event = conn.h11.next_event()
+                    event = state.next_event()
                 except h11.RemoteProtocolError as exc:
                     raise EngineBroken(f"bad response body: {exc}") from exc
                 if type(event) is h11.Data:
-                    yield bytes(event.data)
-                elif event is h11.NEED_DATA:
-                    conn.h11.receive_data(await client._receive(conn))
+                    parts.append(event.data)
+                    continue
+                if event is h11.NEED_DATA:
+                    if parts:
+                        yield bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+                        parts = []
+                    state.receive_data(await client._receive(conn))
                 elif type(event) is h11.EndOfMessage:
-                    complete = True
+                    complete = True  # read whole: reused even if the last piece is the end
+                    if parts:
+                        yield bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
                     return
                 else:
                     raise EngineBroken(f"unexpected {type(event).__name__} in a response body")

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
+
+from fleet.logjson import REQUEST_ID
 
 from . import tracing
 from .apikeys import ApiKey, RateLimited
@@ -47,6 +49,7 @@ class Reply:
     headers: dict[str, str]
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    request_id: str = ""  # the request's x-request-id (set by :func:`inference`)
 
 
 async def authorize(
@@ -73,18 +76,33 @@ async def inference(
     path: str,
     headers: dict[str, str],
     read_body: Callable[[], Awaitable[bytes]],
+    *,
+    in_task: bool = False,
 ) -> Reply:
     """Serve an inference request to ``path`` (one of :data:`ENDPOINTS`); ``headers`` with
     lower-case names; ``read_body`` reads its body (after the key is checked).
 
     The request gets an ``x-request-id`` (the client's, or a new one) that its log lines carry,
-    and, with tracing on, a server span that ends with its body (:mod:`.tracing`).
+    and, with tracing on, a server span that ends with its body (:mod:`.tracing`). ``in_task``:
+    the caller reads a streamed reply in this task, with :data:`~fleet.logjson.REQUEST_ID` set
+    to ``reply.request_id`` (as :class:`InferenceRoutes` does); with tracing off its stream is
+    then returned as the gateway gave it, without a wrapper per chunk.
 
     Raises:
         ApiError: the request is refused (invalid, unauthorized, over a limit, no engine).
     """
     request_id = headers.get("x-request-id") or tracing.new_request_id()
     headers = {**headers, "x-request-id": request_id}
+    if not tracing.enabled():
+        rid = REQUEST_ID.set(request_id)
+        try:
+            reply = await _inference(coord, path, headers, read_body, INVALID_SPAN)
+        finally:
+            REQUEST_ID.reset(rid)
+        reply.request_id = request_id
+        if reply.stream is not None and not in_task:  # its log lines carry the request id
+            reply.stream = tracing.spanning(reply.stream, INVALID_SPAN, request_id, reply.status)
+        return reply
     span = tracing.start(
         f"POST {path}",
         {"http.request.method": "POST", "http.route": path, "fleet.request_id": request_id},
@@ -97,6 +115,7 @@ async def inference(
     except BaseException as exc:
         tracing.finish(span, exc.status if isinstance(exc, ApiError) else 500)
         raise
+    reply.request_id = request_id
     if reply.stream is None:
         tracing.finish(span, reply.status)
     else:
@@ -114,15 +133,16 @@ async def _inference(
     key = await authorize(coord, headers)  # before the body is read
     raw = await read_body()
     parsed = validate(ENDPOINTS[path], raw, context_len_of=coord.placer.context_len)
-    span.set_attributes({"gen_ai.request.model": parsed.model, "fleet.stream": parsed.stream})
+    if span.is_recording():
+        span.set_attributes({"gen_ai.request.model": parsed.model, "fleet.stream": parsed.stream})
     tier = key.tier if key is not None else None
     forward = functools.partial(_forward, coord, path, headers, tier)
     if coord.response_cache is None:
         reply = await forward(parsed, raw)
     else:  # respcacheflow.py: a hit, or forwarded and kept
         reply = await coord.response_cache.serve(parsed, raw, headers, forward)
-    label = {"endpoint": path, "model": parsed.model, "status": str(reply.status)}
-    coord.metrics.requests.labels(**label).inc()
+    metrics = coord.metrics
+    metrics.child(metrics.requests, path, parsed.model, str(reply.status)).inc()
     return reply
 
 
@@ -166,7 +186,9 @@ class InferenceRoutes:
 
     async def __call__(self, request: FrontRequest, exchange: Exchange) -> None:
         try:
-            reply = await inference(self.coord, request.path, request.headers, exchange.read_body)
+            reply = await inference(
+                self.coord, request.path, request.headers, exchange.read_body, in_task=True
+            )
         except ApiError as err:
             await exchange.respond(*_swap(error_reply(self.coord, err)))
             return
@@ -179,11 +201,15 @@ class InferenceRoutes:
         if reply.stream is None:
             await exchange.respond(reply.status, reply.headers, reply.body)
             return
-        # Closed however this ends (the client left: the engine's request is closed too).
-        async with aclosing(reply.stream) as stream:  # type: ignore[type-var]
-            await exchange.start(reply.status, reply.headers)
-            async for chunk in stream:
-                await exchange.send(chunk)
+        rid = REQUEST_ID.set(reply.request_id)  # the stream's log lines carry it (in_task)
+        try:
+            # Closed however this ends (the client left: the engine's request is closed too).
+            async with aclosing(reply.stream) as stream:  # type: ignore[type-var]
+                await exchange.start(reply.status, reply.headers)
+                async for chunk in stream:
+                    await exchange.send(chunk)
+        finally:
+            REQUEST_ID.reset(rid)
         await exchange.end()
 
 

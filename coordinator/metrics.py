@@ -6,9 +6,14 @@ names, and the renames, are listed in docs/OBSERVABILITY.md."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 import fleet
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 #: Time to first byte spans a cached prompt's milliseconds to a long prefill's minute.
 FIRST_BYTE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -226,6 +231,16 @@ class CoordinatorMetrics:
 
         self.build = Info("fleet_coordinator_build", "The coordinator's version.", registry=r)
         self.build.info({"version": fleet.__version__})
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def child(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, resolved once and kept: for the metrics every request
+        touches (``requests``, ``inflight``, ``ttfb``), whose children are never removed."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found  # type: ignore[return-value]
 
     def render(self) -> bytes:
         """Return the text exposition of every metric."""

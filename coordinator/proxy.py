@@ -419,19 +419,9 @@ class Gateway:
             why = ""
             try:
                 while True:
-                    with (
-                        trio.move_on_after(self.resilience.stream_idle_s) as idle,
-                        self._watching(engine.id) as down,
-                    ):
-                        try:
-                            chunk = await body.__anext__()
-                        except StopAsyncIteration:
-                            why = "the stream ended without [DONE]"
-                    if idle.cancelled_caught:
-                        why = f"no byte for {self.resilience.stream_idle_s:g} s"
-                    elif down.cancelled_caught:
-                        why = "the engine stopped answering its health probe"
-                    if why:
+                    chunk = await self._next_chunk(engine.id, body)
+                    if isinstance(chunk, str):
+                        why = chunk
                         break
                     # One engine chunk, one piece for the client (one socket write).
                     outs: list[bytes] = []
@@ -475,6 +465,24 @@ class Gateway:
             forwarded, rewriter = nxt
             engine, body = forwarded.engine, forwarded.body
             resumes += 1
+
+    async def _next_chunk(self, engine_id: str, body: AsyncIterator[bytes]) -> bytes | str:
+        """A stream's next chunk, or why none came: its end, no byte for ``stream_idle_s``, or
+        its engine found down (:meth:`engine_down`). One cancel scope: it runs once per chunk."""
+        idle_s = self.resilience.stream_idle_s
+        scope = trio.CancelScope(deadline=trio.current_time() + idle_s)
+        waits = self._waits.setdefault(engine_id, set())
+        waits.add(scope)
+        try:
+            with scope:
+                return await body.__anext__()
+        except StopAsyncIteration:
+            return "the stream ended without [DONE]"
+        finally:
+            waits.discard(scope)
+        if trio.current_time() >= scope.deadline:
+            return f"no byte for {idle_s:g} s"
+        return "the engine stopped answering its health probe"
 
     async def _continue(
         self,
@@ -742,7 +750,8 @@ class Gateway:
         if self.inflight.get(engine_id) == 0:  # an idle engine's silence was not a stall
             self.progress[engine_id] = trio.current_time()
         self.inflight.acquire(engine_id)
-        self.metrics.inflight.labels(engine=engine_id).inc()
+        gauge = self.metrics.child(self.metrics.inflight, engine_id)
+        gauge.inc()
         by_engine = None if model is None else self._by_model.setdefault(model, InflightCounter())
         if by_engine is not None:
             by_engine.acquire(engine_id)
@@ -753,7 +762,7 @@ class Gateway:
             if not released:
                 released = True
                 self.inflight.release(engine_id)
-                self.metrics.inflight.labels(engine=engine_id).dec()
+                gauge.dec()
                 if by_engine is not None:
                     by_engine.release(engine_id)
 
@@ -817,7 +826,7 @@ class Gateway:
             raise
         took = self.clock() - started
         call.set_attribute("http.response.status_code", response.status)
-        self.metrics.ttfb.labels(model=request.model).observe(took)
+        self.metrics.child(self.metrics.ttfb, request.model).observe(took)
         if response.status == 200:
             key = (request.model, request.stream)
             self._first_byte.setdefault(key, WaitEstimate()).record(took)

@@ -3,6 +3,9 @@
 Sans-I/O: fed by agent messages and ``now`` (seconds on any monotonic clock), it answers
 questions synchronously. A node that has not been heard from for ``lost_after_s`` is marked lost
 by :meth:`FleetRegistry.expire`, and its engines leave routing at once.
+
+The engine views are built once per change (a Register, a Heartbeat, a node lost or forgotten)
+and kept until the next: every request asks for them, several times.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class FleetRegistry:
     def __init__(self, *, lost_after_s: float) -> None:
         self.lost_after_s = lost_after_s
         self._nodes: dict[str, NodeRecord] = {}
+        self._views: _Views | None = None  # built on first ask after a change
 
     # -- updates -----------------------------------------------------------------------------
 
@@ -153,6 +157,7 @@ class FleetRegistry:
             fetches=msg.fetches,
         )
         self._nodes[msg.node_id] = record
+        self._views = None
         return record
 
     def heartbeat(self, msg: Heartbeat, now: float) -> bool:
@@ -165,6 +170,7 @@ class FleetRegistry:
         record.gpus = msg.gpus
         record.engines = {e.engine_id: e for e in msg.engines}
         record.models, record.fetches = msg.models, msg.fetches
+        self._views = None
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -174,11 +180,14 @@ class FleetRegistry:
             if not record.lost and now - record.last_seen > self.lost_after_s:
                 record.lost = True
                 lost.append(record.node_id)
+        if lost:
+            self._views = None
         return lost
 
     def forget(self, node_id: str) -> None:
         """Remove a node entirely."""
         self._nodes.pop(node_id, None)
+        self._views = None
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -193,22 +202,18 @@ class FleetRegistry:
 
     def engines(self) -> list[EngineView]:
         """Every engine reported by a known node, lost nodes included (marked unroutable)."""
-        out = []
-        for record in self.nodes():
-            for status in record.engines.values():
-                out.append(self._view(record, status))
-        return sorted(out, key=lambda e: (e.id, not e.routable))
+        return list(self._built().all)
 
     def routable(self, model: str | None = None) -> list[EngineView]:
         """Engines that may take traffic now, optionally for one model: one view per engine id,
         the copy :meth:`engine` prefers when live nodes report two (an engine being moved)."""
-        return [
-            view
-            for engine_id in sorted({e.id for e in self.engines()})
-            if (view := self.engine(engine_id)) is not None
-            and view.routable
-            and (model is None or view.model == model)
-        ]
+        views = self._built()
+        if model is None:
+            return list(views.routable)
+        found = views.by_model.get(model)
+        if found is None:
+            found = views.by_model[model] = tuple(e for e in views.routable if e.model == model)
+        return list(found)
 
     def models(self) -> list[str]:
         """Models with at least one routable engine."""
@@ -221,9 +226,33 @@ class FleetRegistry:
         Where two live nodes report the id (a copy placed again elsewhere, the old one not
         stopped yet), the copy that is ready on healthy GPUs wins, then a ready one, then the
         lowest node id."""
+        return self._built().by_id.get(engine_id)
+
+    def _built(self) -> _Views:
+        views = self._views
+        if views is None:
+            views = self._views = self._build()
+        return views
+
+    def _build(self) -> _Views:
+        nodes = self.nodes()
+        every = sorted(
+            (self._view(record, status) for record in nodes for status in record.engines.values()),
+            key=lambda e: (e.id, not e.routable),
+        )
+        by_id: dict[str, EngineView] = {}
+        for engine_id in sorted({e.id for e in every}):
+            view = self._pick(nodes, engine_id)
+            if view is not None:
+                by_id[engine_id] = view
+        routable = tuple(v for v in by_id.values() if v.routable)
+        return _Views(tuple(every), by_id, routable, {})
+
+    def _pick(self, nodes: list[NodeRecord], engine_id: str) -> EngineView | None:
+        """:meth:`engine`'s choice among ``nodes`` (sorted by id)."""
         live: list[tuple[NodeRecord, EngineStatus]] = []
         stale = None
-        for record in self.nodes():
+        for record in nodes:
             status = record.engines.get(engine_id)
             if status is not None:
                 if not record.lost:
@@ -286,6 +315,16 @@ class FleetRegistry:
             and (status.nnodes == 1 or self._group_complete(status)),
             tier=engine_tier(record.gpus, status.gpus),
         )
+
+
+@dataclass
+class _Views:
+    """The engine views of one registry state (:meth:`FleetRegistry._built`)."""
+
+    all: tuple[EngineView, ...]  # every reported copy, sorted by id (routable copies first)
+    by_id: dict[str, EngineView]  # the copy :meth:`FleetRegistry.engine` returns
+    routable: tuple[EngineView, ...]  # by id
+    by_model: dict[str, tuple[EngineView, ...]]  # routable ones of a model, filled on demand
 
 
 def engine_tier(node_gpus: Iterable[GpuInfo], indices: Iterable[int]) -> str:

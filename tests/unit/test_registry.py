@@ -357,3 +357,24 @@ def test_an_engines_tier_comes_from_its_gpus_names() -> None:
     assert engine_tier(gpus, (1, 2)) == "l4"
     assert engine_tier(gpus, (0, 1)) == "h100+l4"
     assert engine_tier(gpus, ()) == "" and engine_tier(gpus, (7,)) == ""
+
+
+def test_views_kept_between_changes_follow_every_change() -> None:
+    """The views are built once per change: each kind of change shows in the next answer, and
+    a caller changing a list it got changes nothing."""
+    reg = FleetRegistry(lost_after_s=LOST_AFTER_S)
+    reg.register(register("a", engine("e1"), engine("e2", model="other")), now=0.0)
+    assert [e.id for e in reg.routable("m")] == ["e1"]
+    reg.routable("m").clear()
+    reg.engines().clear()
+    assert [e.id for e in reg.routable("m")] == ["e1"]
+    assert [e.id for e in reg.engines()] == ["e1", "e2"]
+    reg.heartbeat(heartbeat("a", engine("e1", state="starting"), engine("e2", model="other")), 1.0)
+    assert reg.routable("m") == [] and [e.id for e in reg.routable()] == ["e2"]
+    reg.register(register("b", engine("e3")), now=2.0)
+    assert [e.id for e in reg.routable("m")] == ["e3"]
+    assert reg.expire(now=2.0 + LOST_AFTER_S + 1) == ["a", "b"]
+    assert reg.routable() == [] and reg.engine("e3") is not None
+    assert not reg.engine("e3").routable  # type: ignore[union-attr]
+    reg.forget("b")
+    assert reg.engine("e3") is None and [e.id for e in reg.engines()] == ["e1", "e2"]
