@@ -83,6 +83,26 @@ def call(
         NotFound: the server answered 404.
         FleetError: the server is unreachable, answered another error, or not JSON.
     """
+    return answer(base, path, admin_key, body, method=method, what=what, timeout_s=timeout_s)[1]
+
+
+def answer(
+    base: str,
+    path: str,
+    admin_key: str = "",
+    body: Any = None,
+    *,
+    method: str | None = None,
+    what: str = "coordinator",
+    timeout_s: float = 10.0,
+) -> tuple[int, Any]:
+    """:func:`call`, also returning the success status (a ``PUT`` answers 201 when it created
+    the object, 200 when it replaced one).
+
+    Raises:
+        NotFound: the server answered 404.
+        FleetError: the server is unreachable, answered another error, or not JSON.
+    """
     import httpx
 
     url = base.rstrip("/") + path
@@ -100,7 +120,7 @@ def call(
         error = NotFound if response.status_code == 404 else FleetError
         raise error(f"{url}: {response.status_code}: {message}")
     try:
-        return response.json()
+        return response.status_code, response.json()
     except ValueError as exc:
         raise FleetError(f"{url} did not answer JSON: is {base} a Fleet {what}?") from exc
 
@@ -120,4 +140,4 @@ def _error_message(response: Any) -> str:
     return " ".join(str(message).split())
 
 
-__all__ = ["DEFAULT_AGENT", "NotFound", "add_coordinator_args", "call", "resolve"]
+__all__ = ["DEFAULT_AGENT", "NotFound", "add_coordinator_args", "answer", "call", "resolve"]

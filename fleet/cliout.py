@@ -4,7 +4,8 @@ A command hands :func:`show` a ``fetch`` (no arguments, returns JSON-able data) 
 ``render`` (data and ``wide`` to a rich renderable). ``json`` and ``yaml`` print the data as
 fetched; ``table`` renders it, ``wide`` renders it with more columns. Colour is used only when
 stdout is a terminal and ``NO_COLOR`` is unset or empty (https://no-color.org); elsewhere the
-output is plain text at full width, so scripts can cut it.
+output is plain text at full width without trailing spaces (rich pads every cell to its column's
+width), so scripts can cut it.
 
 ``--watch`` fetches again every ``--interval`` seconds: on a terminal a table is redrawn in
 place (rich ``Live``), elsewhere every round is printed after the last (JSON as one compact
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -94,16 +95,46 @@ def use_colour(stream: IO[str] | None = None) -> bool:
 
 def console(stream: IO[str] | None = None) -> Console:
     """A rich console on ``stream`` (default stdout): coloured only where :func:`use_colour`
-    says so; on a pipe, no styles at all and no width limit."""
+    says so; on a pipe, no styles at all, no width limit and no trailing spaces."""
     stream = sys.stdout if stream is None else stream
     tty = stream.isatty()
     return Console(
-        file=stream,
+        file=stream if tty else cast(IO[str], StripTrailing(stream)),
         color_system="auto" if use_colour(stream) else None,
         highlight=False,
         width=None if tty else PIPE_WIDTH,
         force_terminal=tty,
     )
+
+
+class StripTrailing:
+    """A text stream that writes each line to ``stream`` without its trailing whitespace.
+
+    A flush writes what it can of an unfinished line and holds back only its trailing
+    whitespace, which is dropped if the line ends there and written if text follows.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self._held = ""  # trailing whitespace of the unfinished line, not written yet
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        *lines, last = (self._held + text).split("\n")
+        out = "".join(line.rstrip() + "\n" for line in lines)
+        kept = last.rstrip()
+        self._held = last[len(kept) :]
+        self.stream.write(out + kept)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def dump(data: Any, output: str) -> str:
@@ -217,6 +248,7 @@ def _print_error(message: str) -> None:
 
 __all__ = [
     "FORMATS",
+    "StripTrailing",
     "add_output_args",
     "cell",
     "console",

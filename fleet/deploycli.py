@@ -14,7 +14,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from fleet import cliout
-from fleet.cliconn import NotFound, add_coordinator_args, call
+from fleet.cliconn import add_coordinator_args, answer, call
 from fleet.cliout import cell, table
 from fleet.cliprogress import Tracker
 from fleet.modelscli import fetch_line
@@ -113,12 +113,8 @@ def run_deploy(args: argparse.Namespace) -> int:
     for doc in docs:
         name = doc["metadata"]["name"]
         path = f"/admin/v1/deployments/{name}"
-        try:
-            call(args.coordinator, path, args.admin_key)
-            verb = "configured"
-        except NotFound:
-            verb = "created"
-        entry = call(args.coordinator, path, args.admin_key, doc, method="PUT")
+        status, entry = answer(args.coordinator, path, args.admin_key, doc, method="PUT")
+        verb = "created" if status == 201 else "configured"  # the PUT's own answer: no race
         print(f"deployment {name} {verb} (desired {entry['desired']})", flush=True)
         names.append(name)
     if args.wait:

@@ -62,6 +62,28 @@ def test_a_pipe_gets_full_width_lines() -> None:
     assert "x" * 300 in text(render_engines(long, False))
 
 
+def test_a_pipe_gets_no_trailing_spaces_and_a_terminal_its_padding() -> None:
+    second = ENGINES["engines"][0] | {"id": "demo-10", "url": "http://engine:1"}
+    rows = {"engines": [ENGINES["engines"][0], second]}
+    piped = text(render_engines(rows, True))
+    lines = piped.splitlines()
+    assert len(lines) == 3 and all(line == line.rstrip() for line in lines)
+    assert lines[1].endswith(" 32          yes") and lines[2].startswith("demo-10 ")
+    on_tty = text(render_engines(rows, True), Tty())
+    assert any(line != line.rstrip() for line in on_tty.splitlines())  # rich pads; left as is
+
+
+def test_trailing_whitespace_is_held_back_until_the_line_goes_on() -> None:
+    sink = io.StringIO()
+    out = cliout.StripTrailing(sink)
+    for part in ["a  ", "b \t", "", "\nc  \n  ", "  d", "  "]:
+        out.write(part)
+        out.flush()
+    assert sink.getvalue() == "a  b\nc\n    d"
+    out.write("\n")
+    assert sink.getvalue() == "a  b\nc\n    d\n"
+
+
 def test_node_inspect_puts_engines_on_their_gpus_and_flags_bad_ones() -> None:
     gpu = {"index": 0, "uuid": "GPU-1", "name": "H100", "memory_total_bytes": 80 << 30,
            "memory_used_bytes": 1 << 30, "utilization_pct": 50.0, "temperature_c": 60.0,
