@@ -21,10 +21,13 @@ def run_in_pty(
     timeout_s: float,
     interrupt: bool = True,
     columns: int = 200,
+    before_interrupt: Callable[[int], object] | None = None,
 ) -> tuple[bytes, int]:
     """Run ``argv`` with a terminal (``columns`` wide) as stdin, stdout and stderr; read its
     output until ``until(output)`` holds, then (with ``interrupt``) press Ctrl-C (SIGINT to
     its process group) and wait for it to exit. Returns the output and the exit status.
+    ``before_interrupt`` is called with the process id once ``until`` holds (to note its
+    children, say).
 
     Raises:
         AssertionError: ``until`` did not hold, or the process did not exit, in ``timeout_s``.
@@ -42,6 +45,8 @@ def run_in_pty(
             if time.monotonic() > deadline:
                 raise AssertionError(f"{argv}: no expected output in {timeout_s} s: {out[-800:]!r}")
             out += _read(master, 0.2)
+        if before_interrupt is not None:
+            before_interrupt(proc.pid)
         if interrupt:
             os.killpg(proc.pid, signal.SIGINT)
         while proc.poll() is None:

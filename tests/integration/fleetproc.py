@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -23,9 +23,12 @@ class FleetProcess:
     Args:
         args: arguments after ``fleet up``.
         log_dir: where fleet and the engines write logs.
+        env: variables to set in its environment, over the test's own.
     """
 
-    def __init__(self, args: Sequence[str], log_dir: Path) -> None:
+    def __init__(
+        self, args: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.log_dir = log_dir
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -36,7 +39,7 @@ class FleetProcess:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
         self._reader = threading.Thread(target=self._read, name="fleet-up-output", daemon=True)
         self._reader.start()

@@ -1,6 +1,8 @@
 """The ``fleet`` CLI against one running ``fleet up --engine sim --replicas 2`` (four fake GPUs,
-one per engine): output schemas, formats, exit codes, contexts, ``--watch`` in a
-pseudo-terminal and on a pipe, ``agent inspect``, ``deploy --wait``."""
+one per engine; its model store reads a loopback Hugging Face Hub mirror): output schemas,
+formats, exit codes, contexts, ``--watch`` in a pseudo-terminal and on a pipe, ``agent
+inspect``, ``deploy --wait``, ``models prestage --wait``; and ``fleet up``'s own output, status
+lines on a pipe (that fleet's) and progress bars on a terminal (a second fleet)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,18 +23,50 @@ import jsonschema
 import pytest
 import yaml
 
+from fleet.agent.store.cachedir import cache_key
+from fleet.modelscli import size
+
+from ..unit.storeservers import HfMirror, model_files
 from .clipty import run_in_pty
-from .fleetproc import FleetProcess
+from .clischemas import KV_STATS, NODE_INSPECT, SCHEMAS
+from .fleetproc import FleetProcess, alive, children_tree
 
 CLI_TIMEOUT_S = 60.0
+HUB_REPO = "org/cli"
+HUB_URI = f"hf://{HUB_REPO}"  # only test_prestage_wait_follows_the_download fetches it
 
 
 @pytest.fixture(scope="module")
-def fleet(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetProcess]:
+def hub() -> Iterator[HfMirror]:
+    """A Hugging Face Hub mirror on loopback holding one small model, ``HUB_REPO``."""
+    mirror = HfMirror()
+    mirror.repos[HUB_REPO] = model_files(600_000)
+    try:
+        yield mirror
+    finally:
+        mirror.close()
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet's model cache (``--model-cache``)."""
+    return tmp_path_factory.mktemp("cli-fleet-models")
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    demo_model: Path, hub: HfMirror, store_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FleetProcess]:
     log_dir = tmp_path_factory.mktemp("cli-fleet-logs")
+    cache = tmp_path_factory.mktemp("cli-fleet-hub")
     args = ["--engine", "sim", "--replicas", "2", "--model", str(demo_model),
-            "--fake-gpus", "4x80GiB@h100", "--gpus-per-engine", "1"]  # fmt: skip
-    proc = FleetProcess(args, log_dir)
+            "--fake-gpus", "4x80GiB@h100", "--gpus-per-engine", "1",
+            "--model-cache", str(store_root), "--tokenizer-cache", str(cache / "tok"),
+            "--hf-endpoint", hub.url]  # fmt: skip
+    # shared/TEST-SERVERS.md: huggingface_hub calls nothing but the mirror
+    hub_env = {"HF_HOME": str(cache / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+               "NO_PROXY": "127.0.0.1"}  # fmt: skip
+    proc = FleetProcess(args, log_dir, hub_env)
     try:
         proc.wait_for(r"Fleet is serving `demo`", 300)
         proc.wait_ready(2, 120)
@@ -64,96 +99,6 @@ def as_json(*args: str, env: Mapping[str, str]) -> Any:
     done = fleet_cli(*args, "-o", "json", env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-GPU = {
-    "type": "object",
-    "required": [
-        "index",
-        "uuid",
-        "name",
-        "memory_total_bytes",
-        "memory_used_bytes",
-        "utilization_pct",
-        "temperature_c",
-        "power_w",
-        "ecc_uncorrected",
-        "healthy",
-        "xids",
-        "reason",
-        "fake",
-    ],  # fmt: skip
-    "properties": {
-        "index": {"type": "integer"},
-        "xids": {"type": "array"},
-        "healthy": {"type": "boolean"},
-    },  # fmt: skip
-}
-ENGINE = {
-    "type": "object",
-    "required": [
-        "id",
-        "node",
-        "model",
-        "url",
-        "pid",
-        "state",
-        "role",
-        "kind",
-        "restarts",
-        "gpus",
-        "routable",
-    ],  # fmt: skip
-}
-NODE = {
-    "type": "object",
-    "required": [
-        "id",
-        "agent_url",
-        "agent_version",
-        "healthy",
-        "lost",
-        "gpus",
-        "engines",
-        "models",
-        "fetches",
-        "heartbeat_age_s",
-    ],  # fmt: skip
-    "properties": {
-        "gpus": {"type": "array", "items": GPU},
-        "heartbeat_age_s": {"type": "number", "minimum": 0},
-    },  # fmt: skip
-}
-SCHEMAS = {
-    "engines": {"type": "object", "required": ["engines"],
-                "properties": {"engines": {"type": "array", "items": ENGINE}}},
-    "nodes": {"type": "object", "required": ["nodes"],
-              "properties": {"nodes": {"type": "array", "items": NODE}}},
-    "deployments": {"type": "object", "required": ["deployments"], "properties": {
-        "deployments": {"type": "array", "items": {"type": "object", "required": [
-            "name", "servedModelNames", "desired", "placed", "ready", "engines", "reasons"]}}}},
-    "models": {"type": "object", "required": ["models"]},
-}  # fmt: skip
-NODE_INSPECT = {
-    "type": "object",
-    "required": ["node", "engines"],
-    "properties": {
-        "node": {"allOf": [NODE, {"properties": {"gpus": {"type": "array", "items": {
-            "required": ["engines"]}}}}]},
-        "engines": {"type": "array", "items": ENGINE},
-    },
-}  # fmt: skip
-KV_STATS = {
-    "type": "object",
-    "required": ["blocks", "entries", "max_entries", "engines", "stats", "relay",
-                 "agentsUnreachable"],  # fmt: skip
-    "properties": {
-        "engines": {"type": "array", "items": {"type": "object", "required": [
-            "engine_id", "model", "blocks", "events", "batches"]}},
-        "relay": {"type": "object", "additionalProperties": {"type": "object", "required": [
-            "gaps", "replays", "replayedBatches", "resyncs"]}},
-    },
-}  # fmt: skip
 
 
 @pytest.mark.parametrize("command", sorted(SCHEMAS))
@@ -301,7 +246,8 @@ def test_agent_inspect_asks_the_agent_directly(fleet: FleetProcess, env: dict[st
     assert data["health"]["node"] == "local"
     assert len(data["gpus"]) == 4
     assert sorted(e["engine_id"] for e in data["engines"]) == ["demo-0", "demo-1"]
-    assert data["models"] == [] and data["fetches"] == []
+    assert [m["uri"] for m in data["models"]] in ([], [HUB_URI])  # served from a local path
+    assert [f["uri"] for f in data["fetches"]] in ([], [HUB_URI])
     table = fleet_cli("agent", "inspect", env=env | {"FLEET_AGENT": node["agent_url"]})
     assert table.returncode == 0 and "demo-0" in table.stdout
     down = fleet_cli("agent", "inspect", "--agent", "http://127.0.0.1:9", env=env)
@@ -375,3 +321,87 @@ def test_an_xid_shows_as_an_unhealthy_gpu(fleet: FleetProcess, env: dict[str, st
     assert gpu["healthy"] is False and 79 in gpu["xids"]
     table = fleet_cli("node", "inspect", "local", "--coordinator", fleet.url, env=env).stdout
     assert re.search(r"\n3 \(fake\) .* 79 ", table)
+
+
+def test_fleet_up_on_a_pipe_prints_plain_status_lines(fleet: FleetProcess) -> None:
+    for engine in ("demo-0", "demo-1"):
+        fleet.wait_for(rf"^• \[ *[\d.]+ s\] engine {engine}: ready \(pid \d+\)$", CLI_TIMEOUT_S)
+    lines = list(fleet.lines)
+    assert "✔ Fleet is serving `demo` at " + fleet.url + "/v1   (Ctrl-C to stop)" in lines
+    assert not any("\x1b" in line for line in lines), lines  # no colour nor cursor codes
+    assert not any("engines ready" in line for line in lines)  # the bars' text is not printed
+
+
+def test_fleet_up_on_a_terminal_shows_bars_and_stops_every_process(
+    demo_model: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "fleet", "up", "--port", "0", "--log-dir", str(tmp_path),
+            "--engine", "sim", "--replicas", "2", "--model", str(demo_model),
+            "--fake-gpus", "2x80GiB@h100", "--gpus-per-engine", "1",
+            "--model-cache", str(tmp_path / "models")]  # fmt: skip
+    below: set[int] = set()
+    out, code = run_in_pty(
+        argv,
+        env,
+        until=lambda b: b"engines ready 2/2" in b and b"Fleet is serving `demo`" in b,
+        timeout_s=120,
+        before_interrupt=lambda pid: below.update(children_tree(pid)),
+    )
+    text = out.decode(errors="replace")
+    assert code == 0, text[-2000:]
+    assert below and not alive(below), f"left running: {sorted(alive(below))}"
+    assert "engines ready 0/2" in text and "engines ready 2/2" in text
+    assert "\x1b[?25l" in text and "\x1b[2K" in text  # cursor hidden, the bars redrawn in place
+    assert "100%" in text[text.index("engines ready 2/2") :]
+    assert re.search(r"engine demo-1: ready \(pid \d+\)\r\n", text)  # lines above the bars
+    assert "stopped: every engine process has exited" in text
+
+
+def test_prestage_wait_follows_the_download_until_cached(
+    fleet: FleetProcess, hub: HfMirror, store_root: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    files = hub.repos[HUB_REPO]
+    total = sum(len(data) for data in files.values())
+    hub.faults.gate = threading.Event()  # file bodies wait until the download has been shown
+    argv = [sys.executable, "-m", "fleet", "models", "prestage", HUB_URI, "--wait",
+            "--timeout", str(CLI_TIMEOUT_S), "--coordinator", fleet.url]  # fmt: skip
+    errors = tmp_path / "stderr"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    lines: list[str] = []
+    downloading = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("local: downloading "):
+                downloading.set()
+
+    reader = threading.Thread(target=read, name="prestage-output")
+    reader.start()
+    try:
+        assert downloading.wait(CLI_TIMEOUT_S), "".join(lines) + errors.read_text()
+        hub.faults.gate.set()
+        code = proc.wait(timeout=CLI_TIMEOUT_S)
+    finally:
+        hub.faults.gate.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    assert code == 0, "".join(lines) + errors.read_text()
+    out = "".join(lines)
+    assert lines[0] == f"prestaging {HUB_URI}\n"
+    assert re.search(r"^local +(requested|fetching) ", out, re.M), out
+    assert f"local: downloading 0 B/{size(total)}\n" in lines, out
+    assert lines[-1] == f"local: cached, {size(total)}\n"
+    assert "\x1b[" not in out and " \n" not in out  # a pipe: no codes, no trailing spaces
+
+    [node] = as_json("nodes", "--coordinator", fleet.url, env=env)["nodes"]
+    agent = as_json("agent", "inspect", "--agent", node["agent_url"], env=env)
+    [model] = [m for m in agent["models"] if m["uri"] == HUB_URI]
+    assert model["size_bytes"] == total and model["pinned"] is False  # no engine uses it
+    assert agent["fetches"] == []
+    folder = store_root / "entries" / cache_key(HUB_URI) / "model"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
