@@ -13,8 +13,9 @@ What it mirrors (vllm 0.32: vllm/config/kv_transfer.py, kv_connector/v1/nixl/pul
 * **Decode side**: a request whose ``kv_transfer_params`` has ``do_remote_prefill: true`` and the
   remote fields (:func:`wants_remote_prefill`) loads its prompt's blocks from the prefill engine
   instead of computing them: all prompt tokens not in the local prefix cache count as loaded
-  (``vllm:external_prefix_cache_hits``), the load takes :meth:`.LatencyModel.transfer_s` beside
-  the steps, and only the last prompt token is computed (for its logits), as vLLM recomputes it. Without a connector the params are ignored, as vLLM ignores
+  (``vllm:external_prefix_cache_hits``), the load takes :meth:`.LatencyModel.transfer_s`
+  beside the steps, and only the last prompt token is computed (for its logits), as vLLM
+  recomputes it. Without a connector the params are ignored, as vLLM ignores
   them.
 
 Only the NIXL connectors (``NixlConnector``, ``NixlPullConnector``) are simulated; any other
