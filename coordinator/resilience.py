@@ -212,6 +212,13 @@ class Breakers:
         (a refused connection, open period not over) are left out first and not counted: the
         cap is a share of the engines that may still answer.
         """
+        breakers = self._breakers
+        for i in ids:  # the common case, every breaker closed: nothing to filter
+            breaker = breakers.get(i)
+            if breaker is not None and breaker.state != "closed":
+                break
+        else:
+            return list(engines)
         pairs = [
             (e, i)
             for e, i in zip(engines, ids, strict=True)
@@ -245,7 +252,11 @@ class RetryBudget:
                 q.popleft()
 
     def request(self, now: float) -> None:
-        self._requests.append(now)
+        """Count a request (retries are allowed in proportion to requests)."""
+        requests, edge = self._requests, now - self.cfg.budget_window_s
+        while requests and requests[0] < edge:  # kept trimmed: a fleet that never retries
+            requests.popleft()  # would otherwise keep every request's time
+        requests.append(now)
 
     def try_retry(self, now: float) -> bool:
         """Spend one retry if the budget has one."""

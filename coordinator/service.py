@@ -364,19 +364,15 @@ class Coordinator:
             if self._gateway is not None:
                 self.autoscaling.tick(trio.current_time())
             self.link.reconcile()
-            if self._gateway is not None:
+            if self._gateway is not None:  # stalls are the gateway's watch_silent's
                 self._gateway.admission.wake_all()
-                breakers = self._gateway.breakers
+                health = self._gateway.health
+                self._gateway.forget([e.id for e in self.registry.engines()])
+                routable = self.registry.routable()
+                health.incarnations(routable)
                 now = trio.current_time()
-                for engine_id in self._gateway.stalled(now, self._gateway.resilience.stall_s):
-                    self._gateway.engine_down(engine_id, "stalled: requests in flight, no output")
-                    self.metrics.stalls.labels(engine=engine_id).inc()
-                known = [e.id for e in self.registry.engines()]
-                breakers.forget(known)
-                self._gateway.forget(known)
-                self._gateway.incarnations(self.registry.routable())
-                for engine in self.registry.routable():  # ready: its /health answers
-                    breakers.health_ok(engine.id, trio.current_time())
+                for engine in routable:  # ready: its /health answers
+                    health.health_ok(engine.id, now)
             if self._pools is not None and len(self._pools) > len(self.registry.engines()):
                 await self._pools.prune(e.url for e in self.registry.engines())
 

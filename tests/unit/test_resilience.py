@@ -203,11 +203,12 @@ async def test_a_deadline_bounds_the_wait_for_a_hung_engine(pair: Pair) -> None:
         await http.post(pair.urls["good"] + "/sim/faults", json={"hang": True})
     raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
     parsed = validate("completion", raw)
-    started = trio.current_time()
     with pytest.raises(DeadlineExceeded) as err:
         await pair.gateway.forward("/v1/completions", parsed, raw, {"x-request-timeout": "0.5"})
-    assert err.value.status == 504
-    assert 0.5 <= trio.current_time() - started < 3.0
+    # The 504 names the request's deadline: neither the pool's 10 s read timeout nor a retry
+    # on the failing engine ended it (test_attempts tests the rule with explicit times).
+    assert err.value.status == 504 and "(0.5 s)" in err.value.message
+    assert pair.gateway.breakers.get("good").consecutive == 0  # slow is not failed
     assert pair.gateway.inflight.get("good") == 0  # the hung attempt was released
     for bad in ("0", "-1", "soon", "nan", "inf"):
         with pytest.raises(InvalidRequest) as bad_err:
@@ -215,29 +216,36 @@ async def test_a_deadline_bounds_the_wait_for_a_hung_engine(pair: Pair) -> None:
         assert bad_err.value.param == "x-request-timeout"
 
 
-async def test_an_engine_that_stops_producing_is_reported_stalled(
-    demo_model: Path, nursery: trio.Nursery
+async def test_a_hung_engine_whose_health_passes_is_found_stalled(
+    demo_model: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Explicit times after the request is provably in flight: a real-time sleep raced the
-    request's way there (the gateway's first request loads the tokenizer) and the stall clock."""
-    server, url = await start_sim_server(demo_model, nursery, "--sim-fault", "hang")
-    gateway, pools = sim_gateway({"bad": url}, demo_model, ResilienceConfig())
-    assert gateway.stalled(trio.current_time(), 0.5) == []  # nothing in flight: no stall
-    async with trio.open_nursery() as requests:
-        requests.start_soon(_complete, gateway)
-        with trio.fail_after(30):  # a safety bound: it takes milliseconds
-            while not server.engine.scheduler.waiting:  # at the engine, which makes nothing
-                await server.engine.wait_activity()
-        assert gateway.inflight.get("bad") == 1
-        opened = gateway.progress["bad"]  # silent since the request was sent
-        assert gateway.stalled(opened + 0.4, 0.5) == []
-        assert gateway.stalled(opened + 0.6, 0.5) == ["bad"]
-        assert gateway.stalled(opened + 0.6, 0.5) == []  # reported once per stall...
-        assert gateway.stalled(opened + 1.0, 0.5) == []
-        assert gateway.stalled(opened + 1.2, 0.5) == ["bad"]  # ...and its clock restarts
-        requests.cancel_scope.cancel()
+    """vLLM's ``/health`` stays 200 when its engine core hangs, and so does the simulator's
+    under its ``hang`` fault: the watcher's probes pass, yet the stream waiting on it moves
+    once the engine was silent for ``stall_s``, long before its idle bound (60 s) or its
+    deadline; with no other engine, the client's stream ends with an error event."""
+    _, url = await start_sim_server(demo_model, nursery, "--sim-fault", "hang")
+    cfg = ResilienceConfig(probe_after_s=0.1, probe_timeout_s=2.0, stall_s=1.0, stream_idle_s=60)
+    gateway, pools = sim_gateway({"bad": url}, demo_model, cfg)
+    nursery.start_soon(gateway.watch_silent)
+    body = {"model": "demo", "prompt": "hello", "max_tokens": 2, "stream": True}
+    raw = json.dumps(body).encode()
+    headers = {"x-request-timeout": "120"}
+    try:
+        forwarded = await gateway.forward(
+            "/v1/completions", validate("completion", raw), raw, headers
+        )
+    except NoCapacity as exc:  # the engine had not even started the response
+        assert "stopped answering" in str(exc)
+    else:
+        text = b"".join([chunk async for chunk in forwarded.body])
+        assert b'"error"' in text and text.endswith(b"data: [DONE]\n\n")
+    assert gateway.metrics.stalls.labels(engine="bad")._value.get() == 1
+    assert gateway.breakers.get("bad").state == "open"
+    assert "engine bad down (stalled: requests in flight, no output)" in caplog.text
+    assert "health probe failed" not in caplog.text  # every probe passed
     assert gateway.inflight.get("bad") == 0
     await pools.aclose()
+    nursery.cancel_scope.cancel()
 
 
 async def test_requests_waiting_on_a_hung_engine_move_when_its_health_probe_fails(
@@ -261,13 +269,12 @@ async def test_requests_waiting_on_a_hung_engine_move_when_its_health_probe_fail
         b"".join([chunk async for chunk in forwarded.body])
         results.append((forwarded.status, forwarded.headers["x-selected-pod"]))
 
-    started = trio.current_time()
     async with trio.open_nursery() as requests:
         for _ in range(8):
             requests.start_soon(one)
-    took = trio.current_time() - started
-    assert results == [(200, "good")] * 8  # none waited for its 10 s deadline
-    assert took < 3.0
+    # Each would have ended at its 10 s deadline with 504 (a read timeout there leaves no
+    # time for a retry) had the failed probe not moved it.
+    assert results == [(200, "good")] * 8
     assert gateway.breakers.get("hung").state == "open"
     assert gateway.metrics.stalls.labels(engine="hung")._value.get() == 1
     assert gateway.inflight.get("hung") == 0
@@ -280,12 +287,12 @@ async def test_a_new_process_under_an_engines_id_starts_with_a_closed_breaker(pa
 
     gateway = pair.gateway
     views = gateway.registry.routable("demo")
-    gateway.incarnations(views)
+    gateway.health.incarnations(views)
     gateway.breakers.get("good").trip(trio.current_time())
-    gateway.incarnations(views)  # the same processes: the breaker stays open
+    gateway.health.incarnations(views)  # the same processes: the breaker stays open
     assert gateway.breakers.get("good").state == "open"
     restarted = [dataclasses.replace(v, pid=v.pid + 1) if v.id == "good" else v for v in views]
-    gateway.incarnations(restarted)
+    gateway.health.incarnations(restarted)
     assert gateway.breakers.get("good").state == "closed"
 
 

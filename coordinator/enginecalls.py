@@ -1,0 +1,336 @@
+"""Calls to engines: open a response, count it in flight, end the waits on an engine found down.
+
+This is I/O with no decisions in it: which engine to try, and what an outcome means for it, are
+:mod:`.attempts`' and :mod:`.enginehealth`'s. :meth:`EngineCalls.attempt` opens a request on an
+engine within the request's deadline and reports the outcome the plan records; while it (or a
+stream's wait for its next chunk, :meth:`EngineCalls.watching`) waits, the engine being put down
+ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import trio
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import tracing
+from .admission import WaitEstimate
+from .attempts import CONNECTED, PAST_DEADLINE, Failed, Outcome, Refused
+from .engineclient import EngineHTTPError, EngineURLError
+from .enginehealth import EngineHealth
+from .errors import UpstreamError
+from .metrics import CoordinatorMetrics
+from .picker import InflightCounter
+from .pools import EnginePools
+from .registry import EngineView
+from .validation import ParsedRequest
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; the engine gets what is left of it
+# After a stream's [DONE], the engine's chunked terminator follows at once; wait this long for it
+# (so the connection is reused) before closing the connection instead.
+END_WAIT_S = 0.5
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "date",
+        "server",
+    }
+)
+
+
+@dataclass
+class Forwarded:
+    """An engine's response, opened; ``body`` yields its bytes and then releases the engine."""
+
+    status: int
+    headers: dict[str, str]
+    body: AsyncIterator[bytes]
+    engine: EngineView
+    discard: Callable[[], Awaitable[None]]  # close it unread (the engine is released)
+
+
+class EngineCalls:
+    """Opens requests on engines and keeps what the calls share.
+
+    Owns the in-flight counts (per engine, and per model per engine), the cancel scopes of the
+    waits on each engine (ended when :class:`.EngineHealth` puts the engine down: it is this
+    object's ``on_down``) and the first-byte wait estimates. Nothing to stop.
+
+    Args:
+        pools: the clients of each engine.
+        metrics: where counts go.
+        health: the engines' health; its ``on_down`` is set to :meth:`cancel_waits`.
+        inflight: the per-engine in-flight counter (the health's ``inflight`` reads it).
+        streaming: the per-engine counter of streamed requests in flight (the health's
+            ``streaming`` reads it).
+        clock: times engine calls (ttfb).
+    """
+
+    def __init__(
+        self,
+        pools: EnginePools,
+        metrics: CoordinatorMetrics,
+        health: EngineHealth,
+        inflight: InflightCounter,
+        streaming: InflightCounter,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.pools = pools
+        self.metrics = metrics
+        self.health = health
+        self.inflight = inflight
+        self.streaming = streaming
+        self.clock = clock
+        # served name -> engine -> its requests in flight there (slots held off routing)
+        self.by_model: dict[str, InflightCounter] = {}
+        self._waits: dict[str, set[trio.CancelScope]] = {}  # cancelled when the engine is down
+        # (model, stream) -> the wait for a response's first byte: a request whose deadline is
+        # closer than its bound when it leaves the queue is shed, not sent
+        self.first_byte: dict[tuple[str, bool], WaitEstimate] = {}
+        health.on_down = self.cancel_waits
+
+    @contextlib.contextmanager
+    def watching(self, engine_id: str) -> Iterator[trio.CancelScope]:
+        """A cancel scope that ends when the engine is put down: a wait on the engine (for a
+        first byte, for a stream's next one) that ends if the engine is found dead."""
+        scope = trio.CancelScope()
+        waits = self._waits.get(engine_id)
+        if waits is None:
+            waits = self._waits[engine_id] = set()
+        waits.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            waits.discard(scope)
+
+    async def next_chunk(
+        self, engine_id: str, body: AsyncIterator[bytes], idle_s: float
+    ) -> bytes | str:
+        """A stream's next chunk, or why none came: its end, no byte for ``idle_s``, or its
+        engine put down. One cancel scope: it runs once per chunk."""
+        scope = trio.CancelScope(deadline=trio.current_time() + idle_s)
+        waits = self._waits.get(engine_id)
+        if waits is None:
+            waits = self._waits[engine_id] = set()
+        waits.add(scope)
+        try:
+            with scope:
+                return await body.__anext__()
+        except StopAsyncIteration:
+            return "the stream ended without [DONE]"
+        finally:
+            waits.discard(scope)
+        if trio.current_time() >= scope.deadline:
+            return f"no byte for {idle_s:g} s"
+        return "its engine was found down (a failed probe, or a stall)"
+
+    def cancel_waits(self, engine_id: str, why: str) -> None:
+        """End every wait on ``engine_id`` (it is down), so requests not answered yet are
+        retried elsewhere and started streams resumed."""
+        waits = self._waits.get(engine_id, set())
+        log.warning("engine %s down (%s): %d waiting requests moved", engine_id, why, len(waits))
+        for scope in list(waits):
+            scope.cancel()
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop the wait lists of engines that left (``keep``: the known ones)."""
+        for engine_id in [e for e in self._waits if e not in keep and not self._waits[e]]:
+            del self._waits[engine_id]
+
+    def hold(
+        self, engine_id: str, model: str | None = None, *, stream: bool = False
+    ) -> Callable[[], None]:
+        """Count a request in flight on ``engine_id`` (and against ``model``'s slots there;
+        ``stream``: a streamed one); returns its release (idempotent)."""
+        self.health.busy(engine_id, trio.current_time(), stream=stream)
+        self.inflight.acquire(engine_id)
+        if stream:
+            self.streaming.acquire(engine_id)
+        gauge = self.metrics.child(self.metrics.inflight, engine_id)
+        gauge.inc()
+        by_engine = None
+        if model is not None:
+            by_engine = self.by_model.get(model)
+            if by_engine is None:
+                by_engine = self.by_model[model] = InflightCounter()
+            by_engine.acquire(engine_id)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight.release(engine_id)
+                if stream:
+                    self.streaming.release(engine_id)
+                gauge.dec()
+                if by_engine is not None:
+                    by_engine.release(engine_id)
+
+        return release
+
+    async def attempt(
+        self,
+        engine: EngineView,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        request: ParsedRequest,
+        request_id: str,
+        deadline: float,
+    ) -> tuple[Outcome, Forwarded | None]:
+        """Open ``raw`` on ``engine`` unless ``deadline`` passes or the engine is put down
+        first: the outcome, with the response when the engine answered (a 5xx is
+        :class:`.Failed` with its status; anything below 500 is :data:`.CONNECTED`)."""
+        try:
+            with trio.move_on_at(deadline) as scope, self.watching(engine.id) as down:
+                forwarded = await self.open(engine, path, raw, headers, request, request_id)
+        except UpstreamError as exc:
+            log.warning("%s", exc)
+            if exc.reason == "refused":
+                return Refused(str(exc)), None
+            return Failed(exc.reason, str(exc)), None
+        if down.cancelled_caught:
+            log.warning("engine %s: stopped answering (health probe)", engine.id)
+            return Failed("down", f"engine {engine.id}: stopped answering (health probe)"), None
+        if scope.cancelled_caught:
+            return PAST_DEADLINE, None
+        if forwarded.status >= 500:
+            detail = f"engine {engine.id} answered {forwarded.status}"
+            return Failed("5xx", detail, forwarded.status), forwarded
+        return CONNECTED, forwarded
+
+    async def open(
+        self,
+        engine: EngineView,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        request: ParsedRequest,
+        request_id: str,
+    ) -> Forwarded:
+        """Send ``raw`` to ``engine`` and open its response, counted in flight until its body
+        is read or discarded.
+
+        Raises:
+            UpstreamError: the engine could not be reached or broke before answering.
+        """
+        call = tracing.start(
+            "fleet.engine_call",
+            {"fleet.engine.id": engine.id, "url.full": engine.url + path},
+            kind=SpanKind.CLIENT,
+        )
+        headers = tracing.inject(headers, call)
+        unhold = self.hold(engine.id, request.model, stream=request.stream)
+        end_call = tracing.ender(call)
+
+        def release() -> None:  # the engine's slot, and the call's span: once, when it is done
+            unhold()
+            end_call()
+
+        started = self.clock()
+        try:
+            response = await self.pools.get(engine.url).request("POST", path, headers, raw)
+        except (EngineHTTPError, EngineURLError) as exc:
+            call.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            release()
+            # refused: nothing listens (or the host refused), the engine is gone
+            reason = exc.reason if isinstance(exc, EngineHTTPError) else "connect"
+            raise UpstreamError(engine.id, f"{type(exc).__name__}: {exc}", reason) from exc
+        except BaseException:
+            release()
+            raise
+        took = self.clock() - started
+        call.set_attribute("http.response.status_code", response.status)
+        self.metrics.child(self.metrics.ttfb, request.model).observe(took)
+        if response.status == 200:
+            key = (request.model, request.stream)
+            estimate = self.first_byte.get(key)
+            if estimate is None:
+                estimate = self.first_byte[key] = WaitEstimate()
+            estimate.record(took)
+        progress, now = self.health.progress, trio.current_time
+        progress[engine.id] = now()
+        out_headers = {k: v for k, v in response.headers if k not in HOP_BY_HOP}
+        out_headers["x-request-id"] = request_id
+        out_headers["x-selected-pod"] = engine.id
+        engine_id = engine.id
+
+        async def body() -> AsyncIterator[bytes]:
+            # Read to the body's end (a stream's chunked terminator included), so that the
+            # connection goes back to the engine's pool; stopped early, it is closed.
+            try:
+                async for chunk in response.aiter_raw():
+                    progress[engine_id] = now()
+                    yield chunk
+            except EngineHTTPError as exc:
+                # The stream broke after it started; the stream relay resumes it.
+                self.metrics.upstream_errors.labels(engine=engine_id).inc()
+                log.warning("engine %s broke a response mid-way: %s", engine_id, exc)
+            finally:
+                release()
+                response.close()
+
+        async def discard() -> None:
+            release()
+            response.close()
+
+        return Forwarded(response.status, out_headers, body(), engine, discard)
+
+
+async def relay(
+    body: AsyncIterator[bytes], then: Callable[[], Awaitable[object]] | None = None
+) -> AsyncIterator[bytes]:
+    """Re-yield ``body``; when done, or abandoned (the client left), close it, then ``then()``."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if then is not None:
+            await then()
+
+
+async def read_to_end(body: AsyncIterator[bytes]) -> None:
+    """Read what follows a stream's ``[DONE]`` (its chunked terminator), for at most
+    ``END_WAIT_S``: a body read to its end keeps its engine connection for the next request,
+    where one closed before it would close the connection. Anything more is dropped."""
+    with trio.move_on_after(END_WAIT_S):
+        async for _ in body:
+            pass
+
+
+def is_sse(forwarded: Forwarded) -> bool:
+    """Is the response a server-sent event stream?"""
+    return forwarded.headers.get("content-type", "").startswith("text/event-stream")
+
+
+__all__ = [
+    "END_WAIT_S",
+    "HOP_BY_HOP",
+    "TIMEOUT_HEADER",
+    "EngineCalls",
+    "Forwarded",
+    "is_sse",
+    "read_to_end",
+    "relay",
+]
