@@ -38,6 +38,13 @@ def create_app(coord: Coordinator) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = coord.cfg.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does
     app.config["BODY_TIMEOUT"] = coord.cfg.body_timeout_s
+    routing = routeapi.RoutingPorts(
+        engines_for=coord.engines_for,
+        scheduler=coord.scheduler,
+        index=coord.kvindex,
+        tokenizer=coord.prompt_tokenizer,
+        inflight=coord.gateway.inflight.get,
+    )
 
     @app.errorhandler(ApiError)
     async def _api_error(err: ApiError) -> Response:
@@ -235,12 +242,12 @@ def create_app(coord: Coordinator) -> QuartTrio:
     @app.post("/api/v1/route/explain")
     async def route_explain() -> Response:
         raw = await _admin_body()
-        return _json(await routeapi.explain(coord, raw))
+        return _json(await routeapi.explain(routing, raw))
 
     @app.post("/api/v1/score")
     async def kv_score() -> Response:
         raw = await _admin_body()
-        return _json(await routeapi.score(coord, raw))
+        return _json(await routeapi.score(routing, raw))
 
     @app.get("/api/v1/cache/pod/<engine_id>")
     async def cache_pod(engine_id: str) -> Response:

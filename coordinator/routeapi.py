@@ -12,23 +12,46 @@ score (present / total).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
 from .errors import InvalidRequest, ModelNotFound
 from .registry import EngineView
-from .router.prompt import RoutingRequest
-from .router.scheduler import Profile
+from .router.prompt import PromptTokenizer, RoutingRequest
+from .router.scheduler import Profile, Scheduler
 from .validation import parse_json_object
 
-if TYPE_CHECKING:
-    from .service import Coordinator
+
+class PrefixIndex(Protocol):
+    """What ``score`` asks of the KV index."""
+
+    def match(self, keys: Iterable[int], candidates: Iterable[str]) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True)
+class RoutingPorts:
+    """What these endpoints read, and nothing more (the HTTP layer needs no coordinator).
+
+    Attributes:
+        engines_for: ``(model, session)`` → the routable engines that may serve it.
+        scheduler: the scheduling pipeline (asked to explain, never to record).
+        index: the KV index (cached prefixes).
+        tokenizer: tokenizes prompts as the engines will.
+        inflight: requests in flight per engine (the scheduler's load input).
+    """
+
+    engines_for: Callable[[str, str | None], Sequence[EngineView]]
+    scheduler: Scheduler
+    index: PrefixIndex
+    tokenizer: PromptTokenizer
+    inflight: Callable[[str], int]
 
 
 async def routing_request(
-    coord: Coordinator, raw: bytes
+    ports: RoutingPorts, raw: bytes
 ) -> tuple[RoutingRequest, list[EngineView], dict[str, Any]]:
     """Parse an explain/score body into the routing request and its candidate engines.
 
@@ -51,7 +74,7 @@ async def routing_request(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise InvalidRequest("`headers` must map header names to strings.", param="headers")
-    engines = coord.engines_for(model, None)
+    engines = list(ports.engines_for(model, None))
     if not engines:
         raise ModelNotFound(model)
     wanted = body.get("engines")
@@ -79,7 +102,7 @@ async def routing_request(
             raise InvalidRequest("`messages` must be a list.", param="messages")
         if kind == "completion" and not isinstance(body["prompt"], str | list):
             raise InvalidRequest("`prompt` must be text or a list of token ids.", param="prompt")
-        request.token_ids = await coord.prompt_tokenizer.tokens(model, kind, body)
+        request.token_ids = await ports.tokenizer.tokens(model, kind, body)
     request.tokenize_ms = (trio.current_time() - started) * 1000
     info = {
         "model": model,
@@ -89,13 +112,13 @@ async def routing_request(
     return request, engines, info
 
 
-async def explain(coord: Coordinator, raw: bytes) -> dict[str, Any]:
-    request, engines, info = await routing_request(coord, raw)
-    gateway = coord.gateway
-    decision = coord.scheduler.schedule(
-        request, engines, gateway.inflight.get, trio.current_time(), explain=True
+async def explain(ports: RoutingPorts, raw: bytes) -> dict[str, Any]:
+    """The pipeline's decision for the request in ``raw``, with every plugin's verdict."""
+    request, engines, info = await routing_request(ports, raw)
+    decision = ports.scheduler.schedule(
+        request, engines, ports.inflight, trio.current_time(), explain=True
     )
-    config = coord.scheduler.config
+    config = ports.scheduler.config
     profile = config.primary
     prefill = config.prefill_profile
     return {
@@ -120,12 +143,13 @@ def _describe(profile: Profile) -> dict[str, Any]:
     }
 
 
-async def score(coord: Coordinator, raw: bytes) -> dict[str, Any]:
-    request, engines, info = await routing_request(coord, raw)
+async def score(ports: RoutingPorts, raw: bytes) -> dict[str, Any]:
+    """Each candidate engine's cached prefix of the prompt in ``raw``."""
+    request, engines, info = await routing_request(ports, raw)
     out = []
     for e in engines:
         keys = request.keys(e.block_size)
-        n = coord.kvindex.match(keys, [e.id])[e.id]
+        n = ports.index.match(keys, [e.id])[e.id]
         out.append(
             {
                 "engine_id": e.id,
@@ -139,4 +163,4 @@ async def score(coord: Coordinator, raw: bytes) -> dict[str, Any]:
     return {**info, "engines": out}
 
 
-__all__ = ["explain", "score"]
+__all__ = ["PrefixIndex", "RoutingPorts", "explain", "score"]

@@ -3,7 +3,8 @@
 :class:`Coordinator` owns, in one nursery: the agent link (ZMQ ROUTER), the HTTP server
 (hypercorn on trio), the registry upkeep loop (expiry of silent nodes, placement), the clients
 used to reach engines (:mod:`.pools`) and the fetches of remote models' tokenizer files
-(:mod:`.tokenizers`). ``run()`` reports ``started()`` once the link is bound and the HTTP port
+(:mod:`.tokenizers`). Its parts are built in ``__init__`` (nothing runs, nothing connects);
+``run()`` starts them and reports ``started()`` once the link is bound and the HTTP port
 listens, with the bound addresses.
 
 It stops two ways. ``drain()`` (what ``fleet coordinator`` does on SIGTERM or SIGINT) stops
@@ -139,6 +140,28 @@ class Coordinator:
         self.tokenizers.want(deployments)
         self._index_stats_seen: dict[str, int] = {}
         self._index_drops_seen: dict[str, int] = {}
+        timeout = httpx.Timeout(
+            connect=cfg.upstream_connect_timeout_s,
+            read=cfg.upstream_read_timeout_s,
+            write=cfg.upstream_read_timeout_s,
+            pool=cfg.upstream_connect_timeout_s,
+        )
+        # The engines' clients connect on first use; run() closes them when it ends.
+        self.pools = EnginePools(timeout=timeout, max_connections=1024, max_keepalive=128)
+        self.gateway = Gateway(
+            self.pools,
+            self.registry,
+            self.metrics,
+            scheduler=self.scheduler,
+            tokenizer=self.prompt_tokenizer,
+            resilience=cfg.resilience,
+            slots_per_engine=cfg.slots_per_engine,
+            max_queue=cfg.max_queue,
+            max_queue_wait_s=cfg.max_queue_wait_s,
+            limits=self.limits,
+            is_deployed=lambda model: bool(self.placer.serving(model)),
+            engines_for=self.engines_for,
+        )
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
             coordinator_id=cfg.coordinator_id,
@@ -151,16 +174,12 @@ class Coordinator:
             groups=self.groups,
             prestages=self.prestages,
             leadership=self.leadership,
-            busy=lambda engine_id: (
-                self._gateway is not None and self._gateway.inflight.get(engine_id) > 0
-            ),
+            busy=lambda engine_id: self.gateway.inflight.get(engine_id) > 0,
             drain_s=cfg.engine_drain_s,
             curve=cfg.curve_keys,
             curve_reload_s=cfg.curve_reload_s,
         )
         self._changed = trio.Event()
-        self._pools: EnginePools | None = None
-        self._gateway: Gateway | None = None
         self._draining = trio.Event()
 
     def drain(self) -> None:
@@ -175,8 +194,7 @@ class Coordinator:
     def _bump(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
-        if self._gateway is not None:  # engines may have become ready: admit who waits
-            self._gateway.admission.wake_all()
+        self.gateway.admission.wake_all()  # engines may have become ready: admit who waits
 
     def set_deployments(self, deployments: tuple[Deployment, ...]) -> None:
         """Serve ``deployments`` from now on: new engines are placed, engines no deployment
@@ -236,41 +254,14 @@ class Coordinator:
             names.update(owner.served_names if owner is not None else (engine.model,))
         return sorted(names)
 
-    @property
-    def gateway(self) -> Gateway:
-        if self._gateway is None:
-            raise RuntimeError("coordinator is not running")
-        return self._gateway
-
     async def run(
         self, *, task_status: trio.TaskStatus[CoordinatorAddresses] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled."""
-        timeout = httpx.Timeout(
-            connect=self.cfg.upstream_connect_timeout_s,
-            read=self.cfg.upstream_read_timeout_s,
-            write=self.cfg.upstream_read_timeout_s,
-            pool=self.cfg.upstream_connect_timeout_s,
-        )
-        self._pools = EnginePools(timeout=timeout, max_connections=1024, max_keepalive=128)
         settle = self.cfg.placement_settle_s
         if settle is None:
             settle = self.cfg.heartbeat_interval_s * self.cfg.lost_after_missed
         self.placer.settle_until = trio.current_time() + settle
-        self._gateway = Gateway(
-            self._pools,
-            self.registry,
-            self.metrics,
-            scheduler=self.scheduler,
-            tokenizer=self.prompt_tokenizer,
-            resilience=self.cfg.resilience,
-            slots_per_engine=self.cfg.slots_per_engine,
-            max_queue=self.cfg.max_queue,
-            max_queue_wait_s=self.cfg.max_queue_wait_s,
-            limits=self.limits,
-            is_deployed=lambda model: bool(self.placer.serving(model)),
-            engines_for=self.engines_for,
-        )
         served = trio.Event()
 
         async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -299,18 +290,17 @@ class Coordinator:
                         control.start_soon(self._watch_folder, self.book.folder)
                     if (node_scaling := NodeScaling.of(self)) is not None:  # kubescale.py
                         control.start_soon(node_scaling.run)
-                    nursery.start_soon(self._gateway.watch_silent)
+                    nursery.start_soon(self.gateway.watch_silent)
                     control.start_soon(self.autoscaling.run)  # the others' demand, for the leader
                     await nursery.start(self.limits.run)
                     if self.response_cache is not None:
                         await nursery.start(self.response_cache.cache.run)
                     await nursery.start(self.tokenizers.run)
                     if self.scheduler.uses_metrics:
-                        pools = self._pools
                         nursery.start_soon(
                             self.scheduler.stats.run,
                             lambda: [(e.id, e.url) for e in self.registry.routable()],
-                            pools.control,
+                            self.pools.control,
                         )
                     binds = await nursery.start(serve_http)
                     url = binds[0].replace("0.0.0.0", "127.0.0.1")
@@ -328,7 +318,7 @@ class Coordinator:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.grace_s):
-                await self._pools.aclose()
+                await self.pools.aclose()
 
     async def _run_link(self, *, task_status: trio.TaskStatus[str]) -> None:
         """The agent link; while its endpoint is in use (a predecessor still draining after a
@@ -361,20 +351,18 @@ class Coordinator:
                 log.warning(
                     "KV gap of engine %s not repaired in time: its entries resynced", engine_id
                 )
-            if self._gateway is not None:
-                self.autoscaling.tick(trio.current_time())
+            self.autoscaling.tick(trio.current_time())
             self.link.reconcile()
-            if self._gateway is not None:  # stalls are the gateway's watch_silent's
-                self._gateway.admission.wake_all()
-                health = self._gateway.health
-                self._gateway.forget([e.id for e in self.registry.engines()])
-                routable = self.registry.routable()
-                health.incarnations(routable)
-                now = trio.current_time()
-                for engine in routable:  # ready: its /health answers
-                    health.health_ok(engine.id, now)
-            if self._pools is not None and len(self._pools) > len(self.registry.engines()):
-                await self._pools.prune(e.url for e in self.registry.engines())
+            self.gateway.admission.wake_all()
+            health = self.gateway.health  # its stalls are the gateway's watch_silent's
+            self.gateway.forget([e.id for e in self.registry.engines()])
+            routable = self.registry.routable()
+            health.incarnations(routable)
+            now = trio.current_time()
+            for engine in routable:  # ready: its /health answers
+                health.health_ok(engine.id, now)
+            if len(self.pools) > len(self.registry.engines()):
+                await self.pools.prune(e.url for e in self.registry.engines())
 
     def refresh_gauges(self) -> None:
         """Update the gauges that mirror registry state (called before /metrics renders)."""
@@ -385,10 +373,9 @@ class Coordinator:
         self.metrics.engines.clear()
         for engine in self.registry.engines():
             self.metrics.engines.labels(state=engine.state).inc()
-        if self._gateway is not None:
-            self.metrics.breaker_state.clear()
-            for engine_id, state in self._gateway.breakers.states().items():
-                self.metrics.breaker_state.labels(engine=engine_id).set(STATE_VALUES[state])
+        self.metrics.breaker_state.clear()
+        for engine_id, state in self.gateway.breakers.states().items():
+            self.metrics.breaker_state.labels(engine=engine_id).set(STATE_VALUES[state])
         self.metrics.leader.set(1 if self.leadership.leader else 0)
         self.metrics.autoscaler_replicas.clear()
         for name, decision in self.scaling.decisions.items():

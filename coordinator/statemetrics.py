@@ -40,8 +40,7 @@ class Observed(Protocol):
     scaling: Scaling
     scheduler: Scheduler
 
-    @property
-    def gateway(self) -> Gateway: ...  # RuntimeError while the coordinator is not running
+    gateway: Gateway
 
 
 class FleetStateCollector(Collector):
@@ -171,12 +170,7 @@ class FleetStateCollector(Collector):
             for name in d.served_names
             for priority in PRIORITIES
         }
-        try:
-            admission = self.coord.gateway.admission
-        except RuntimeError:  # not serving yet: no queues
-            pass
-        else:
-            waiting.update(admission.queued_by_priority())
+        waiting.update(self.coord.gateway.admission.queued_by_priority())
         for (model, priority), n in sorted(waiting.items()):
             queued.add_metric([model, priority], n)
         bound.add_metric([], self.coord.cfg.max_queue)
