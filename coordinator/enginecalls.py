@@ -63,6 +63,8 @@ class Forwarded:
     body: AsyncIterator[bytes]
     engine: EngineView
     discard: Callable[[], Awaitable[None]]  # close it unread (the engine is released)
+    # Whether the body's first piece came with the head (reading it needs no wait).
+    buffered: Callable[[], bool] = lambda: False
 
 
 class EngineCalls:
@@ -199,19 +201,27 @@ class EngineCalls:
         """Open ``raw`` on ``engine`` unless ``deadline`` passes or the engine is put down
         first: the outcome, with the response when the engine answered (a 5xx is
         :class:`.Failed` with its status; anything below 500 is :data:`.CONNECTED`)."""
+        # One cancel scope for both ends of the wait: the deadline, or the engine put down.
+        scope = trio.CancelScope(deadline=deadline)
+        waits = self._waits.get(engine.id)
+        if waits is None:
+            waits = self._waits[engine.id] = set()
+        waits.add(scope)
         try:
-            with trio.move_on_at(deadline) as scope, self.watching(engine.id) as down:
+            with scope:
                 forwarded = await self.open(engine, path, raw, headers, request, request_id)
         except UpstreamError as exc:
             log.warning("%s", exc)
             if exc.reason == "refused":
                 return Refused(str(exc)), None
             return Failed(exc.reason, str(exc)), None
-        if down.cancelled_caught:
+        finally:
+            waits.discard(scope)
+        if scope.cancelled_caught:
+            if trio.current_time() >= deadline:
+                return PAST_DEADLINE, None
             log.warning("engine %s: stopped answering (health probe)", engine.id)
             return Failed("down", f"engine {engine.id}: stopped answering (health probe)"), None
-        if scope.cancelled_caught:
-            return PAST_DEADLINE, None
         if forwarded.status >= 500:
             detail = f"engine {engine.id} answered {forwarded.status}"
             return Failed("5xx", detail, forwarded.status), forwarded
@@ -292,7 +302,7 @@ class EngineCalls:
             release()
             response.close()
 
-        return Forwarded(response.status, out_headers, body(), engine, discard)
+        return Forwarded(response.status, out_headers, body(), engine, discard, response.buffered)
 
 
 async def relay(

@@ -50,6 +50,7 @@ import trio
 
 from fleet.protocol.errors import FleetError
 
+from . import wireheaders
 from .idlestack import IdleStack
 
 READ_BYTES = 65536
@@ -183,6 +184,10 @@ class Response:
         finally:
             self._release(reuse=complete)
 
+    def buffered(self) -> bool:
+        """Whether bytes of the body came with the head (its first piece needs no wait)."""
+        return not self._released and bool(self._conn.h11.trailing_data[0])
+
     def close(self) -> None:
         """Let go of the response; its connection is closed unless the body was read to its
         end. Idempotent."""
@@ -309,7 +314,13 @@ class EngineClient:
             for k, v in headers.items()
             if k.lower() not in OWN_HEADERS
         ]
-        request = h11.Request(method=method, target=path, headers=head)
+        if wireheaders.valid(head):  # checked in one pass; h11 skips its own checks
+            request = h11.Request(
+                method=method.encode("ascii"), target=path.encode("ascii"), headers=head,
+                _parsed=True,
+            )  # fmt: skip
+        else:  # h11 raises its usual error, naming the header
+            request = h11.Request(method=method, target=path, headers=head)
         await self._acquire_slot()
         try:
             conn, expired = self._idle.take(trio.current_time())

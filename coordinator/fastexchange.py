@@ -2,12 +2,12 @@
 
 The body is read on demand (``100 Continue`` first when the client waits for it), bounded by
 ``max_body_bytes`` and ``body_timeout_s``. A whole response goes out in one socket write, a
-streamed one in one write per chunk. Once the body is read, a watcher reads the socket while
-the handler works: end of file (the client left) cancels the handler, and so its engine
-request; a pipelined next request is kept for after the response. A response sent before its
-request's body was read says ``Connection: close`` unless the body was already buffered whole
-(then it is read here, without I/O), and so does one sent while the server drains, or after a
-body over the limit.
+streamed one in one write per chunk (a held head goes with the first, the end with the last).
+Once the body is read, a watcher reads the socket while the handler works: end of file (the
+client left) cancels the handler, and so its engine request; a pipelined next request is kept
+for after the response. A response sent before its request's body was read says ``Connection:
+close`` unless the body was already buffered whole (then it is read here, without I/O), and so
+does one sent while the server drains, or after a body over the limit.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from email.utils import formatdate
 import h11
 import trio
 
+from . import wireheaders
 from .errors import ApiError, InvalidRequest, PayloadTooLarge
 from .frontpolicy import FrontLimits
 
@@ -88,6 +89,7 @@ class Exchange:
         self.responded = False  # a response started
         self.peer_gone = False  # the client closed its side (and the handler was cancelled)
         self._close = False  # the response closes the connection
+        self._head = b""  # a streamed response's head, held for its first chunk
 
     async def read_body(self) -> bytes:
         """The request's whole body.
@@ -140,22 +142,36 @@ class Exchange:
         data += self._h11.send(h11.EndOfMessage()) or b""
         await self._stream.send_all(data)
 
-    async def start(self, status: int, headers: Mapping[str, str]) -> None:
-        """Start a streamed answer (chunked; close-delimited for an HTTP/1.0 client)."""
-        await self._stream.send_all(self._start(status, self._headers(headers)))
+    async def start(self, status: int, headers: Mapping[str, str], *, hold: bool = False) -> None:
+        """Start a streamed answer (chunked; close-delimited for an HTTP/1.0 client); ``hold``:
+        its head goes out with the first chunk (or the end), in one write, not at once."""
+        head = self._start(status, self._headers(headers))
+        if hold:
+            self._head = head
+        else:
+            await self._stream.send_all(head)
 
     async def send(self, chunk: bytes) -> None:
         """One chunk of a streamed answer, in one write."""
         if chunk:
-            await self._write(h11.Data(data=chunk))
+            data = self._h11.send(h11.Data(data=chunk)) or b""
+            if self._head:
+                data, self._head = self._head + data, b""
+            await self._stream.send_all(data)
 
-    async def end(self) -> None:
-        """End a streamed answer."""
-        await self._write(h11.EndOfMessage())
+    async def end(self, chunk: bytes = b"") -> None:
+        """End a streamed answer, after its last ``chunk`` (in the same write)."""
+        data = self._head + (self._h11.send(h11.Data(data=chunk)) or b"") if chunk else self._head
+        self._head = b""
+        await self._stream.send_all(data + (self._h11.send(h11.EndOfMessage()) or b""))
 
     def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         self.responded = True
-        return self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
+        if wireheaders.valid(headers):  # checked in one pass; h11 skips its own checks
+            event = h11.Response(status_code=status, headers=headers, _parsed=True)
+        else:  # h11 raises its usual error, naming the header
+            event = h11.Response(status_code=status, headers=headers)
+        return self._h11.send(event) or b""
 
     def _headers(self, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         out = [
@@ -188,8 +204,13 @@ class Exchange:
         """While the handler works: end of file cancels it (the client left); a pipelined
         next request is kept for later, up to ``max_header_bytes`` (then reading stops)."""
         limit = self._limits.max_header_bytes
+        # On a plain socket, wait until it is readable before receiving: receiving first (as
+        # receive_some does) fails once per request here, where the client sends nothing.
+        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
         while True:
             try:
+                if sock is not None:
+                    await trio.lowlevel.wait_readable(sock)
                 data = await self._stream.receive_some(READ_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""

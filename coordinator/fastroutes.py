@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_DONE_TAIL = b"data: [DONE]"  # a stream's last event (then its blank line)
+
 ENDPOINTS: dict[str, RequestKind] = {
     "/v1/completions": "completion",
     "/v1/chat/completions": "chat",
@@ -50,6 +52,8 @@ class Reply:
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
     request_id: str = ""  # the request's x-request-id (set by :func:`inference`)
+    # Whether the stream's first piece came with the engine's head (no wait to read it).
+    buffered: Callable[[], bool] = lambda: False
 
 
 async def authorize(
@@ -153,7 +157,7 @@ async def _forward(
     """Route ``parsed`` (body ``raw``) to an engine; its reply."""
     fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
     if fwd.headers.get("content-type", "").startswith("text/event-stream"):
-        return Reply(fwd.status, fwd.headers, stream=fwd.body)
+        return Reply(fwd.status, fwd.headers, stream=fwd.body, buffered=fwd.buffered)
     async with aclosing(fwd.body) as body:  # type: ignore[type-var]
         chunks = [chunk async for chunk in body]
     return Reply(fwd.status, fwd.headers, body=b"".join(chunks))
@@ -202,15 +206,23 @@ class InferenceRoutes:
             await exchange.respond(reply.status, reply.headers, reply.body)
             return
         rid = REQUEST_ID.set(reply.request_id)  # the stream's log lines carry it (in_task)
+        last = b""  # a piece ending in [DONE]: it goes out with the stream's end
         try:
             # Closed however this ends (the client left: the engine's request is closed too).
             async with aclosing(reply.stream) as stream:  # type: ignore[type-var]
-                await exchange.start(reply.status, reply.headers)
+                # The head waits for the first piece only where that piece is already here.
+                await exchange.start(reply.status, reply.headers, hold=reply.buffered())
                 async for chunk in stream:
-                    await exchange.send(chunk)
+                    if last:
+                        await exchange.send(last)
+                        last = b""
+                    if _DONE_TAIL in chunk[-len(_DONE_TAIL) - 4 :]:
+                        last = chunk  # the stream's last piece, in all likelihood
+                    else:
+                        await exchange.send(chunk)
         finally:
             REQUEST_ID.reset(rid)
-        await exchange.end()
+        await exchange.end(last)
 
 
 def _swap(reply: tuple[bytes, int, dict[str, str]]) -> tuple[int, dict[str, str], bytes]:

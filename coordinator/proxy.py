@@ -21,7 +21,6 @@ checked by :mod:`.prefiller`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -31,9 +30,10 @@ from collections.abc import Callable, Sequence
 
 import httpx
 import trio
+from opentelemetry.trace import Span
 
 from . import tracing
-from .admission import Admission, Overloaded, WaitEstimate, priority_of
+from .admission import Admission, Overloaded, Slot, WaitEstimate, priority_of
 from .attempts import CONNECTED, AttemptPolicy, Failed, GiveUp, Refused, Wait
 from .enginecalls import TIMEOUT_HEADER, EngineCalls, Forwarded, is_sse, relay
 from .enginehealth import EngineHealth
@@ -179,18 +179,17 @@ class Gateway:
         except Forbidden as exc:
             self.metrics.ssrf_blocked.labels(reason=exc.reason).inc()
             raise
-        slot = contextlib.AsyncExitStack()
         # A request's own deadline bounds its wait (a deployment scaling from zero may take
         # minutes to start an engine); without one, max_queue_wait_s does.
         wait_until = deadline if math.isfinite(deadline) else start + self.max_queue_wait_s
+        slot = self.admission.admit(request.model, priority, wait_until)
         try:
             with tracing.span("fleet.admission", {"fleet.priority": priority}) as span:
-                queued = await slot.enter_async_context(
-                    self.admission.admit(request.model, priority, wait_until)
-                )
-                span.set_attributes(
-                    {"fleet.queued": queued, "fleet.queue_wait_s": trio.current_time() - start}
-                )
+                queued = await slot.__aenter__()  # given back by _holding, or below
+                if span.is_recording():
+                    span.set_attributes(
+                        {"fleet.queued": queued, "fleet.queue_wait_s": trio.current_time() - start}
+                    )
         except Overloaded:
             self.metrics.shed.labels(model=request.model).inc()
             raise
@@ -199,7 +198,7 @@ class Gateway:
         if queued and not wait.allows(deadline - trio.current_time()):
             # Its response would start after its deadline (it waited in the queue): the
             # engine's time is better spent on a request that can still make it.
-            await slot.aclose()
+            await slot.__aexit__(None, None, None)
             self.metrics.shed.labels(model=request.model).inc()
             raise Overloaded(
                 f"The queue for `{request.model}` is too long for this request's deadline "
@@ -211,7 +210,7 @@ class Gateway:
                 path, request, raw, headers, timeout_s, deadline, prefiller
             )
         except BaseException:
-            await slot.aclose()
+            await slot.__aexit__(None, None, None)
             raise
         return _holding(forwarded, slot)
 
@@ -269,10 +268,9 @@ class Gateway:
             if step.retry:
                 self.metrics.retries.labels(reason=step.retry).inc()
             decision, engine = step.decision, step.engine
-            attributes: dict[str, str | int] = {
-                "fleet.engine.id": engine.id,
-                "fleet.attempt.retry": plan.retries,
-            }
+            attributes: dict[str, str | int] | None = None
+            if tracing.enabled():
+                attributes = {"fleet.engine.id": engine.id, "fleet.attempt.retry": plan.retries}
             with tracing.span("fleet.attempt", attributes) as span:
                 if split is None:
                     split = await self.splitter.split(
@@ -296,16 +294,8 @@ class Gateway:
                     request_id,
                     plan.deadline,
                 )
-                if forwarded is None:
-                    span.set_attribute("fleet.attempt.outcome", _outcome_name(outcome))
-                else:
-                    ok = outcome is CONNECTED
-                    span.set_attributes(
-                        {
-                            "fleet.attempt.outcome": "ok" if ok else "5xx",
-                            "http.response.status_code": forwarded.status,
-                        }
-                    )
+                if span.is_recording():
+                    _attempt_attributes(span, outcome, forwarded)
             now = trio.current_time()
             plan.record(outcome, now)
             if forwarded is None:
@@ -329,7 +319,8 @@ class Gateway:
         """The scheduling pipeline's decision among ``candidates`` (the plans' ``pick``)."""
         with tracing.span("fleet.schedule") as span:
             decision = self.scheduler.schedule(routing, candidates, self.inflight.get, now)
-            span.set_attributes(_decision_attributes(decision))
+            if span.is_recording():  # not built when tracing is off
+                span.set_attributes(_decision_attributes(decision))
         return decision
 
     def engine_down(self, engine_id: str, why: str, *, refused: bool = False) -> None:
@@ -441,17 +432,20 @@ class Gateway:
         self.metrics.upstream_errors.labels(engine=engine_id).inc()
 
 
-def _holding(forwarded: Forwarded, slot: contextlib.AsyncExitStack) -> Forwarded:
+def _holding(forwarded: Forwarded, slot: Slot) -> Forwarded:
     """``forwarded``, holding the admission slot until its body is done or discarded."""
     inner_discard = forwarded.discard
+
+    async def release() -> None:
+        await slot.__aexit__(None, None, None)  # idempotent
 
     async def discard() -> None:
         try:
             await inner_discard()
         finally:
-            await slot.aclose()
+            await release()
 
-    forwarded.body = relay(forwarded.body, then=slot.aclose)
+    forwarded.body = relay(forwarded.body, then=release)
     forwarded.discard = discard
     return forwarded
 
@@ -470,6 +464,20 @@ def _decision_attributes(decision: Decision) -> dict[str, str | bool | int | flo
         out["fleet.pd.split"] = decision.pd.split
         out["fleet.pd.reason"] = decision.pd.reason
     return out
+
+
+def _attempt_attributes(span: Span, outcome: object, forwarded: Forwarded | None) -> None:
+    """An attempt's outcome, on its span."""
+    if forwarded is None:
+        span.set_attribute("fleet.attempt.outcome", _outcome_name(outcome))
+        return
+    ok = outcome is CONNECTED
+    span.set_attributes(
+        {
+            "fleet.attempt.outcome": "ok" if ok else "5xx",
+            "http.response.status_code": forwarded.status,
+        }
+    )
 
 
 def _decision_headers(

@@ -187,6 +187,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.clock = clock
         self.tally = SchedulerTally()
+        self._plugins: tuple[SchedulingConfig, list[Plugin]] = (config, config.plugins())
 
     @property
     def profile(self) -> Profile:
@@ -270,13 +271,14 @@ class Scheduler:
     ) -> tuple[Candidate | None, list[dict[str, Any]], dict[str, float] | None]:
         """One profile over ``candidates``: the pick (None: all filtered); with ``explain``
         each candidate's filter results and scores; the session-affinity scores (None: the
-        profile has no session-affinity scorer). Each plugin's time goes to the tally."""
+        profile has no session-affinity scorer). Each plugin's time goes to the tally (one
+        clock read per plugin: each starts where the one before ended)."""
         clock, tally = self.clock, self.tally
+        begun = clock()
         notes: dict[str, dict[str, Any]] = {}
         if explain:
             notes = {c.id: {"engine": c.id, "url": c.engine.url, "filters": {}} for c in candidates}
         for f in profile.filters:
-            begun = clock()
             ctx.candidates = candidates
             kept = []
             for c in candidates:
@@ -286,15 +288,18 @@ class Scheduler:
                 if ok:
                     kept.append(c)
             candidates = kept
-            tally.plugin(f.name, "filter", f.TYPE, clock() - begun)
+            ended = clock()
+            tally.plugin(f.name, "filter", f.TYPE, ended - begun)
+            begun = ended
         if not candidates:
             return None, list(notes.values()), None
         totals = {c.id: 0.0 for c in candidates}
         affinity: dict[str, float] | None = None
         for ws in profile.scorers:
-            begun = clock()
             scores = ws.scorer.score(ctx, candidates)
-            tally.plugin(ws.scorer.name, "scorer", ws.scorer.TYPE, clock() - begun)
+            ended = clock()
+            tally.plugin(ws.scorer.name, "scorer", ws.scorer.TYPE, ended - begun)
+            begun = ended
             if isinstance(ws.scorer, SessionAffinityScorer):
                 affinity = scores
             for c in candidates:
@@ -305,7 +310,6 @@ class Scheduler:
                         "score": round(value, 4),
                         "weight": ws.weight,
                     }
-        begun = clock()
         picker = profile.picker
         chosen = picker.pick(ctx, [(c, totals[c.id]) for c in candidates])
         tally.plugin(picker.name, "picker", picker.TYPE, clock() - begun)
@@ -324,7 +328,11 @@ class Scheduler:
         session = request.session_id
         if session:
             self.sessions.remember(session, engine_id, now)
-        for plugin in self.config.plugins():
+        config, plugins = self._plugins
+        if config is not self.config:  # replaced since: list its plugins again
+            plugins = self.config.plugins()
+            self._plugins = (self.config, plugins)
+        for plugin in plugins:
             plugin.served(engine_id, now)
 
 

@@ -17,7 +17,7 @@ from fleet.coordinator.frontpolicy import FrontLimits, classify, head_deadline, 
 from fleet.coordinator.httpserve import serve
 from fleet.protocol.errors import ConfigError
 
-PATHS = frozenset({b"/echo", b"/stream", b"/wait", b"/early"})
+PATHS = frozenset({b"/echo", b"/stream", b"/wait", b"/early", b"/held"})
 
 # -- decisions ----------------------------------------------------------------------------------
 
@@ -107,6 +107,12 @@ class Routes:
             self.started.set()
             if request.path == "/wait":
                 await trio.sleep_forever()
+            if request.path == "/held":  # the head waits for the first chunk; the last ends it
+                await exchange.start(200, {"content-type": "text/event-stream"}, hold=True)
+                await exchange.send(b"data: 1\n\n")
+                await self.release.wait()
+                await exchange.end(b"data: 2\n\n")
+                return
             await exchange.start(200, {"content-type": "text/event-stream"})
             await exchange.send(b"data: 1\n\n")
             await self.release.wait()
@@ -277,6 +283,23 @@ async def test_an_http_1_0_stream_is_delimited_by_the_close(nursery: trio.Nurser
     status, headers, body = await client.response()
     assert status == 200 and "transfer-encoding" not in headers
     assert body == b"data: 1\n\ndata: 2\n\n"
+
+
+async def test_a_held_head_goes_with_the_first_chunk_the_last_with_the_end(
+    nursery: trio.Nursery,
+) -> None:
+    routes = Routes()
+    addr = await start(nursery, routes)
+    client = await Client.open(addr)
+    await client.send(post("/held"))
+    await client._more()  # one write: the head and the first chunk come together
+    assert client.buf.startswith(b"HTTP/1.1 200 ") and client.buf.endswith(b"data: 1\n\n\r\n")
+    routes.release.set()
+    status, headers, body = await client.response()
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body == b"data: 1\n\ndata: 2\n\n"
+    await client.send(post("/echo", b"next"))  # the stream ended well: the connection is kept
+    assert (await client.response())[2] == b"next"
 
 
 async def test_expect_100_continue_is_answered_before_the_body(nursery: trio.Nursery) -> None:
