@@ -47,6 +47,10 @@ def _value(scrape: str, series: str) -> float:
     return float(match.group(1))
 
 
+def _ready(url: str) -> int:
+    return sum(e["state"] == "ready" for e in httpx.get(url + "/api/v1/engines").json()["engines"])
+
+
 def _traffic(url: str) -> None:
     prompt = "The fleet routes prompts to engines that hold their prefix. " * 8
     with httpx.Client(base_url=url, timeout=60) as http:
@@ -66,8 +70,9 @@ def _traffic(url: str) -> None:
 def test_live_scrapes_pass_promtool_and_hold_the_labelled_series(fleet: FleetProcess) -> None:
     agent = _agent_url(fleet)
     deadline = time.monotonic() + 60
-    while len(httpx.get(fleet.url + "/api/v1/engines").json()["engines"]) < 2:
-        assert time.monotonic() < deadline, "two engines never registered"
+    # "Fleet is serving" comes with the first ready engine, not the last
+    while _ready(fleet.url) < 2:
+        assert time.monotonic() < deadline, "two engines never became ready"
         time.sleep(0.2)
     _traffic(fleet.url)
     r = httpx.post(agent + "/api/v1/gpus/0/xid", json={"xid": 13})  # application XID: healthy
