@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 client for the engines' inference API: h11 over trio sockets.
+"""A lean HTTP/1.1 client for the engines' inference API over trio sockets (its HTTP:
+:mod:`.http1client`; reads and writes: :mod:`.sockio`).
 
 Why not httpx here: profiled on the coordinator's request path, httpx + httpcore took about 38% of
 its CPU (1.3 ms a request): the pool scans its connections on every request and response
@@ -9,9 +10,9 @@ Control calls (health probes, metric scrapes) stay on httpx.
 Connections. An :class:`EngineClient` serves one engine (``http://host:port``); its idle
 connections form a last-in-first-out stack (:mod:`.idlestack`), and a semaphore bounds those in
 use (a request waits up to the pool timeout for one). A connection goes back on the stack only
-when h11 says the exchange is complete on both sides (``our_state`` and ``their_state`` are
-``DONE``, then ``start_next_cycle()``), i.e. once the response body was read to its end; a
-response closed part-way closes its connection. Closing is a synchronous ``socket.close()``, so
+once the response body was read to its end and the response allows reuse (HTTP/1.1, no
+``Connection: close``, framed by its length or chunked); a response closed part-way closes its
+connection. Closing is a synchronous ``socket.close()``, so
 releasing a response never awaits (safe in ``finally`` blocks and cancelled scopes).
 
 Stale connections. An engine closes a connection that stays idle past its keep-alive timeout
@@ -25,8 +26,9 @@ connection while it was idle: it never read the request. An engine that read the
 closed the connection without a byte of answer would get it twice; such an engine is broken, and
 the second try fails or answers as any retry would. A fresh connection is never retried.
 
-Timeouts (:class:`Timeouts`): connect, write (sending the request), read (each receive, so a
-stream may last as long as bytes keep coming) and pool (waiting for a connection slot).
+Timeouts (:class:`Timeouts`): connect, write (sending the request), read (each wait for bytes,
+so a stream may last as long as bytes keep coming) and pool (waiting for a connection slot);
+each only where there is a wait (bytes already there, a write that fits, need no timer).
 
 Errors, with the ``reason`` the proxy files them under (:class:`~.errors.UpstreamError`)::
 
@@ -50,10 +52,10 @@ import trio
 
 from fleet.protocol.errors import FleetError
 
-from . import wireheaders
+from . import sockio, wireheaders
+from .http1client import BadResponse, ResponseParser, request_bytes
 from .idlestack import IdleStack
 
-READ_BYTES = 65536
 # Set by the client itself; a caller's own are dropped.
 OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
@@ -112,11 +114,12 @@ class Timeouts:
 
 
 class _Connection:
-    __slots__ = ("h11", "stream")
+    __slots__ = ("parser", "sock", "stream")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.sock = stream.socket  # read and written through :mod:`.sockio`
+        self.parser = ResponseParser()  # the response under way
 
     def close(self) -> None:
         self.stream.socket.close()  # synchronous: no await needed to let go of it
@@ -146,7 +149,7 @@ class Response:
         self._released = False
 
     async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
-        """The body's bytes as they arrive, one item per receive (every chunk h11 decodes
+        """The body's bytes as they arrive, one item per receive (every chunk decoded
         from what came, joined: a stream's events that arrived together are passed on
         together); at the end the connection is kept for the next request.
 
@@ -157,36 +160,30 @@ class Response:
         if self._released:
             raise RuntimeError("the response is closed")
         conn, client = self._conn, self._client
-        state = conn.h11
+        parser = conn.parser
         complete = False
-        parts: list[bytes | bytearray] = []
         try:
             while True:
                 try:
-                    event = state.next_event()
-                except h11.RemoteProtocolError as exc:
+                    data = parser.body()
+                except BadResponse as exc:
                     raise EngineBroken(f"bad response body: {exc}") from exc
-                if type(event) is h11.Data:
-                    parts.append(event.data)
-                    continue
-                if event is h11.NEED_DATA:
-                    if parts:
-                        yield bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-                        parts = []
-                    state.receive_data(await client._receive(conn))
-                elif type(event) is h11.EndOfMessage:
-                    complete = True  # read whole: reused even if the last piece is the end
-                    if parts:
-                        yield bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+                if data is None:
+                    complete = True
                     return
+                if data:
+                    complete = parser.complete  # read whole: reused even if this is the end
+                    yield data
+                    if complete:
+                        return
                 else:
-                    raise EngineBroken(f"unexpected {type(event).__name__} in a response body")
+                    parser.feed(await client._receive(conn, wait_first=False))
         finally:
             self._release(reuse=complete)
 
     def buffered(self) -> bool:
         """Whether bytes of the body came with the head (its first piece needs no wait)."""
-        return not self._released and bool(self._conn.h11.trailing_data[0])
+        return not self._released and self._conn.parser.buffered()
 
     def close(self) -> None:
         """Let go of the response; its connection is closed unless the body was read to its
@@ -202,9 +199,8 @@ class Response:
             return
         self._released = True
         conn, client = self._conn, self._client
-        state = conn.h11
-        if reuse and state.our_state is h11.DONE and state.their_state is h11.DONE:
-            state.start_next_cycle()
+        if reuse and conn.parser.reusable:
+            conn.parser = ResponseParser()
             to_close = client._idle.put(conn, trio.current_time())
         else:
             to_close = [conn]
@@ -314,13 +310,9 @@ class EngineClient:
             for k, v in headers.items()
             if k.lower() not in OWN_HEADERS
         ]
-        if wireheaders.valid(head):  # checked in one pass; h11 skips its own checks
-            request = h11.Request(
-                method=method.encode("ascii"), target=path.encode("ascii"), headers=head,
-                _parsed=True,
-            )  # fmt: skip
-        else:  # h11 raises its usual error, naming the header
-            request = h11.Request(method=method, target=path, headers=head)
+        if not wireheaders.valid(head):  # h11 raises its usual error, naming the header
+            h11.Request(method=method, target=path, headers=head)
+        request = request_bytes(method.encode("ascii"), path.encode("ascii"), head) + body
         await self._acquire_slot()
         try:
             conn, expired = self._idle.take(trio.current_time())
@@ -328,12 +320,12 @@ class EngineClient:
                 c.close()
             if conn is not None:
                 try:
-                    return await self._exchange(conn, request, body)
+                    return await self._exchange(conn, request)
                 except _Stale:
                     pass  # closed by the engine while idle: it never saw the request (above)
             conn = await self._connect()
             try:
-                return await self._exchange(conn, request, body)
+                return await self._exchange(conn, request)
             except _Stale as exc:
                 raise EngineBroken(f"the engine closed the connection: {exc}") from exc
         except BaseException:
@@ -370,63 +362,69 @@ class EngineClient:
         self.connections_opened += 1
         return _Connection(stream)
 
-    async def _exchange(self, conn: _Connection, request: h11.Request, body: bytes) -> Response:
-        """Send ``request`` on ``conn`` and read the response's head; ``conn`` is closed on
-        any failure.
+    async def _exchange(self, conn: _Connection, data: bytes) -> Response:
+        """Send the request ``data`` on ``conn`` and read the response's head; ``conn`` is
+        closed on any failure.
 
         Raises:
             _Stale: the connection ended before any byte of a response.
         """
-        state = conn.h11
+        parser = conn.parser
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()  # not sent when cancelled already
             try:
-                data = state.send(request) or b""
-                if body:
-                    data += state.send(h11.Data(data=body)) or b""
-                data += state.send(h11.EndOfMessage()) or b""
-            except h11.LocalProtocolError as exc:
-                raise EngineBroken(f"cannot send the request: {exc}") from exc
-            limit = self.timeouts.write_s
-            with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
-                try:
-                    await conn.stream.send_all(data)
-                except trio.BrokenResourceError as exc:
-                    raise _Stale(f"sending failed: {exc.__cause__ or exc}") from exc
-            if scope.cancelled_caught:
-                raise EngineTimeout("write", limit)
+                sent = sockio.send_ready(conn.sock, data)
+            except OSError as exc:
+                raise _Stale(f"sending failed: {exc}") from exc
+            if sent < len(data):  # the write timeout only where there is a wait
+                limit = self.timeouts.write_s
+                with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
+                    try:
+                        await sockio.send_all(conn.sock, memoryview(data)[sent:])
+                    except OSError as exc:
+                        raise _Stale(f"sending failed: {exc}") from exc
+                if scope.cancelled_caught:
+                    raise EngineTimeout("write", limit)
             got_bytes = False
             while True:
                 try:
-                    event = state.next_event()
-                except h11.RemoteProtocolError as exc:
+                    if parser.head():
+                        return Response(self, conn, parser.status, parser.headers)
+                except BadResponse as exc:
                     raise EngineBroken(f"bad response head: {exc}") from exc
-                if event is h11.NEED_DATA:
-                    try:
-                        chunk = await self._receive(conn)
-                    except EngineBroken as exc:
-                        if got_bytes:
-                            raise
-                        raise _Stale(str(exc)) from exc
-                    if not chunk and not got_bytes:
-                        raise _Stale("closed without a response")
-                    got_bytes = True
-                    state.receive_data(chunk)
-                elif type(event) is h11.Response:
-                    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
-                    return Response(self, conn, event.status_code, headers)
-                elif type(event) is not h11.InformationalResponse:  # 100 Continue is skipped
-                    raise EngineBroken(f"unexpected {type(event).__name__} before a response")
+                try:
+                    chunk = await self._receive(conn, wait_first=not got_bytes)
+                except EngineBroken as exc:
+                    if got_bytes:
+                        raise
+                    raise _Stale(str(exc)) from exc
+                if not chunk and not got_bytes:
+                    raise _Stale("closed without a response")
+                got_bytes = True
+                parser.feed(chunk)
         except BaseException:
             conn.close()
             raise
 
-    async def _receive(self, conn: _Connection) -> bytes:
+    async def _receive(self, conn: _Connection, *, wait_first: bool) -> bytes:
+        """The next bytes from the engine (``b""``: it closed); ``wait_first``: none are
+        expected yet (the request just went out). The read timeout runs from here; a cancel
+        scope is set up only where there is a wait (bytes already there need none)."""
+        sock = conn.sock
+        if not wait_first:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = sockio.read_ready(sock)
+            except OSError as exc:
+                raise EngineBroken(f"the connection broke: {exc}") from exc
+            if data is not None:
+                return data
         limit = self.timeouts.read_s
         with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
             try:
-                return await conn.stream.receive_some(READ_BYTES)
-            except trio.BrokenResourceError as exc:
-                raise EngineBroken(f"the connection broke: {exc.__cause__ or exc}") from exc
+                return await sockio.receive(sock, wait_first=True)
+            except OSError as exc:
+                raise EngineBroken(f"the connection broke: {exc}") from exc
         assert scope.cancelled_caught
         raise EngineTimeout("read", limit)
 

@@ -3,9 +3,10 @@
 The body is read on demand (``100 Continue`` first when the client waits for it), bounded by
 ``max_body_bytes`` and ``body_timeout_s``. A whole response goes out in one socket write, a
 streamed one in one write per chunk (a held head goes with the first, the end with the last).
-Once the body is read, a watcher reads the socket while the handler works: end of file (the
-client left) cancels the handler, and so its engine request; a pipelined next request is kept
-for after the response. A response sent before its request's body was read says ``Connection:
+Once the body is read, the connection's reader (:mod:`.fastreader`; over TLS a watcher task
+per request) reads the socket while the handler works: end of file (the client left) cancels
+the handler, and so its engine request; a pipelined next request is kept for after the
+response. A response sent before its request's body was read says ``Connection:
 close`` unless the body was already buffered whole (then it is read here, without I/O), and so
 does one sent while the server drains, or after a body over the limit.
 """
@@ -20,8 +21,9 @@ from email.utils import formatdate
 import h11
 import trio
 
-from . import wireheaders
+from . import sockio, wireheaders
 from .errors import ApiError, InvalidRequest, PayloadTooLarge
+from .fastreader import Reader
 from .frontpolicy import FrontLimits
 
 READ_BYTES = 65536
@@ -80,7 +82,9 @@ class Exchange:
         self._stream = stream
         self._limits = limits
         self._closing = closing  # a drain started: the response closes the connection
-        self.nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None  # TLS: runs the watcher
+        self.reader: Reader | None = None  # plain: the connection's reader, which watches
+        self.cancel_scope: trio.CancelScope | None = None  # the handler's
         self.request = FrontRequest(
             method=request.method.decode("ascii"),
             path=request.target.partition(b"?")[0].decode("latin-1"),
@@ -90,6 +94,8 @@ class Exchange:
         self.peer_gone = False  # the client closed its side (and the handler was cancelled)
         self._close = False  # the response closes the connection
         self._head = b""  # a streamed response's head, held for its first chunk
+        # A plain connection is read and written through sockio (fewer syscalls and switches).
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def read_body(self) -> bytes:
         """The request's whole body.
@@ -108,28 +114,36 @@ class Exchange:
             await self._write(h11.InformationalResponse(status_code=100, headers=[]))
         chunks: list[bytes] = []
         size = 0
-        with trio.move_on_after(limits.body_timeout_s) as scope:
-            while True:
-                try:
-                    event = self._h11.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise InvalidRequest(f"Malformed request body: {exc}") from exc
-                if isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > limits.max_body_bytes:
-                        self._close = True  # the rest is not worth reading
-                        raise PayloadTooLarge(limits.max_body_bytes)
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif event is h11.NEED_DATA:
-                    self._h11.receive_data(bytes(await self._stream.receive_some(READ_BYTES)))
-                else:  # ConnectionClosed: h11 raises on a body cut short, so not reached
-                    raise InvalidRequest("The request's body was cut short.")
-        if scope.cancelled_caught:
-            raise RequestTimeout()
-        assert self.nursery is not None
-        self.nursery.start_soon(self._watch)
+        deadline = trio.current_time() + limits.body_timeout_s
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise InvalidRequest(f"Malformed request body: {exc}") from exc
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limits.max_body_bytes:
+                    self._close = True  # the rest is not worth reading
+                    raise PayloadTooLarge(limits.max_body_bytes)
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif event is h11.NEED_DATA:  # a timeout only where there is a wait
+                with trio.move_on_at(deadline) as scope:
+                    if self.reader is not None:
+                        await self.reader.more()
+                    else:
+                        data = await self._stream.receive_some(READ_BYTES)
+                        self._h11.receive_data(bytes(data))
+                if scope.cancelled_caught:
+                    raise RequestTimeout()
+            else:  # ConnectionClosed: h11 raises on a body cut short, so not reached
+                raise InvalidRequest("The request's body was cut short.")
+        if self.reader is not None:
+            self.reader.watch(self)
+        else:
+            assert self.nursery is not None
+            self.nursery.start_soon(self._watch)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
@@ -140,7 +154,7 @@ class Exchange:
         if body:
             data += self._h11.send(h11.Data(data=body)) or b""
         data += self._h11.send(h11.EndOfMessage()) or b""
-        await self._stream.send_all(data)
+        await self._send_all(data)
 
     async def start(self, status: int, headers: Mapping[str, str], *, hold: bool = False) -> None:
         """Start a streamed answer (chunked; close-delimited for an HTTP/1.0 client); ``hold``:
@@ -149,7 +163,7 @@ class Exchange:
         if hold:
             self._head = head
         else:
-            await self._stream.send_all(head)
+            await self._send_all(head)
 
     async def send(self, chunk: bytes) -> None:
         """One chunk of a streamed answer, in one write."""
@@ -157,13 +171,13 @@ class Exchange:
             data = self._h11.send(h11.Data(data=chunk)) or b""
             if self._head:
                 data, self._head = self._head + data, b""
-            await self._stream.send_all(data)
+            await self._send_all(data)
 
     async def end(self, chunk: bytes = b"") -> None:
         """End a streamed answer, after its last ``chunk`` (in the same write)."""
         data = self._head + (self._h11.send(h11.Data(data=chunk)) or b"") if chunk else self._head
         self._head = b""
-        await self._stream.send_all(data + (self._h11.send(h11.EndOfMessage()) or b""))
+        await self._send_all(data + (self._h11.send(h11.EndOfMessage()) or b""))
 
     def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         self.responded = True
@@ -198,26 +212,31 @@ class Exchange:
         return self._h11.their_state is h11.DONE
 
     async def _write(self, event: h11.Data | h11.EndOfMessage | h11.InformationalResponse) -> None:
-        await self._stream.send_all(self._h11.send(event) or b"")
+        await self._send_all(self._h11.send(event) or b"")
+
+    async def _send_all(self, data: bytes) -> None:
+        if self._sock is not None:
+            await sockio.send_all(self._sock, data)
+        else:
+            await self._stream.send_all(data)
+
+    def client_left(self) -> None:
+        """The client closed its side: cancel the handler (and so its engine request)."""
+        self.peer_gone = True
+        assert self.cancel_scope is not None
+        self.cancel_scope.cancel()
 
     async def _watch(self) -> None:
-        """While the handler works: end of file cancels it (the client left); a pipelined
+        """TLS, while the handler works: end of file cancels it (the client left); a pipelined
         next request is kept for later, up to ``max_header_bytes`` (then reading stops)."""
         limit = self._limits.max_header_bytes
-        # On a plain socket, wait until it is readable before receiving: receiving first (as
-        # receive_some does) fails once per request here, where the client sends nothing.
-        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
         while True:
             try:
-                if sock is not None:
-                    await trio.lowlevel.wait_readable(sock)
                 data = await self._stream.receive_some(READ_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
-                self.peer_gone = True
-                assert self.nursery is not None
-                self.nursery.cancel_scope.cancel()
+                self.client_left()
                 return
             self._h11.receive_data(bytes(data))
             if len(self._h11.trailing_data[0]) > limit:

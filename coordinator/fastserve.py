@@ -11,10 +11,12 @@ ASGI code of ours; the price is that a connection handed over stays with hyperco
 closes (its later inference requests are served by quart, through the same
 :mod:`.fastroutes` code).
 
-One connection, one task. Per request: read the head (``keep_alive_s`` for its first byte,
-``header_timeout_s`` from there for the rest, at most ``max_header_bytes``: 408 or 431
-otherwise, 400 for a malformed one), then call the handler with an :class:`.Exchange` (body,
-response, the watcher that notices a client leaving: :mod:`.fastexchange`). A connection
+One connection, one task, and on a plain socket its reader (:mod:`.fastreader`), which reads
+it throughout (over TLS this task reads, and a watcher task per request). Per request: read
+the head (``keep_alive_s`` for its first byte, ``header_timeout_s`` from there for the rest,
+at most ``max_header_bytes``: 408 or 431 otherwise, 400 for a malformed one), then call the
+handler with an :class:`.Exchange` (body, response, the client leaving noticed:
+:mod:`.fastexchange`). A connection
 serves its next request only when both sides finished their message
 (:func:`.frontpolicy.keep_open`); one closed with its request's body unread lingers a moment
 (half-closed, reading) so its client can read the answer.
@@ -39,6 +41,7 @@ import trio
 
 from .errors import error_body
 from .fastexchange import READ_BYTES, Exchange, FrontRequest, server_headers
+from .fastreader import Reader
 from .frontpolicy import FrontLimits, classify, head_deadline, keep_open
 
 log = logging.getLogger("fleet.coordinator.http")
@@ -187,42 +190,53 @@ class _Connection:
         )
         self.last_active = trio.current_time()
         self.linger = False
+        # A plain connection is read by its Reader, written through sockio; TLS as a stream.
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.reader: Reader | None = None
 
     async def run(self) -> None:
+        if self.sock is None:  # TLS: read here, and by a watcher per request
+            rest = await self._serve()
+        else:
+            async with trio.open_nursery() as nursery:
+                self.reader = Reader(self.h11, self.sock, self.limits.max_header_bytes)
+                nursery.start_soon(self.reader.run)
+                try:
+                    rest = await self._serve()
+                finally:
+                    self.reader.stop()  # no byte more, even where it was woken already
+                    nursery.cancel_scope.cancel()
+        if rest is not None:
+            await self.server.hand_over(
+                PrefixedStream(self.stream, rest)
+                if self.sock is not None
+                else PrefixedTLSStream(self.stream, rest)  # type: ignore[arg-type]
+            )
+
+    async def _serve(self) -> bytes | None:
+        """Serve requests until the connection closes (None) or one goes to hypercorn (the
+        bytes read of it)."""
         drain = self.server.drain
         while True:
             started = await self._route()
             if started is None:
-                return
+                return None
             if started < 0:
-                rest = self.h11.trailing_data[0]
-                tls = isinstance(self.stream, trio.SSLStream)
-                await self.server.hand_over(
-                    PrefixedTLSStream(self.stream, rest)  # type: ignore[arg-type]
-                    if tls
-                    else PrefixedStream(self.stream, rest)
-                )
-                return
+                return bytes(self.h11.trailing_data[0])
             request = await self._head(started)
             if request is None:
-                return
+                return None
             drain.enter()
             try:
                 exchange = Exchange(
                     self.h11, self.stream, self.limits, request, closing=drain.closing
                 )
-                async with trio.open_nursery() as nursery:
-                    exchange.nursery = nursery
-                    try:
-                        await self.server.handler(exchange.request, exchange)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        exchange.peer_gone = True  # a write failed: the client left
-                    nursery.cancel_scope.cancel()  # the watcher
+                await self._handle(exchange)
             finally:
                 drain.leave()
             their_done = self.h11.their_state is h11.DONE
             if not exchange.responded:
-                return  # the client left (or the handler did not answer): close
+                return None  # the client left (or the handler did not answer): close
             if not keep_open(
                 our_done=self.h11.our_state is h11.DONE,
                 their_done=their_done,
@@ -230,9 +244,31 @@ class _Connection:
                 closing=drain.terminated,
             ):
                 self.linger = not their_done and not exchange.peer_gone
-                return
+                return None
             self.h11.start_next_cycle()
             self.last_active = trio.current_time()
+
+    async def _handle(self, exchange: Exchange) -> None:
+        """Run the handler, cancelled when the client leaves (once the body is read)."""
+        handler = self.server.handler
+        if self.reader is not None:
+            exchange.reader = self.reader
+            try:
+                with trio.CancelScope() as exchange.cancel_scope:
+                    await handler(exchange.request, exchange)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                exchange.peer_gone = True  # a write failed: the client left
+            finally:
+                self.reader.watch(None)
+            return
+        async with trio.open_nursery() as nursery:
+            exchange.nursery = nursery
+            exchange.cancel_scope = nursery.cancel_scope
+            try:
+                await handler(exchange.request, exchange)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                exchange.peer_gone = True  # a write failed: the client left
+            nursery.cancel_scope.cancel()  # the watcher
 
     async def _route(self) -> float | None:
         """Read until the next request's line says who serves it: when its first byte came
@@ -256,14 +292,20 @@ class _Connection:
             with trio.move_on_at(deadline) as scope:
                 if started is None:
                     with self.server.drain.idle(scope):
-                        data = await self.stream.receive_some(READ_BYTES)
+                        await self._more()
                 else:
-                    data = await self.stream.receive_some(READ_BYTES)
+                    await self._more()
             if scope.cancelled_caught:
                 if started is not None and deadline <= trio.current_time():
                     await self._refuse(408, "The request's headers took too long to arrive.")
                 return None
-            self.h11.receive_data(bytes(data))
+
+    async def _more(self) -> None:
+        """Wait for the client's next bytes (or its end) in ``self.h11``."""
+        if self.reader is not None:
+            await self.reader.more()
+        else:
+            self.h11.receive_data(bytes(await self.stream.receive_some(READ_BYTES)))
 
     async def _head(self, started: float) -> h11.Request | None:
         """The request's line and headers, or None (answered with an error, or closed)."""
@@ -285,13 +327,11 @@ class _Connection:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
-            data = b""
             with trio.move_on_at(deadline) as scope:
-                data = bytes(await self.stream.receive_some(READ_BYTES))
+                await self._more()
             if scope.cancelled_caught:
                 await self._refuse(408, "The request's headers took too long to arrive.")
                 return None
-            self.h11.receive_data(data)
 
     async def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot be read, then close."""

@@ -258,6 +258,37 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order(
     assert (await client.response())[2] == b"asgi POST /echo four"
 
 
+async def test_pipelined_requests_past_the_head_limit_wait_behind_a_stream(
+    nursery: trio.Nursery,
+) -> None:
+    routes = Routes()
+    addr = await start(nursery, routes)
+    client = await Client.open(addr)
+    await client.send(post("/stream"))
+    status, headers = await client.head()
+    assert status == 200
+    bodies = [bytes([ord("a") + i]) * 1000 for i in range(4)]
+    await client.send(b"".join(post("/echo", body) for body in bodies[:3]))
+    await trio.testing.wait_all_tasks_blocked()  # 3 kB behind it: reading pauses
+    await client.send(post("/echo", bodies[3]))
+    await trio.testing.wait_all_tasks_blocked()
+    routes.release.set()
+    assert await client.body(headers) == b"data: 1\n\ndata: 2\n\n"
+    for body in bodies:
+        assert (await client.response())[2] == body
+
+
+async def test_a_request_handed_to_hypercorn_gets_its_later_bytes(nursery: trio.Nursery) -> None:
+    addr = await start(nursery, Routes())
+    client = await Client.open(addr)
+    await client.send(post("/echo", b"one"))
+    assert (await client.response())[2] == b"one"
+    await client.send(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")
+    await trio.testing.wait_all_tasks_blocked()
+    await client.send(b"cdef")  # after the hand-over: hypercorn's, not the front server's
+    assert (await client.response())[2] == b"asgi POST /x abcdef"
+
+
 async def test_connection_close_and_http_1_0_close_after_the_response(
     nursery: trio.Nursery,
 ) -> None:
