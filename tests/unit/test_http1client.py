@@ -120,15 +120,24 @@ def test_bytes_past_the_response_make_it_not_reusable() -> None:
 @pytest.mark.parametrize(
     "data,match",
     [
-        (b"HTTP/2 200 OK\r\n\r\n", "status line"),
-        (b"HTTP/1.1 20 OK\r\n\r\n", "status line"),
-        (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "header line"),
-        (b"HTTP/1.1 200 OK\r\n folded\r\n\r\n", "header line"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "content-length"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "content-length"),
+        (b"HTTP/2 200 OK\r\n\r\n", "Expected dot"),
+        (b"HTTP/1.1 20 OK\r\n\r\n", "Invalid status code"),
+        (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "Invalid header token"),
+        (b"HTTP/1.1 200 OK\r\n folded\r\n\r\n", "Unexpected space"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Invalid character in Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "Duplicate Content-Length",
+        ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "transfer-encoding"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n", "CRLF"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "Invalid character in chunk size",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n",
+            "Expected LF after chunk data",
+        ),
     ],
 )
 def test_malformed_responses_are_refused(data: bytes, match: str) -> None:
@@ -144,7 +153,10 @@ def test_malformed_responses_are_refused(data: bytes, match: str) -> None:
     [
         (b"HTTP/1.1 200", "within the response head"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", "within the response body"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "chunked body"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+            "within the response body",
+        ),
     ],
 )
 def test_a_connection_closed_early_is_refused(data: bytes, match: str) -> None:
