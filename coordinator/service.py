@@ -133,7 +133,9 @@ class Coordinator:
         profile = cfg.scheduling or load_config(DEFAULT_CONFIG, source="Fleet's default config")
         # Several coordinators: a session's engine by rendezvous hash, alike on each (plugins.py).
         sessions = SessionStore(remember=cfg.coordinators_expected == 1)
-        self.scheduler = Scheduler(profile, self.kvindex, sessions=sessions)
+        self.scheduler = Scheduler(
+            profile, self.kvindex, sessions=sessions, slots_per_engine=cfg.slots_per_engine
+        )
         self.metrics.registry.register(FleetStateCollector(self))  # read at each scrape
         self.prompt_tokenizer = PromptTokenizer(_model_paths(deployments))
         self.tokenizers = Tokenizers(self.prompt_tokenizer, tokenizer_files, self.metrics)

@@ -52,7 +52,8 @@ IGNORED_KEYS = {
 }
 
 DEFAULT_CONFIG = """\
-# Fleet's default scheduling: the engine holding the longest cached prefix of the prompt (from the
+# Fleet's default scheduling: among engines with a free slot (fewer requests in flight than
+# --engine-slots), the engine holding the longest cached prefix of the prompt (from the
 # global KV-block index); a new prefix goes to the engine with the least recent traffic; an engine
 # that took clearly more than its share lately is left out, so hot prefixes spread instead of
 # piling up on one engine (but a request that would lose more than 64 cached tokens by moving
@@ -61,6 +62,7 @@ apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: decode-filter
+- type: free-slot-filter
 - type: load-imbalance-filter
   parameters: {maxOverMean: 1.15, slack: 4, halfLifeSeconds: 60, maxLostPrefixTokens: 64}
 - type: precise-prefix-cache-scorer
@@ -72,6 +74,7 @@ schedulingProfiles:
 - name: default
   plugins:
   - pluginRef: decode-filter
+  - pluginRef: free-slot-filter
   - pluginRef: load-imbalance-filter
   - pluginRef: precise-prefix-cache-scorer
     weight: 2

@@ -13,6 +13,9 @@ by-label-selector                  ``matchExpressions`` (In, NotIn, Exists, Does
                                    (pkg/epp/framework/plugins/scheduling/filter/bylabel/
                                    selector.go): both names load
 healthy-filter (Fleet)             drop engines whose last ``/metrics`` scrape failed
+free-slot-filter (Fleet)           keep engines with fewer requests in flight than ``slots``
+                                   (default: the coordinator's ``--engine-slots``); when
+                                   none has a free slot, keep them all
 load-imbalance-filter (Fleet)      drop engines that took more than ``maxOverMean`` (1.15) ×
                                    the candidates' mean of recent requests, or the mean plus
                                    ``slack`` (4) while counts are small (exponentially decayed
@@ -184,6 +187,28 @@ class LoadImbalanceFilter(Filter):
         return best > 0 and blocks * size - best > self.max_lost_tokens
 
 
+class FreeSlotFilter(Filter):
+    """Engines with a free slot: an engine holding its slots' worth of requests is full (a
+    request sent there waits in the engine's queue, or slows every sequence of its batch)
+    while another has room. Admission keeps a model's requests in flight within its engines'
+    slots, so after it some engine nearly always has one."""
+
+    TYPE = "free-slot-filter"
+    PARAMS = ("slots",)
+
+    def __init__(self, name: str, params: Params) -> None:
+        super().__init__(name, params)
+        self.slots = params.integer("slots", None, low=1)  # None: the context's
+        self._seen: tuple[SchedulingContext, bool] | None = None  # (request, any free)
+
+    def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
+        slots = self.slots or ctx.slots_per_engine
+        seen = self._seen
+        if seen is None or seen[0] is not ctx:
+            seen = self._seen = (ctx, any(x.inflight < slots for x in ctx.candidates))
+        return c.inflight < slots or not seen[1]
+
+
 class HealthyFilter(Filter):
     TYPE = "healthy-filter"
 
@@ -204,6 +229,7 @@ TYPES: tuple[type[Filter], ...] = (
     ByLabelSelectorFilter,
     DeprecatedByLabelSelectorFilter,
     HealthyFilter,
+    FreeSlotFilter,
     LoadImbalanceFilter,
 )
 

@@ -107,6 +107,8 @@ class SchedulingContext:
     candidates: list[Candidate] = field(default_factory=list)
     # engine id -> (matched blocks, total blocks, block size): filled by the prefix scorer
     prefix: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # requests an engine holds before it is full (the coordinator's --engine-slots)
+    slots_per_engine: int = 64
 
     def prefix_match(
         self, candidates: Sequence[Candidate], max_blocks: int | None = None

@@ -163,6 +163,7 @@ class Scheduler:
         stats: the engines' scraped metrics.
         sessions: session → engine memory (session affinity).
         rng: tie-breaking randomness.
+        slots_per_engine: requests an engine holds before it is full (``free-slot-filter``).
         clock: for ``scheduling_ms`` and each plugin's time.
 
     ``tally`` counts every decision but explain runs (:mod:`.tally`, exported as metrics).
@@ -176,6 +177,7 @@ class Scheduler:
         stats: EngineStatsStore | None = None,
         sessions: SessionStore | None = None,
         rng: random.Random | None = None,
+        slots_per_engine: int = 64,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if isinstance(config, Profile):
@@ -186,6 +188,7 @@ class Scheduler:
         self.sessions = sessions or SessionStore()
         self.rng = rng or random.Random()
         self.clock = clock
+        self.slots_per_engine = slots_per_engine
         self.tally = SchedulerTally()
         self._plugins: tuple[SchedulingConfig, list[Plugin]] = (config, config.plugins())
 
@@ -260,6 +263,7 @@ class Scheduler:
         # the prompt's prefix matches.
         ctx = SchedulingContext(request, self.index, self.sessions, now, self.rng)
         ctx.prefix = prefix
+        ctx.slots_per_engine = self.slots_per_engine
         return ctx
 
     def _run(

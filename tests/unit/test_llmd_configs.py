@@ -233,7 +233,7 @@ def test_single_profile_configs_with_fleets_and_llm_ds_filters() -> None:
     chat = load("chat-sessions")
     assert chat.primary.name == "chat" and chat.notes == ()
     assert shape(chat.primary) == (
-        ["healthy-filter", "load-imbalance-filter"],
+        ["healthy-filter", "free-slot-filter", "load-imbalance-filter"],
         [
             ("session-affinity-scorer", 4.0),
             ("precise-prefix-cache-scorer", 3.0),

@@ -199,7 +199,11 @@ def test_explain_reports_each_scorer_and_the_prefix() -> None:
     assert a["scores"]["active-request-scorer"]["score"] == 1.0
     # prefix 2 × 0.375, recent load 1 × 1 (nothing sent yet), active 1 × 1, session 0
     assert a["total"] == pytest.approx(2 * 0.375 + 1 + 1)
-    assert a["filters"] == {"decode-filter": True, "load-imbalance-filter": True}
+    assert a["filters"] == {
+        "decode-filter": True,
+        "free-slot-filter": True,
+        "load-imbalance-filter": True,
+    }
     assert d.as_json()["selected"] == "a"
 
 
@@ -490,3 +494,37 @@ def test_an_engine_over_the_limit_keeps_requests_that_would_lose_too_much_prefix
             s.served(RoutingRequest("m"), "a", 0.0)  # a took 3, b none: a is over the limit
         d = s.schedule(RoutingRequest("m", PROMPT), [view("a"), view("b")], counts().get, 0.0)
         assert d.engine is not None and d.engine.id == expect, (lost, b_holds)
+
+
+def test_a_full_prefix_holder_loses_to_an_engine_with_a_free_slot() -> None:
+    """The default pipeline: whatever it holds, an engine with its slots' worth of requests in
+    flight is passed over while another has room; when every engine is full, all compete."""
+    index = KVIndex()
+    store(index, "a", PROMPT)
+    engines = [view("a"), view("b")]
+    s = Scheduler(load_config(DEFAULT_CONFIG), index, rng=random.Random(0), slots_per_engine=4)
+    d = s.schedule(RoutingRequest("m", PROMPT), engines, counts(a=3, b=3).get, 0)
+    assert d.engine is not None and d.engine.id == "a"  # a slot left: the prefix wins
+    d = s.schedule(RoutingRequest("m", PROMPT), engines, counts(a=4, b=3).get, 0)
+    assert d.engine is not None and d.engine.id == "b" and d.prefix_tokens == 0
+    d = s.schedule(RoutingRequest("m", PROMPT), engines, counts(a=4, b=4).get, 0)
+    assert d.engine is not None and d.engine.id == "a"
+    # explain names the filter; a config's own slots win over the coordinator's
+    notes = s.schedule(
+        RoutingRequest("m", PROMPT), engines, counts(a=4, b=3).get, 0, explain=True
+    ).candidates
+    assert {n["engine"]: n["filters"]["free-slot-filter"] for n in notes} == {
+        "a": False,
+        "b": True,
+    }
+    own = HEADER + (
+        "plugins:\n- {type: free-slot-filter, parameters: {slots: 8}}\n"
+        "- {type: precise-prefix-cache-scorer}\n"
+        "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: free-slot-filter}, "
+        "{pluginRef: precise-prefix-cache-scorer}]\n"
+    )
+    s = Scheduler(load_config(own), index, rng=random.Random(0), slots_per_engine=4)
+    d = s.schedule(RoutingRequest("m", PROMPT), engines, counts(a=7, b=0).get, 0)
+    assert d.engine is not None and d.engine.id == "a"
+    with pytest.raises(ConfigError, match="slots"):
+        load_config(own.replace("slots: 8", "slots: 0"))
