@@ -16,7 +16,6 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -72,7 +71,7 @@ class FleetStateCollector(Collector):
             "fleet_scheduler_duration_seconds",
             "Time to pick an engine for a request (filters, scorers and picker).",
         )
-        plugins = SummaryMetricFamily(
+        plugins = HistogramMetricFamily(
             "fleet_scheduler_plugin_duration_seconds",
             "Time spent in each scheduling plugin, by plugin name, kind (filter, scorer, "
             "picker) and type.",
@@ -132,7 +131,7 @@ class FleetStateCollector(Collector):
                 decisions.add_metric([outcome], n)
             duration.add_metric([], tally.cumulative_buckets(), tally.duration_sum_s)
             for name, t in sorted(tally.plugins.items()):
-                plugins.add_metric([name, t.kind, t.type], t.calls, t.seconds)
+                plugins.add_metric([name, t.kind, t.type], t.cumulative_buckets(), t.seconds)
             prompt.add_metric([], tally.prompt_blocks)
             hits.add_metric([], tally.matched_blocks)
             for outcome, n in tally.affinity.items():

@@ -180,6 +180,9 @@ def render_explain(data: dict[str, Any], wide: bool) -> RenderableType:
         ),
         _explain_table(data, data["candidates"]),
     ]
+    if data.get("plugin_ms"):
+        times = ", ".join(f"{name} {ms:.3f}" for name, ms in data["plugin_ms"].items())
+        parts.insert(1, Text(f"per plugin (ms): {times}"))
     pd = data.get("pd")
     if pd:
         verdict = f"split, prefill on {data['prefill']}" if pd["split"] else "decode only"

@@ -141,50 +141,35 @@ class LoadImbalanceFilter(Filter):
         self.max_over_mean = params.number("maxOverMean", 1.15, low=1)
         self.slack = params.number("slack", 4, low=0)
         self.max_lost_tokens = params.number("maxLostPrefixTokens", 0, low=0)
-        # (context, limit, loads) of the request being filtered
-        self._seen: tuple[SchedulingContext, float, dict[str, float]] | None = None
-        # the request's most prefix tokens an engine under the limit holds (once it is needed)
-        self._best_under: tuple[SchedulingContext, int] | None = None
 
     def served(self, engine_id: str, now: float) -> None:
         self.counts.add(engine_id, now)
 
-    def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
-        seen = self._seen
-        if seen is None or seen[0] is not ctx:
-            loads = {x.id: self.counts.get(x.id, ctx.now) for x in ctx.candidates}
-            mean = sum(loads.values()) / len(loads) if loads else 0.0
-            # never drop every candidate: the least loaded always passes
-            limit = max(
-                self.max_over_mean * mean, mean + self.slack, min(loads.values(), default=0.0)
-            )
-            seen = self._seen = (ctx, limit, loads)
-        limit, loads = seen[1], seen[2]
-        load = loads.get(c.id)
-        if (self.counts.get(c.id, ctx.now) if load is None else load) <= limit:
-            return True
-        if self.max_lost_tokens <= 0:
-            return False
-        # Over the limit. If no engine under the limit holds any of the prompt yet, leave this
-        # one out: the request seeds its prefix on another engine (how a hot prefix spreads).
-        # Once one does, leave it out only if the request loses at most maxLostPrefixTokens by
+    def filter(self, ctx: SchedulingContext, candidates: list[Candidate]) -> list[Candidate]:
+        if not candidates:
+            return candidates
+        loads = {c.id: self.counts.get(c.id, ctx.now) for c in candidates}
+        mean = sum(loads.values()) / len(loads)
+        # never drop every candidate: the least loaded always passes
+        limit = max(self.max_over_mean * mean, mean + self.slack, min(loads.values()))
+        under = [c for c in candidates if loads[c.id] <= limit]
+        if len(under) == len(candidates) or self.max_lost_tokens <= 0:
+            return under
+        # Some are over the limit. If no engine under it holds any of the prompt yet, leave
+        # them out: the request seeds its prefix on another engine (how a hot prefix spreads).
+        # Once one does, leave one out only if the request loses at most maxLostPrefixTokens by
         # moving: a new conversation on a spread system prompt moves, a conversation whose
-        # history is cached here stays.
-        matches = ctx.prefix_match(ctx.candidates)
-        blocks, _, size = matches[c.id]
-        if self._best_under is None or self._best_under[0] is not ctx:
-            # The same for every engine over the limit (none of them is under it): once.
-            best = max(
-                (
-                    matches[x.id][0] * matches[x.id][2]
-                    for x in ctx.candidates
-                    if loads.get(x.id, 0.0) <= limit
-                ),
-                default=0,
-            )
-            self._best_under = (ctx, best)
-        best = self._best_under[1]
-        return best > 0 and blocks * size - best > self.max_lost_tokens
+        # history is cached there stays.
+        matches = ctx.prefix_match(candidates)
+        best = max(matches[c.id][0] * matches[c.id][2] for c in under)
+        if best <= 0:
+            return under
+        return [
+            c
+            for c in candidates
+            if loads[c.id] <= limit
+            or matches[c.id][0] * matches[c.id][2] - best > self.max_lost_tokens
+        ]
 
 
 class FreeSlotFilter(Filter):
@@ -199,18 +184,16 @@ class FreeSlotFilter(Filter):
     def __init__(self, name: str, params: Params) -> None:
         super().__init__(name, params)
         self.slots = params.integer("slots", None, low=1)  # None: the context's
-        self._seen: tuple[SchedulingContext, bool] | None = None  # (request, any free)
 
-    def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
+    def filter(self, ctx: SchedulingContext, candidates: list[Candidate]) -> list[Candidate]:
         slots = self.slots or ctx.slots_per_engine
-        seen = self._seen
-        if seen is None or seen[0] is not ctx:
-            seen = self._seen = (ctx, any(x.inflight < slots for x in ctx.candidates))
-        return c.inflight < slots or not seen[1]
+        free = [c for c in candidates if c.inflight < slots]
+        return free or candidates
 
 
 class HealthyFilter(Filter):
     TYPE = "healthy-filter"
+    USES_METRICS = True
 
     def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
         return c.stats is None or c.stats.healthy

@@ -103,8 +103,6 @@ class SchedulingContext:
     sessions: SessionStore
     now: float
     rng: random.Random
-    # the engines being filtered (filters that compare engines read them)
-    candidates: list[Candidate] = field(default_factory=list)
     # engine id -> (matched blocks, total blocks, block size): filled by the prefix scorer
     prefix: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # requests an engine holds before it is full (the coordinator's --engine-slots)
@@ -185,11 +183,15 @@ class Params:
 
 
 class Plugin:
-    """A named plugin of one type."""
+    """A named plugin of one type. What it reads beyond the engines and in-flight counts it
+    declares: ``NEEDS_TOKENS`` (the prompt's token ids, so the coordinator tokenizes it) and
+    ``USES_METRICS`` (the engines' scraped ``/metrics``, so the coordinator scrapes them)."""
 
     TYPE: ClassVar[str] = ""
     KIND: ClassVar[str] = ""  # filter, scorer, picker, handler
     PARAMS: ClassVar[tuple[str, ...]] = ()
+    NEEDS_TOKENS: ClassVar[bool] = False
+    USES_METRICS: ClassVar[bool] = False
 
     def __init__(self, name: str, params: Params) -> None:
         self.name = name
@@ -223,15 +225,24 @@ class DecayingCounts:
 
 
 class Filter(Plugin):
+    """Narrows the candidates: :meth:`filter` takes them and returns those kept (in order);
+    a filter judging each engine alone overrides :meth:`keep` instead."""
+
     KIND = "filter"
+
+    def filter(self, ctx: SchedulingContext, candidates: list[Candidate]) -> list[Candidate]:
+        return [c for c in candidates if self.keep(ctx, c)]
 
     def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
         raise NotImplementedError
 
 
 class Scorer(Plugin):
+    """Scores candidates in [0, 1] (the scheduler clamps what falls outside)."""
+
     KIND = "scorer"
-    USES_METRICS: ClassVar[bool] = False
+    #: its scores say which engine holds the request's session (counted as affinity hits)
+    SESSION_AFFINITY: ClassVar[bool] = False
 
     def score(self, ctx: SchedulingContext, candidates: Sequence[Candidate]) -> dict[str, float]:
         raise NotImplementedError

@@ -11,6 +11,7 @@ returns).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,6 @@ from .plugins import (
     SessionStore,
 )
 from .prompt import RoutingRequest
-from .scorers import PrefixCacheScorer, SessionAffinityScorer
 from .tally import SchedulerTally
 
 
@@ -56,13 +56,13 @@ class Profile:
 
     @property
     def needs_tokens(self) -> bool:
-        return any(isinstance(w.scorer, PrefixCacheScorer) for w in self.scorers)
+        """A plugin reads the prompt's tokens (it declares ``NEEDS_TOKENS``)."""
+        return any(p.NEEDS_TOKENS for p in self.plugins())
 
     @property
     def uses_metrics(self) -> bool:
-        return any(w.scorer.USES_METRICS for w in self.scorers) or any(
-            f.TYPE == "healthy-filter" for f in self.filters
-        )
+        """A plugin reads the engines' scraped metrics (it declares ``USES_METRICS``)."""
+        return any(p.USES_METRICS for p in self.plugins())
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,14 @@ class SchedulingConfig:
                 seen.setdefault(id(plugin), plugin)
         return list(seen.values())
 
-    @property
+    @functools.cached_property
     def needs_tokens(self) -> bool:
-        """The prompt's tokens are read (a prefix scorer, or a decider counting tokens)."""
+        """The prompt's tokens are read (a plugin declares it, or a decider counts them)."""
         runs = [p for p in (self.primary, self.prefill_profile) if p]
         decider = self.decider is not None and self.decider.NEEDS_TOKENS
         return decider or any(p.needs_tokens for p in runs)
 
-    @property
+    @functools.cached_property
     def uses_metrics(self) -> bool:
         return any(p.uses_metrics for p in (self.primary, self.prefill_profile) if p)
 
@@ -127,6 +127,7 @@ class Decision:
         engine: the engine that answers (the decode engine with P/D); None: every one filtered.
         prefix_tokens: prompt tokens ``engine`` holds.
         scheduling_ms: time spent filtering, scoring and picking (every profile run).
+        plugin_ms: time spent in each plugin, by plugin name (every profile run).
         candidates: with ``explain``, the primary profile's candidates.
         prefill: the prefill engine when the request is split, else None.
         pd: the P/D decider's verdict (None: no decider configured, or no engine).
@@ -136,6 +137,7 @@ class Decision:
     engine: EngineView | None
     prefix_tokens: int = 0
     scheduling_ms: float = 0.0
+    plugin_ms: dict[str, float] = field(default_factory=dict)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     prefill: EngineView | None = None
     pd: Split | None = None
@@ -146,6 +148,7 @@ class Decision:
             "selected": self.engine.id if self.engine else None,
             "prefix_tokens": self.prefix_tokens,
             "scheduling_ms": round(self.scheduling_ms, 4),
+            "plugin_ms": {name: round(ms, 4) for name, ms in self.plugin_ms.items()},
             "candidates": self.candidates,
             "prefill": self.prefill.id if self.prefill else None,
             "pd": self.pd.as_json() if self.pd else None,
@@ -221,14 +224,16 @@ class Scheduler:
         prefix: dict[str, tuple[int, int, int]] = {}  # one prompt: matches shared by profiles
         candidates = [Candidate(e, inflight(e.id), self.stats.get(e.id, now)) for e in engines]
         ctx = self._context(request, now, prefix)
-        chosen, notes, affinity = self._run(self.config.primary, ctx, candidates, explain)
+        times: list[tuple[Plugin, float]] = []  # each plugin run's seconds, every profile
+        chosen, notes, affinity = self._run(self.config.primary, ctx, candidates, explain, times)
         if chosen is None:
             elapsed = clock() - started
+            self._tally_plugins(times)  # explain runs' plugins are timed too
             if not explain:
                 tally.decided("no_engine", elapsed)
-            return Decision(None, 0, elapsed * 1000, notes)
+            return Decision(None, 0, elapsed * 1000, _ms(times), notes)
         matched, total_blocks, block_size = ctx.prefix_match([chosen])[chosen.id]
-        decision = Decision(chosen.engine, matched * block_size, 0.0, notes)
+        decision = Decision(chosen.engine, matched * block_size, 0.0, {}, notes)
         prefill = self.config.prefill_profile
         if prefill is not None and self.config.decider is not None:
             tokens = None if request.token_ids is None else len(request.token_ids)
@@ -236,7 +241,9 @@ class Scheduler:
             if split.split:
                 others = [c for c in candidates if c.id != chosen.id]
                 ctx = self._context(request, now, prefix)
-                picked, decision.prefill_candidates, _ = self._run(prefill, ctx, others, explain)
+                picked, decision.prefill_candidates, _ = self._run(
+                    prefill, ctx, others, explain, times
+                )
                 if picked is None:
                     why = f"{split.reason}; no prefill engine passes profile {prefill.name!r}"
                     split = dataclasses.replace(split, split=False, reason=why)
@@ -245,6 +252,8 @@ class Scheduler:
             decision.pd = split
         elapsed = clock() - started
         decision.scheduling_ms = elapsed * 1000
+        decision.plugin_ms = _ms(times)
+        self._tally_plugins(times)  # explain runs' plugins are timed too
         if not explain:
             tally.decided("picked", elapsed)
             if total_blocks:
@@ -256,11 +265,21 @@ class Scheduler:
                     tally.session("miss" if any(affinity.values()) else "none")
         return decision
 
+    def _tally_plugins(self, times: list[tuple[Plugin, float]]) -> None:
+        for plugin, seconds in times:
+            self.tally.plugin(plugin.name, plugin.KIND, plugin.TYPE, seconds)
+
+    def _current_plugins(self) -> list[Plugin]:
+        config, plugins = self._plugins
+        if config is not self.config:  # replaced since: list its plugins again
+            plugins = self.config.plugins()
+            self._plugins = (self.config, plugins)
+        return plugins
+
     def _context(
         self, request: RoutingRequest, now: float, prefix: dict[str, tuple[int, int, int]]
     ) -> SchedulingContext:
-        # A context per profile run (filters remember their request by its context), sharing
-        # the prompt's prefix matches.
+        # A context per profile run, sharing the prompt's prefix matches.
         ctx = SchedulingContext(request, self.index, self.sessions, now, self.rng)
         ctx.prefix = prefix
         ctx.slots_per_engine = self.slots_per_engine
@@ -272,51 +291,53 @@ class Scheduler:
         ctx: SchedulingContext,
         candidates: list[Candidate],
         explain: bool,
+        times: list[tuple[Plugin, float]],
     ) -> tuple[Candidate | None, list[dict[str, Any]], dict[str, float] | None]:
         """One profile over ``candidates``: the pick (None: all filtered); with ``explain``
         each candidate's filter results and scores; the session-affinity scores (None: the
-        profile has no session-affinity scorer). Each plugin's time goes to the tally (one
-        clock read per plugin: each starts where the one before ended)."""
-        clock, tally = self.clock, self.tally
+        profile has no session-affinity scorer). Each plugin's run is appended to ``times`` (one
+        clock read per plugin: each starts where the one before ended). Scores outside
+        [0, 1] are clamped."""
+        clock = self.clock
         begun = clock()
         notes: dict[str, dict[str, Any]] = {}
         if explain:
             notes = {c.id: {"engine": c.id, "url": c.engine.url, "filters": {}} for c in candidates}
         for f in profile.filters:
-            ctx.candidates = candidates
-            kept = []
-            for c in candidates:
-                ok = f.keep(ctx, c)
-                if explain:
-                    notes[c.id]["filters"][f.name] = ok
-                if ok:
-                    kept.append(c)
+            kept = f.filter(ctx, candidates)
+            if explain:
+                ids = {c.id for c in kept}
+                for c in candidates:
+                    notes[c.id]["filters"][f.name] = c.id in ids
             candidates = kept
             ended = clock()
-            tally.plugin(f.name, "filter", f.TYPE, ended - begun)
+            times.append((f, ended - begun))
             begun = ended
         if not candidates:
             return None, list(notes.values()), None
         totals = {c.id: 0.0 for c in candidates}
         affinity: dict[str, float] | None = None
         for ws in profile.scorers:
-            scores = ws.scorer.score(ctx, candidates)
-            ended = clock()
-            tally.plugin(ws.scorer.name, "scorer", ws.scorer.TYPE, ended - begun)
-            begun = ended
-            if isinstance(ws.scorer, SessionAffinityScorer):
+            scorer = ws.scorer
+            scores = scorer.score(ctx, candidates)
+            if scorer.SESSION_AFFINITY:
                 affinity = scores
             for c in candidates:
                 value = scores.get(c.id, 0.0)
+                if not 0.0 <= value <= 1.0:
+                    value = 0.0 if value < 0.0 else 1.0  # (NaN: 1.0 is as good as any)
                 totals[c.id] += ws.weight * value
                 if explain:
-                    notes[c.id].setdefault("scores", {})[ws.scorer.name] = {
+                    notes[c.id].setdefault("scores", {})[scorer.name] = {
                         "score": round(value, 4),
                         "weight": ws.weight,
                     }
+            ended = clock()
+            times.append((scorer, ended - begun))
+            begun = ended
         picker = profile.picker
         chosen = picker.pick(ctx, [(c, totals[c.id]) for c in candidates])
-        tally.plugin(picker.name, "picker", picker.TYPE, clock() - begun)
+        times.append((picker, clock() - begun))
         if explain:
             for c in candidates:
                 note = notes[c.id]
@@ -332,12 +353,16 @@ class Scheduler:
         session = request.session_id
         if session:
             self.sessions.remember(session, engine_id, now)
-        config, plugins = self._plugins
-        if config is not self.config:  # replaced since: list its plugins again
-            plugins = self.config.plugins()
-            self._plugins = (self.config, plugins)
-        for plugin in plugins:
+        for plugin in self._current_plugins():
             plugin.served(engine_id, now)
+
+
+def _ms(times: list[tuple[Plugin, float]]) -> dict[str, float]:
+    """Milliseconds per plugin name (a plugin that served two profiles: both runs)."""
+    out: dict[str, float] = {}
+    for plugin, seconds in times:
+        out[plugin.name] = out.get(plugin.name, 0.0) + seconds * 1000
+    return out
 
 
 __all__ = ["Decision", "Profile", "Scheduler", "SchedulingConfig", "WeightedScorer"]

@@ -76,6 +76,7 @@ def block_size_notes(name: str, params: Params) -> list[str]:
 
 class PrefixCacheScorer(Scorer):
     TYPE = "prefix-cache-scorer"
+    NEEDS_TOKENS = True
     PARAMS = (
         *BLOCK_SIZE_PARAMS,
         "maxPrefixBlocksToMatch",
@@ -231,6 +232,7 @@ class RecentLoadScorer(Scorer):
 
 class SessionAffinityScorer(Scorer):
     TYPE = "session-affinity-scorer"
+    SESSION_AFFINITY = True
     PARAMS = ("ttlSeconds",)
 
     def __init__(self, name: str, params: Params) -> None:

@@ -38,6 +38,7 @@ class SizeClass:
 
 class PromptSizeFilter(Filter):
     TYPE = "prompt-size-filter"
+    NEEDS_TOKENS = True
     PARAMS = ("label", "classes")
 
     def __init__(self, name: str, params: Params) -> None:
@@ -80,14 +81,14 @@ class PromptSizeFilter(Filter):
                 return c.values
         return None
 
-    def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
+    def filter(self, ctx: SchedulingContext, candidates: list[Candidate]) -> list[Candidate]:
         tokens = ctx.request.token_ids
         values = self.wanted(len(tokens)) if tokens is not None else None
         if values is None:
-            return True
-        if not any(o.labels.get(self.label) in values for o in ctx.candidates):
-            return True  # none of the class's tiers is up: any engine rather than none
-        return c.labels.get(self.label) in values
+            return candidates
+        label = self.label
+        fit = [c for c in candidates if c.labels.get(label) in values]
+        return fit or candidates  # none of the class's tiers is up: any engine rather than none
 
     def describe(self) -> dict[str, object]:
         return {

@@ -27,6 +27,21 @@ DURATION_BUCKETS_S = (
     0.1,
 )
 
+#: Upper bounds (seconds) of each plugin's duration histogram: a plugin takes microseconds.
+PLUGIN_BUCKETS_S = (
+    0.000001,
+    0.0000025,
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.005,
+)
+
 #: Decision outcomes: an engine was picked, or every candidate was filtered out.
 OUTCOMES = ("picked", "no_engine")
 
@@ -38,12 +53,18 @@ AFFINITY = ("hit", "miss", "none")
 
 @dataclass
 class PluginTime:
-    """Time spent in one plugin instance, over every scheduling run."""
+    """Time spent in one plugin instance, over every scheduling run: a histogram."""
 
     kind: str  # "filter", "scorer" or "picker"
     type: str
     seconds: float = 0.0
     calls: int = 0
+    #: per bucket of :data:`PLUGIN_BUCKETS_S` (not cumulative), then one for larger values
+    counts: list[int] = field(default_factory=lambda: [0] * (len(PLUGIN_BUCKETS_S) + 1))
+
+    def cumulative_buckets(self) -> list[tuple[str, int]]:
+        """(``le``, cumulative count) pairs, as Prometheus wants them."""
+        return _cumulative(PLUGIN_BUCKETS_S, self.counts)
 
 
 @dataclass
@@ -72,6 +93,7 @@ class SchedulerTally:
             entry = self.plugins[name] = PluginTime(kind, type_)
         entry.seconds += seconds
         entry.calls += 1
+        entry.counts[bisect.bisect_left(PLUGIN_BUCKETS_S, seconds)] += 1
 
     def prefix(self, matched: int, total: int) -> None:
         """Count a prompt of ``total`` full blocks, ``matched`` of them cached where it went."""
@@ -84,13 +106,22 @@ class SchedulerTally:
 
     def cumulative_buckets(self) -> list[tuple[str, int]]:
         """The duration histogram as Prometheus wants it: (``le``, cumulative count) pairs."""
-        out, running = [], 0
-        for bound, n in zip(
-            (*map(str, DURATION_BUCKETS_S), "+Inf"), self.duration_counts, strict=True
-        ):
-            running += n
-            out.append((bound, running))
-        return out
+        return _cumulative(DURATION_BUCKETS_S, self.duration_counts)
 
 
-__all__ = ["AFFINITY", "DURATION_BUCKETS_S", "OUTCOMES", "PluginTime", "SchedulerTally"]
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    out, running = [], 0
+    for bound, n in zip((*map(str, bounds), "+Inf"), counts, strict=True):
+        running += n
+        out.append((bound, running))
+    return out
+
+
+__all__ = [
+    "AFFINITY",
+    "DURATION_BUCKETS_S",
+    "OUTCOMES",
+    "PLUGIN_BUCKETS_S",
+    "PluginTime",
+    "SchedulerTally",
+]

@@ -243,6 +243,13 @@ def test_the_scheduler_counts_decisions_time_and_each_plugins_calls() -> None:
     assert {p.name for p in profile.plugins()} == set(plugins)
     assert plugins[profile.picker.name] == ("picker", 4)  # explain runs are timed too
     assert all(t.seconds > 0 for t in tally.plugins.values())
+    # each plugin run reads the clock once: 0.1 ms (give or take a float's last bit)
+    picker = dict(tally.plugins[profile.picker.name].cumulative_buckets())
+    assert (picker["5e-05"], picker["0.00025"], picker["+Inf"]) == (0, 4, 4)
+    # the decision carries each plugin's time (what route explain shows)
+    d = sched.schedule(_request(), engines, lambda _: 0, now=1.0)
+    assert d.plugin_ms == pytest.approx({p.name: 0.1 for p in profile.plugins()})
+    assert d.as_json()["plugin_ms"][profile.picker.name] == pytest.approx(0.1)
 
 
 def test_the_scheduler_counts_session_affinity_hits_and_new_sessions() -> None:

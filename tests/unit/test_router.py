@@ -528,3 +528,54 @@ def test_a_full_prefix_holder_loses_to_an_engine_with_a_free_slot() -> None:
     assert d.engine is not None and d.engine.id == "a"
     with pytest.raises(ConfigError, match="slots"):
         load_config(own.replace("slots: 8", "slots: 0"))
+
+
+def test_scores_outside_0_to_1_are_clamped() -> None:
+    from fleet.coordinator.router.pickers import MaxScorePicker
+    from fleet.coordinator.router.plugins import Params, Scorer
+    from fleet.coordinator.router.scheduler import Profile, WeightedScorer
+
+    class Wild(Scorer):
+        TYPE = "wild"
+
+        def score(self, ctx, candidates):  # type: ignore[no-untyped-def]
+            return {"a": 5.0, "b": 0.9, "c": -3.0}
+
+    class Even(Scorer):
+        TYPE = "even"
+
+        def score(self, ctx, candidates):  # type: ignore[no-untyped-def]
+            return {"a": 0.0, "b": 0.2, "c": 1.0}
+
+    picker = MaxScorePicker("p", Params("p", None, MaxScorePicker.PARAMS))
+    scorers = (WeightedScorer(Wild("w", Params("w", None, ())), 1.0),
+               WeightedScorer(Even("e", Params("e", None, ())), 1.0))  # fmt: skip
+    s = Scheduler(Profile("x", (), scorers, picker), KVIndex(), rng=random.Random(0))
+    d = s.schedule(RoutingRequest("m"), [view(e) for e in "abc"], counts().get, 0, explain=True)
+    # a: 1 + 0, b: 0.9 + 0.2, c: 0 + 1: b wins (unclamped, a's 5.0 would)
+    assert d.engine is not None and d.engine.id == "b"
+    totals = {c["engine"]: c["total"] for c in d.candidates}
+    assert totals == pytest.approx({"a": 1.0, "b": 1.1, "c": 1.0})
+
+
+def test_plugins_declare_the_tokens_and_metrics_they_read() -> None:
+    def config(plugin: str) -> str:
+        params = f", parameters: {TIERS}" if plugin == "prompt-size-filter" else ""
+        return HEADER + (
+            f"plugins:\n- {{type: {plugin}, name: x{params}}}\n- {{type: random-picker}}\n"
+            "schedulingProfiles:\n- name: p\n"
+            "  plugins: [{pluginRef: x}, {pluginRef: random-picker}]\n"
+        )
+
+    # the prompt-size filter reads the prompt's tokens with no prefix scorer beside it
+    tiers = load_config(config("prompt-size-filter"))
+    assert tiers.needs_tokens and not tiers.uses_metrics
+    health = load_config(config("healthy-filter"))
+    assert health.uses_metrics and not health.needs_tokens
+    assert load_config(config("precise-prefix-cache-scorer")).needs_tokens
+    assert load_config(config("queue-scorer")).uses_metrics
+    plain = load_config(config("active-request-scorer"))
+    assert not plain.needs_tokens and not plain.uses_metrics
+
+
+TIERS = "{classes: [{maxPromptTokens: 100, values: [small]}, {values: [big]}]}"
