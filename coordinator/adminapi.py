@@ -27,7 +27,7 @@ from .errors import ApiError, DeploymentError, InvalidRequest
 from .validation import parse_json_object
 
 if TYPE_CHECKING:
-    from .service import Coordinator
+    from .apiports import AdminPorts
 
 
 class Unauthorized(ApiError):
@@ -56,7 +56,7 @@ class Conflict(ApiError):
     status = 409
 
 
-def authorize(coord: Coordinator, headers: dict[str, str]) -> None:
+def authorize(coord: AdminPorts, headers: dict[str, str]) -> None:
     """Check the admin key, if the coordinator has one.
 
     Raises:
@@ -71,7 +71,7 @@ def authorize(coord: Coordinator, headers: dict[str, str]) -> None:
         raise Unauthorized()
 
 
-def listing(coord: Coordinator) -> dict[str, Any]:
+def listing(coord: AdminPorts) -> dict[str, Any]:
     """``GET /admin/v1/deployments``."""
     book = coord.book
     out: dict[str, Any] = {"deployments": _status(coord)}
@@ -81,7 +81,7 @@ def listing(coord: Coordinator) -> dict[str, Any]:
     return out
 
 
-def one(coord: Coordinator, name: str) -> dict[str, Any]:
+def one(coord: AdminPorts, name: str) -> dict[str, Any]:
     """``GET /admin/v1/deployments/NAME``.
 
     Raises:
@@ -93,7 +93,7 @@ def one(coord: Coordinator, name: str) -> dict[str, Any]:
     raise NotFound(name)
 
 
-async def put(coord: Coordinator, raw: bytes, name: str | None) -> tuple[dict[str, Any], int]:
+async def put(coord: AdminPorts, raw: bytes, name: str | None) -> tuple[dict[str, Any], int]:
     """``POST`` (``name`` None) or ``PUT .../NAME``: the deployment's status and 201 (created)
     or 200 (replaced).
 
@@ -133,7 +133,7 @@ async def put(coord: Coordinator, raw: bytes, name: str | None) -> tuple[dict[st
     return one(coord, model.name), 200 if existing is not None else 201
 
 
-async def delete(coord: Coordinator, name: str) -> dict[str, Any]:
+async def delete(coord: AdminPorts, name: str) -> dict[str, Any]:
     """``DELETE .../NAME``: its engines are stopped.
 
     Raises:
@@ -156,7 +156,7 @@ async def delete(coord: Coordinator, name: str) -> dict[str, Any]:
     return {"deleted": name}
 
 
-def _shared_or_refuse(coord: Coordinator) -> None:
+def _shared_or_refuse(coord: AdminPorts) -> None:
     """Several coordinators (a leader lock) share deployments through the folder only: one
     kept in this process's memory would be unknown to the others.
 
@@ -171,7 +171,7 @@ def _shared_or_refuse(coord: Coordinator) -> None:
         )
 
 
-def _status(coord: Coordinator) -> list[dict[str, Any]]:
+def _status(coord: AdminPorts) -> list[dict[str, Any]]:
     return status(
         coord.placer,
         coord.registry,
@@ -182,11 +182,11 @@ def _status(coord: Coordinator) -> list[dict[str, Any]]:
     )
 
 
-def _shorthand(coord: Coordinator, name: str) -> object | None:
+def _shorthand(coord: AdminPorts, name: str) -> object | None:
     return next((d for d in coord.book.shorthand if d.name == name), None)
 
 
-def _own_file(coord: Coordinator, folder: Path, name: str) -> Path:
+def _own_file(coord: AdminPorts, folder: Path, name: str) -> Path:
     """The file of ``name`` in the folder: ``NAME.yaml``, unless another file declares it.
 
     Raises:

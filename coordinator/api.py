@@ -23,7 +23,7 @@ from .fastroutes import ENDPOINTS, authorize, error_reply, inference, internal_e
 from .proxy import relay
 
 if TYPE_CHECKING:
-    from .service import Coordinator
+    from .apiports import ApiPorts
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, content_type="application/json")
 
 
-def create_app(coord: Coordinator) -> QuartTrio:
+def create_app(coord: ApiPorts) -> QuartTrio:
     """Build the ASGI app for a coordinator."""
     app = QuartTrio("fleet.coordinator")
     app.config["MAX_CONTENT_LENGTH"] = coord.cfg.max_body_bytes
@@ -43,12 +43,12 @@ def create_app(coord: Coordinator) -> QuartTrio:
         scheduler=coord.scheduler,
         index=coord.kvindex,
         tokenizer=coord.prompt_tokenizer,
-        inflight=coord.gateway.inflight.get,
+        inflight=coord.inference_ports.gateway.inflight.get,
     )
 
     @app.errorhandler(ApiError)
     async def _api_error(err: ApiError) -> Response:
-        body, status, headers = error_reply(coord, err)
+        body, status, headers = error_reply(coord.metrics, err)
         return Response(body, status=status, headers=headers)
 
     @app.errorhandler(HTTPException)
@@ -71,7 +71,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
     @app.errorhandler(Exception)
     async def _unexpected(err: Exception) -> Response:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        body, status, headers = internal_error(coord)
+        body, status, headers = internal_error(coord.metrics)
         return Response(body, status=status, headers=headers)
 
     async def _body() -> bytes:
@@ -83,7 +83,7 @@ def create_app(coord: Coordinator) -> QuartTrio:
         # Served here only on a connection hypercorn serves (the front server hands a
         # connection over at its first request to another route); see fastroutes.py.
         headers = {k.lower(): v for k, v in request.headers.items()}
-        reply = await inference(coord, path, headers, _body)
+        reply = await inference(coord.inference_ports, path, headers, _body)
         if reply.stream is None:
             return Response(reply.body, status=reply.status, headers=reply.headers)
         response = Response(relay(reply.stream), status=reply.status, headers=reply.headers)
@@ -100,7 +100,8 @@ def create_app(coord: Coordinator) -> QuartTrio:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        await authorize(coord, {k.lower(): v for k, v in request.headers.items()}, spend=False)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        await authorize(coord.inference_ports, headers, spend=False)
         created = int(coord.started_at)
         data = []
         for model in coord.served_models():

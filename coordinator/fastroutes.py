@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
@@ -24,14 +24,13 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from fleet.logjson import REQUEST_ID
 
 from . import tracing
-from .apikeys import ApiKey, RateLimited
+from .apikeys import ApiKey, ApiKeys, RateLimited
 from .errors import ApiError, error_body, render
 from .fastexchange import Exchange, FrontRequest
-from .sharedlimits import retry_after_s
+from .metrics import CoordinatorMetrics
+from .proxy import Gateway
+from .sharedlimits import SharedLimits, retry_after_s
 from .validation import ParsedRequest, RequestKind, validate
-
-if TYPE_CHECKING:
-    from .service import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,43 @@ class Reply:
     buffered: Callable[[], bool] = lambda: False
 
 
+Forward = Callable[[ParsedRequest, bytes], Awaitable[Reply]]
+
+
+class CachedReplies(Protocol):
+    """A response cache in front of the engines (:class:`.respcacheflow.CachedInference`)."""
+
+    async def serve(
+        self, parsed: ParsedRequest, raw: bytes, headers: dict[str, str], forward: Forward
+    ) -> Reply:
+        """A cached reply to ``parsed``, or ``forward``'s (kept where it may be)."""
+        ...
+
+
+@dataclass(frozen=True)
+class InferencePorts:
+    """What the inference routes use of the coordinator, and nothing more (built once, by
+    :class:`~.service.Coordinator`).
+
+    Attributes:
+        api_keys: the clients' keys (empty: the API is open).
+        limits: the fleet-wide rate limits.
+        metrics: the coordinator's metrics (requests, errors, rate limiting).
+        context_len: a model's context length (None: unknown), for validation.
+        gateway: admits, routes and opens the engine's response.
+        response_cache: answers repeated deterministic requests (None: off).
+    """
+
+    api_keys: ApiKeys
+    limits: SharedLimits
+    metrics: CoordinatorMetrics
+    context_len: Callable[[str], int | None]
+    gateway: Gateway
+    response_cache: CachedReplies | None = None
+
+
 async def authorize(
-    coord: Coordinator, headers: dict[str, str], *, spend: bool = True
+    ports: InferencePorts, headers: dict[str, str], *, spend: bool = True
 ) -> ApiKey | None:
     """The request's API key (None when the API is open), its rate limit spent (``spend``).
 
@@ -65,18 +99,18 @@ async def authorize(
         Unauthorized: no key, or an unknown one.
         RateLimited: the key is over its rate limit.
     """
-    key = coord.cfg.api_keys.check(headers)
+    key = ports.api_keys.check(headers)
     if key is None or not spend:
         return key
-    wait_s = await coord.limits.take(key, trio.current_time())  # the fleet's bucket
+    wait_s = await ports.limits.take(key, trio.current_time())  # the fleet's bucket
     if wait_s > 0:
-        coord.metrics.rate_limited.labels(key=key.name).inc()
+        ports.metrics.rate_limited.labels(key=key.name).inc()
         raise RateLimited(key.name, retry_after_s(wait_s))
     return key
 
 
 async def inference(
-    coord: Coordinator,
+    ports: InferencePorts,
     path: str,
     headers: dict[str, str],
     read_body: Callable[[], Awaitable[bytes]],
@@ -100,7 +134,7 @@ async def inference(
     if not tracing.enabled():
         rid = REQUEST_ID.set(request_id)
         try:
-            reply = await _inference(coord, path, headers, read_body, INVALID_SPAN)
+            reply = await _inference(ports, path, headers, read_body, INVALID_SPAN)
         finally:
             REQUEST_ID.reset(rid)
         reply.request_id = request_id
@@ -115,7 +149,7 @@ async def inference(
     )
     try:
         with tracing.within(span, request_id):
-            reply = await _inference(coord, path, headers, read_body, span)
+            reply = await _inference(ports, path, headers, read_body, span)
     except BaseException as exc:
         tracing.finish(span, exc.status if isinstance(exc, ApiError) else 500)
         raise
@@ -128,34 +162,34 @@ async def inference(
 
 
 async def _inference(
-    coord: Coordinator,
+    ports: InferencePorts,
     path: str,
     headers: dict[str, str],
     read_body: Callable[[], Awaitable[bytes]],
     span: Span,
 ) -> Reply:
-    key = await authorize(coord, headers)  # before the body is read
+    key = await authorize(ports, headers)  # before the body is read
     raw = await read_body()
-    parsed = validate(ENDPOINTS[path], raw, context_len_of=coord.placer.context_len)
+    parsed = validate(ENDPOINTS[path], raw, context_len_of=ports.context_len)
     if span.is_recording():
         span.set_attributes({"gen_ai.request.model": parsed.model, "fleet.stream": parsed.stream})
     tier = key.tier if key is not None else None
-    forward = functools.partial(_forward, coord, path, headers, tier)
-    if coord.response_cache is None:
+    forward = functools.partial(_forward, ports.gateway, path, headers, tier)
+    if ports.response_cache is None:
         reply = await forward(parsed, raw)
     else:  # respcacheflow.py: a hit, or forwarded and kept
-        reply = await coord.response_cache.serve(parsed, raw, headers, forward)
-    metrics = coord.metrics
+        reply = await ports.response_cache.serve(parsed, raw, headers, forward)
+    metrics = ports.metrics
     metrics.child(metrics.requests, path, parsed.model, str(reply.status)).inc()
     return reply
 
 
 async def _forward(
-    coord: Coordinator, path: str, headers: dict[str, str], tier: int | None,
+    gateway: Gateway, path: str, headers: dict[str, str], tier: int | None,
     parsed: ParsedRequest, raw: bytes,
 ) -> Reply:  # fmt: skip
     """Route ``parsed`` (body ``raw``) to an engine; its reply."""
-    fwd = await coord.gateway.forward(path, parsed, raw, headers, tier=tier)
+    fwd = await gateway.forward(path, parsed, raw, headers, tier=tier)
     if fwd.headers.get("content-type", "").startswith("text/event-stream"):
         return Reply(fwd.status, fwd.headers, stream=fwd.body, buffered=fwd.buffered)
     async with aclosing(fwd.body) as body:  # type: ignore[type-var]
@@ -163,15 +197,15 @@ async def _forward(
     return Reply(fwd.status, fwd.headers, body=b"".join(chunks))
 
 
-def error_reply(coord: Coordinator, err: ApiError) -> tuple[bytes, int, dict[str, str]]:
+def error_reply(metrics: CoordinatorMetrics, err: ApiError) -> tuple[bytes, int, dict[str, str]]:
     """Body, status and headers answering ``err``, counted under its code (or status)."""
-    coord.metrics.request_errors.labels(reason=str(err.code or err.status)).inc()
+    metrics.request_errors.labels(reason=str(err.code or err.status)).inc()
     return render(err)
 
 
-def internal_error(coord: Coordinator) -> tuple[bytes, int, dict[str, str]]:
+def internal_error(metrics: CoordinatorMetrics) -> tuple[bytes, int, dict[str, str]]:
     """Body, status and headers answering an unexpected error (logged by the caller)."""
-    coord.metrics.request_errors.labels(reason="internal").inc()
+    metrics.request_errors.labels(reason="internal").inc()
     body = error_body("Internal error in the coordinator.", type="server_error", code=500)
     return body, 500, {"content-type": "application/json"}
 
@@ -180,27 +214,27 @@ class InferenceRoutes:
     """The front server's handler (:class:`.httpserve.FrontRoutes`) for :data:`ENDPOINTS`.
 
     Args:
-        coord: the coordinator (its gateway, limits, metrics; read per request).
+        ports: what the routes use of the coordinator.
     """
 
     paths = frozenset(p.encode() for p in ENDPOINTS)
 
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord = coord
+    def __init__(self, ports: InferencePorts) -> None:
+        self.ports = ports
 
     async def __call__(self, request: FrontRequest, exchange: Exchange) -> None:
         try:
             reply = await inference(
-                self.coord, request.path, request.headers, exchange.read_body, in_task=True
+                self.ports, request.path, request.headers, exchange.read_body, in_task=True
             )
         except ApiError as err:
-            await exchange.respond(*_swap(error_reply(self.coord, err)))
+            await exchange.respond(*_swap(error_reply(self.ports.metrics, err)))
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise  # the client left while its body was read
         except Exception:
             log.exception("unhandled error serving POST %s", request.path)
-            await exchange.respond(*_swap(internal_error(self.coord)))
+            await exchange.respond(*_swap(internal_error(self.ports.metrics)))
             return
         if reply.stream is None:
             await exchange.respond(reply.status, reply.headers, reply.body)
@@ -232,6 +266,9 @@ def _swap(reply: tuple[bytes, int, dict[str, str]]) -> tuple[int, dict[str, str]
 
 __all__ = [
     "ENDPOINTS",
+    "CachedReplies",
+    "Forward",
+    "InferencePorts",
     "InferenceRoutes",
     "Reply",
     "authorize",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fleet.protocol.messages import PrestageModel
 from fleet.protocol.modelsource import ModelSource
@@ -28,7 +28,18 @@ from .registry import NodeRecord
 from .validation import parse_json_object
 
 if TYPE_CHECKING:
-    from .service import Coordinator
+    from .deploybook import DeploymentBook
+    from .link import AgentLink
+    from .registry import FleetRegistry
+
+
+class PrestagePorts(Protocol):
+    """What pre-staging uses of the coordinator."""
+
+    book: DeploymentBook
+    registry: FleetRegistry
+    link: AgentLink
+    prestages: PrestageBook
 
 
 class NotFound(ApiError):
@@ -157,7 +168,7 @@ class PrestageBook:
         return [r.source for r in self._requests.values() if node_id in r.nodes]
 
 
-def _entry(coord: Coordinator, req: PrestageRequest) -> dict[str, Any]:
+def _entry(coord: PrestagePorts, req: PrestageRequest) -> dict[str, Any]:
     return {
         "source": req.source,
         "deployment": req.deployment,
@@ -166,7 +177,7 @@ def _entry(coord: Coordinator, req: PrestageRequest) -> dict[str, Any]:
     }
 
 
-def post(coord: Coordinator, raw: bytes) -> tuple[dict[str, Any], int]:
+def post(coord: PrestagePorts, raw: bytes) -> tuple[dict[str, Any], int]:
     """``POST /admin/v1/prestage``: the request's per-node status and 202.
 
     Raises:
@@ -192,12 +203,13 @@ def post(coord: Coordinator, raw: bytes) -> tuple[dict[str, Any], int]:
     return out, 202
 
 
-def listing(coord: Coordinator) -> dict[str, Any]:
+def listing(coord: PrestagePorts) -> dict[str, Any]:
     """``GET /admin/v1/prestage``."""
     return {"prestages": [_entry(coord, r) for r in coord.prestages.requests()]}
 
 
 __all__ = [
+    "PrestagePorts",
     "NotFound",
     "PrestageBook",
     "PrestageRequest",

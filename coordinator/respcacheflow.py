@@ -20,12 +20,12 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from .deploybook import DeploymentBook
 from .deployment import Deployment
-from .fastroutes import Reply
+from .fastroutes import Forward, Reply
 from .placement import Placer
 from .registry import EngineView
 from .respcache import Answer, cache_key, deployment_identity, ineligible
@@ -36,7 +36,6 @@ from .validation import ParsedRequest
 from .versions import session_key
 
 HIT = "x-cache-hit"
-Forward = Callable[[ParsedRequest, bytes], Awaitable[Reply]]
 
 
 class Identities:

@@ -35,7 +35,7 @@ from .costs import deployment_costs
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
 from .deployment import Deployment
-from .fastroutes import InferenceRoutes
+from .fastroutes import InferencePorts, InferenceRoutes
 from .footprints import with_memory
 from .httpserve import serve
 from .kubescale import NodeScaling
@@ -164,6 +164,14 @@ class Coordinator:
             is_deployed=lambda model: bool(self.placer.serving(model)),
             engines_for=self.engines_for,
         )
+        self.inference_ports = InferencePorts(
+            api_keys=cfg.api_keys,
+            limits=self.limits,
+            metrics=self.metrics,
+            context_len=self.placer.context_len,
+            gateway=self.gateway,
+            response_cache=self.response_cache,
+        )
         self.link = AgentLink(
             endpoint=cfg.agent_endpoint,
             coordinator_id=cfg.coordinator_id,
@@ -273,7 +281,7 @@ class Coordinator:
                 drain=self._draining,
                 drain_s=self.cfg.drain_s,
                 grace_s=self.cfg.grace_s,
-                front=InferenceRoutes(self),
+                front=InferenceRoutes(self.inference_ports),
                 limits=self.cfg.front_limits(),
                 task_status=task_status,
             )
