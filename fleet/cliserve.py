@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fleet import logjson
+from fleet import heap, logjson
 from fleet.clisettings import (
     api_keys,
     check_perimeter,
@@ -64,6 +64,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         flags = shared_flags(args, parser_of("up"), parser_of("coordinator"))
         return trio.run(run_up_many, args, flags, args.coordinators)
     with _tracing(args):
+        heap.freeze()  # what start-up loaded lives as long as the process
         return trio.run(run_up, args, *settings)
 
 
@@ -139,6 +140,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         return _hot_restart(args)
     coordinator = Coordinator(cfg, tokenizer_files=files)
     with _tracing(args):
+        heap.freeze()
         return trio.run(_serve_until_signal, coordinator.run, coordinator.drain, args.parent_fd)
 
 
@@ -196,7 +198,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         curve_keys=client_keys(args),
         **kwargs,
     )
-    return trio.run(_serve_until_signal, Agent(cfg).run)  # an agent stops at once
+    agent = Agent(cfg)
+    heap.freeze()
+    return trio.run(_serve_until_signal, agent.run)  # an agent stops at once
 
 
 async def _serve_until_signal(
