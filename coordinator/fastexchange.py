@@ -18,13 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 
-import h11
 import trio
 
-from . import sockio, wireheaders
+from . import sockio
 from .errors import ApiError, InvalidRequest, PayloadTooLarge
 from .fastreader import Reader
 from .frontpolicy import FrontLimits
+from .http1server import BadRequest, RequestHead, ServerConnection
 
 READ_BYTES = 65536
 OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date", "server"})
@@ -58,7 +58,7 @@ class Exchange:
     (:meth:`respond`) or as a stream (:meth:`start`, :meth:`send`, :meth:`end`).
 
     Args:
-        conn: the connection's h11 state, ``request`` just read from it.
+        conn: the connection's HTTP state, ``request`` just read from it.
         stream: the connection.
         limits: body size and timeout, pipelined bytes kept.
         request: the request's head.
@@ -71,14 +71,14 @@ class Exchange:
 
     def __init__(
         self,
-        conn: h11.Connection,
+        conn: ServerConnection,
         stream: trio.abc.Stream,
         limits: FrontLimits,
-        request: h11.Request,
+        request: RequestHead,
         *,
         closing: bool,
     ) -> None:
-        self._h11 = conn
+        self._conn = conn
         self._stream = stream
         self._limits = limits
         self._closing = closing  # a drain started: the response closes the connection
@@ -86,9 +86,9 @@ class Exchange:
         self.reader: Reader | None = None  # plain: the connection's reader, which watches
         self.cancel_scope: trio.CancelScope | None = None  # the handler's
         self.request = FrontRequest(
-            method=request.method.decode("ascii"),
-            path=request.target.partition(b"?")[0].decode("latin-1"),
-            headers={k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers},
+            method=request.method,
+            path=request.target.partition("?")[0],
+            headers=request.headers,
         )
         self.responded = False  # a response started
         self.peer_gone = False  # the client closed its side (and the handler was cancelled)
@@ -110,35 +110,33 @@ class Exchange:
         if length.isdigit() and int(length) > limits.max_body_bytes:
             self._close = True
             raise PayloadTooLarge(limits.max_body_bytes)
-        if self._h11.they_are_waiting_for_100_continue:
-            await self._write(h11.InformationalResponse(status_code=100, headers=[]))
+        conn = self._conn
+        if conn.expects_continue:
+            await self._send_all(conn.continue_bytes())
         chunks: list[bytes] = []
         size = 0
         deadline = trio.current_time() + limits.body_timeout_s
         while True:
             try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                data = conn.body()
+            except BadRequest as exc:
                 raise InvalidRequest(f"Malformed request body: {exc}") from exc
-            if isinstance(event, h11.Data):
-                size += len(event.data)
+            if data is None:
+                break
+            if data:
+                size += len(data)
                 if size > limits.max_body_bytes:
                     self._close = True  # the rest is not worth reading
                     raise PayloadTooLarge(limits.max_body_bytes)
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif event is h11.NEED_DATA:  # a timeout only where there is a wait
-                with trio.move_on_at(deadline) as scope:
-                    if self.reader is not None:
-                        await self.reader.more()
-                    else:
-                        data = await self._stream.receive_some(READ_BYTES)
-                        self._h11.receive_data(bytes(data))
-                if scope.cancelled_caught:
-                    raise RequestTimeout()
-            else:  # ConnectionClosed: h11 raises on a body cut short, so not reached
-                raise InvalidRequest("The request's body was cut short.")
+                chunks.append(data)
+                continue
+            with trio.move_on_at(deadline) as scope:  # a timeout only where there is a wait
+                if self.reader is not None:
+                    await self.reader.more()
+                else:
+                    conn.feed(bytes(await self._stream.receive_some(READ_BYTES)))
+            if scope.cancelled_caught:
+                raise RequestTimeout()
         if self.reader is not None:
             self.reader.watch(self)
         else:
@@ -148,18 +146,16 @@ class Exchange:
 
     async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         """Answer whole, in one write."""
-        head = self._headers(headers)
-        head.append((b"content-length", str(len(body)).encode()))
-        data = self._start(status, head)
-        if body:
-            data += self._h11.send(h11.Data(data=body)) or b""
-        data += self._h11.send(h11.EndOfMessage()) or b""
-        await self._send_all(data)
+        fields = self._headers(headers)
+        self.responded = True
+        await self._send_all(self._conn.respond(status, fields, body, close=self._closes()))
 
     async def start(self, status: int, headers: Mapping[str, str], *, hold: bool = False) -> None:
         """Start a streamed answer (chunked; close-delimited for an HTTP/1.0 client); ``hold``:
         its head goes out with the first chunk (or the end), in one write, not at once."""
-        head = self._start(status, self._headers(headers))
+        fields = self._headers(headers)
+        self.responded = True
+        head = self._conn.start(status, fields, close=self._closes())
         if hold:
             self._head = head
         else:
@@ -168,24 +164,15 @@ class Exchange:
     async def send(self, chunk: bytes) -> None:
         """One chunk of a streamed answer, in one write."""
         if chunk:
-            data = self._h11.send(h11.Data(data=chunk)) or b""
+            data = self._conn.chunk(chunk)
             if self._head:
                 data, self._head = self._head + data, b""
             await self._send_all(data)
 
     async def end(self, chunk: bytes = b"") -> None:
         """End a streamed answer, after its last ``chunk`` (in the same write)."""
-        data = self._head + (self._h11.send(h11.Data(data=chunk)) or b"") if chunk else self._head
-        self._head = b""
-        await self._send_all(data + (self._h11.send(h11.EndOfMessage()) or b""))
-
-    def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-        self.responded = True
-        if wireheaders.valid(headers):  # checked in one pass; h11 skips its own checks
-            event = h11.Response(status_code=status, headers=headers, _parsed=True)
-        else:  # h11 raises its usual error, naming the header
-            event = h11.Response(status_code=status, headers=headers)
-        return self._h11.send(event) or b""
+        data, self._head = self._head + self._conn.finish(chunk), b""
+        await self._send_all(data)
 
     def _headers(self, headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         out = [
@@ -194,25 +181,22 @@ class Exchange:
             if k not in OWN_HEADERS
         ]
         out.extend(server_headers())
-        if self._close or self._closing or not self._body_read():
-            out.append((b"connection", b"close"))
         return out
+
+    def _closes(self) -> bool:
+        """Whether the response closes the connection (``Connection: close``)."""
+        return self._close or self._closing or not self._body_read()
 
     def _body_read(self) -> bool:
         """Whether the request's body is all read: answering one not read (401, 413) would
         leave its bytes to be parsed as the next request. A body already buffered whole (a
         small one) is read here, without I/O."""
-        while self._h11.their_state is h11.SEND_BODY:
-            try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError:
-                return False
-            if not isinstance(event, h11.Data | h11.EndOfMessage):
-                return False
-        return self._h11.their_state is h11.DONE
-
-    async def _write(self, event: h11.Data | h11.EndOfMessage | h11.InformationalResponse) -> None:
-        await self._send_all(self._h11.send(event) or b"")
+        try:
+            while self._conn.body():
+                pass  # dropped: the handler answered without it
+        except BadRequest:
+            return False
+        return self._conn.request_complete
 
     async def _send_all(self, data: bytes) -> None:
         if self._sock is not None:
@@ -238,8 +222,8 @@ class Exchange:
             if not data:
                 self.client_left()
                 return
-            self._h11.receive_data(bytes(data))
-            if len(self._h11.trailing_data[0]) > limit:
+            self._conn.feed(bytes(data))
+            if self._conn.pending > limit:
                 await trio.sleep_forever()
 
 

@@ -3,9 +3,10 @@
 Why: a watcher task per request (started once the body is read, cancelled when the response
 ends) cost a task, a nursery, a cancellation and two ``epoll_ctl`` calls per request, and the
 connection task then waited for the next request itself. Here one task per connection waits
-for readability (:mod:`.sockio`), feeds what comes to the connection's h11 state and wakes the
-connection task where it waits for bytes (:meth:`Reader.more`); the next request's bytes wake
-the wait that was set during the previous response.
+for readability (:mod:`.sockio`), feeds what comes to the connection's HTTP state
+(:mod:`.http1server`) and wakes the connection task where it waits for bytes
+(:meth:`Reader.more`); the next request's bytes wake the wait that was set during the previous
+response.
 
 End of file (or a reset) while a handler works with its body read (:meth:`Reader.watch`)
 cancels the handler; a pipelined next request is kept, and reading pauses while more than
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import h11
 import trio
 
 from . import sockio
+from .http1server import ServerConnection
 
 
 class Watched(Protocol):
@@ -34,12 +35,12 @@ class Reader:
     """Reads a plain connection into ``conn`` (:meth:`run`, in its own task).
 
     Args:
-        conn: the connection's h11 state (fed here only).
+        conn: the connection's HTTP state (fed here only).
         sock: the connection's socket.
         limit: unparsed bytes past which reading pauses.
     """
 
-    def __init__(self, conn: h11.Connection, sock: trio.socket.SocketType, limit: int) -> None:
+    def __init__(self, conn: ServerConnection, sock: trio.socket.SocketType, limit: int) -> None:
         self.conn = conn
         self.sock = sock
         self.limit = limit
@@ -54,7 +55,7 @@ class Reader:
         conn = self.conn
         try:
             while True:
-                if len(conn.trailing_data[0]) > self.limit:
+                if conn.pending > self.limit:
                     self._resume = trio.Event()
                     await self._resume.wait()  # then read once, whatever is buffered
                 await trio.lowlevel.wait_readable(self.sock)
@@ -66,7 +67,7 @@ class Reader:
                     data = b""  # reset: as good as closed
                 if data is None:
                     continue
-                conn.receive_data(data)
+                conn.feed(data)
                 if not data:
                     self.done = True
                     if self._watched is not None:
@@ -97,7 +98,7 @@ class Reader:
         """From now, end of file cancels ``request``'s handler (None: no request); one whose
         client has left already is cancelled at once."""
         self._watched = request
-        if request is not None and self.conn.trailing_data[1]:
+        if request is not None and self.conn.closed:
             request.client_left()
 
     def _wake_up(self) -> None:

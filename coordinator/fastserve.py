@@ -1,4 +1,5 @@
-"""The coordinator's front HTTP/1.1 server: h11 on trio sockets, for the inference routes.
+"""The coordinator's front HTTP/1.1 server on trio sockets, for the inference routes; its
+HTTP is :mod:`.http1server` (requests parsed by httptools).
 
 Why: in issue 16's prototypes (one core, same run) quart-trio + hypercorn served 429 proxied
 requests/s at 2.33 ms of CPU each, a bare h11 server on trio 4,345/s at 0.23 ms (both with
@@ -36,13 +37,13 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-import h11
 import trio
 
 from .errors import error_body
 from .fastexchange import READ_BYTES, Exchange, FrontRequest, server_headers
 from .fastreader import Reader
 from .frontpolicy import FrontLimits, classify, head_deadline, keep_open
+from .http1server import BadRequest, RequestHead, ServerConnection
 
 log = logging.getLogger("fleet.coordinator.http")
 
@@ -185,9 +186,7 @@ class _Connection:
         self.server = server
         self.limits = server.limits
         self.stream = stream
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
-        )
+        self.conn = ServerConnection(self.limits.max_header_bytes)
         self.last_active = trio.current_time()
         self.linger = False
         # A plain connection is read by its Reader, written through sockio; TLS as a stream.
@@ -199,7 +198,7 @@ class _Connection:
             rest = await self._serve()
         else:
             async with trio.open_nursery() as nursery:
-                self.reader = Reader(self.h11, self.sock, self.limits.max_header_bytes)
+                self.reader = Reader(self.conn, self.sock, self.limits.max_header_bytes)
                 nursery.start_soon(self.reader.run)
                 try:
                     rest = await self._serve()
@@ -216,36 +215,34 @@ class _Connection:
     async def _serve(self) -> bytes | None:
         """Serve requests until the connection closes (None) or one goes to hypercorn (the
         bytes read of it)."""
-        drain = self.server.drain
+        drain, conn = self.server.drain, self.conn
         while True:
             started = await self._route()
             if started is None:
                 return None
             if started < 0:
-                return bytes(self.h11.trailing_data[0])
+                return conn.buffered()
             request = await self._head(started)
             if request is None:
                 return None
             drain.enter()
             try:
-                exchange = Exchange(
-                    self.h11, self.stream, self.limits, request, closing=drain.closing
-                )
+                exchange = Exchange(conn, self.stream, self.limits, request, closing=drain.closing)
                 await self._handle(exchange)
             finally:
                 drain.leave()
-            their_done = self.h11.their_state is h11.DONE
+            their_done = conn.request_complete and conn.keep_alive
             if not exchange.responded:
                 return None  # the client left (or the handler did not answer): close
             if not keep_open(
-                our_done=self.h11.our_state is h11.DONE,
+                our_done=conn.response_complete and conn.keep_alive,
                 their_done=their_done,
-                peer_closed=exchange.peer_gone or self.h11.trailing_data[1],
+                peer_closed=exchange.peer_gone or conn.closed,
                 closing=drain.terminated,
             ):
                 self.linger = not their_done and not exchange.peer_gone
                 return None
-            self.h11.start_next_cycle()
+            conn.start_next()
             self.last_active = trio.current_time()
 
     async def _handle(self, exchange: Exchange) -> None:
@@ -275,7 +272,7 @@ class _Connection:
         (for the front server), -1 (for hypercorn), or None (closed, or timed out)."""
         started: float | None = None
         while True:
-            buffered, closed = self.h11.trailing_data
+            buffered, closed = self.conn.buffered(), self.conn.closed
             if buffered and started is None:
                 started = trio.current_time()
             route = classify(buffered, self.server.paths, self.limits.max_header_bytes)
@@ -301,32 +298,25 @@ class _Connection:
                 return None
 
     async def _more(self) -> None:
-        """Wait for the client's next bytes (or its end) in ``self.h11``."""
+        """Wait for the client's next bytes (or its end) in ``self.conn``."""
         if self.reader is not None:
             await self.reader.more()
         else:
-            self.h11.receive_data(bytes(await self.stream.receive_some(READ_BYTES)))
+            self.conn.feed(bytes(await self.stream.receive_some(READ_BYTES)))
 
-    async def _head(self, started: float) -> h11.Request | None:
+    async def _head(self, started: float) -> RequestHead | None:
         """The request's line and headers, or None (answered with an error, or closed)."""
         deadline = started + self.limits.header_timeout_s
-        limit = self.limits.max_header_bytes
         while True:
-            buffered = self.h11.trailing_data[0]
-            end = buffered.find(b"\r\n\r\n", 0, limit + 4)
-            if end < 0 and len(buffered) > limit or end > limit:
-                # h11 bounds only a head still incomplete; one that came whole is bounded here
-                await self._refuse(431, f"The request's headers exceed {limit} bytes.")
-                return None
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._refuse(exc.error_status_hint, f"Malformed request: {exc}")
+                request = self.conn.next_request()
+            except BadRequest as exc:
+                await self._refuse(exc.status, str(exc))
                 return None
-            if isinstance(event, h11.Request):
-                return event
-            if event is not h11.NEED_DATA:
-                return None  # ConnectionClosed
+            if request is not None:
+                return request
+            if self.conn.closed:
+                return None
             with trio.move_on_at(deadline) as scope:
                 await self._more()
             if scope.cancelled_caught:
@@ -335,19 +325,11 @@ class _Connection:
 
     async def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot be read, then close."""
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.conn.responded:
             return
         body = error_body(message, code=status)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-            *server_headers(),
-        ]
-        data = self.h11.send(h11.Response(status_code=status, headers=headers))
-        data += self.h11.send(h11.Data(data=body)) or b""
-        data += self.h11.send(h11.EndOfMessage()) or b""
-        await self.stream.send_all(data)
+        headers = [(b"content-type", b"application/json"), *server_headers()]
+        await self.stream.send_all(self.conn.respond(status, headers, body, close=True))
 
 
 __all__ = ["Drain", "FrontServer", "Handler", "PrefixedStream"]

@@ -1,12 +1,11 @@
-"""Header lists for the h11 events Fleet sends, checked in one pass.
+"""Header lists Fleet sends (engine requests, client responses), checked in one pass.
 
-h11 checks each header of an event it is given with two regular expressions and a few calls
-per header, twice per proxied request (the engine's request, the client's response): a
-noticeable share of the coordinator's CPU per request. :func:`h11_headers` applies h11's own
-rules (a name is an HTTP token; a value has no NUL, CR, LF, VT or FF, and no leading or
-trailing blank) to all names at once and all values at once; an event built from its result
-is passed ``_parsed=True`` (h11's flag for headers it parsed itself) and skips its per-header
-checks. A list that fails goes to h11 unchanged, which raises its usual error naming the header.
+Checking each header with two regular expressions and a few calls, as h11 does, was a
+noticeable share of the coordinator's CPU per request. :func:`valid` applies h11's own rules
+(a name is an HTTP token; a value has no NUL, CR, LF, VT or FF, and no leading or trailing
+blank) to all names at once and all values at once. Where a list fails, the caller names the
+header: :mod:`.http1server` raises ``BadHeader``, :mod:`.engineclient` lets h11 raise its usual
+error.
 """
 
 from __future__ import annotations
