@@ -28,13 +28,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-import httpx
 import trio
-from opentelemetry.trace import Span
 
-from . import tracing
+from . import gatewayspans, healthwatch, tracing
 from .admission import Admission, Overloaded, Slot, WaitEstimate, priority_of
-from .attempts import CONNECTED, AttemptPolicy, Failed, GiveUp, Refused, Wait
+from .attempts import CONNECTED, AttemptPolicy, GiveUp, Wait
 from .enginecalls import TIMEOUT_HEADER, EngineCalls, Forwarded, is_sse, relay
 from .enginehealth import EngineHealth
 from .errors import InvalidRequest, ModelNotFound, NoCapacity
@@ -295,7 +293,7 @@ class Gateway:
                     plan.deadline,
                 )
                 if span.is_recording():
-                    _attempt_attributes(span, outcome, forwarded)
+                    gatewayspans.attempt_attributes(span, outcome, forwarded)
             now = trio.current_time()
             plan.record(outcome, now)
             if forwarded is None:
@@ -320,7 +318,7 @@ class Gateway:
         with tracing.span("fleet.schedule") as span:
             decision = self.scheduler.schedule(routing, candidates, self.inflight.get, now)
             if span.is_recording():  # not built when tracing is off
-                span.set_attributes(_decision_attributes(decision))
+                span.set_attributes(gatewayspans.decision_attributes(decision))
         return decision
 
     def engine_down(self, engine_id: str, why: str, *, refused: bool = False) -> None:
@@ -336,44 +334,8 @@ class Gateway:
         self.calls.forget(alive)
 
     async def watch_silent(self) -> None:
-        """Apply :meth:`.EngineHealth.sweep` every ``probe_after_s / 2``: probe ``/health`` of
-        the engines it names, and count the stalled ones (it put them down). One that fails
-        its probe within ``probe_timeout_s`` with requests in flight is down.
-
-        A whole engine process that hangs (SIGSTOP, a stuck host) is so found in seconds, not
-        at the requests' deadlines; one whose ``/health`` stays 200 while it makes nothing
-        (vLLM's engine core hung) at ``stall_s``. Probes use their own connections: a busy
-        engine's pool may have none free. Runs until cancelled.
-        """
-        cfg = self.resilience
-        async with (
-            httpx.AsyncClient(timeout=cfg.probe_timeout_s) as client,
-            trio.open_nursery() as nursery,
-        ):
-            while True:
-                await trio.sleep(cfg.probe_after_s / 2)
-                sweep = self.health.sweep(trio.current_time())
-                for engine_id in sweep.stalled:
-                    self.metrics.stalls.labels(engine=engine_id).inc()
-                for engine_id in sweep.probe:
-                    view = self.registry.engine(engine_id)
-                    if view is None:
-                        self.health.probed(engine_id, True, trio.current_time())
-                    else:
-                        nursery.start_soon(self._probe, client, view)
-
-    async def _probe(self, client: httpx.AsyncClient, engine: EngineView) -> None:
-        ok: bool | None = None  # None: abandoned (cancelled), no verdict
-        try:
-            with trio.move_on_after(self.resilience.probe_timeout_s):
-                try:
-                    ok = (await client.get(engine.url + "/health")).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-            ok = bool(ok)  # no answer in time: failed
-        finally:
-            if self.health.probed(engine.id, ok, trio.current_time()):
-                self.metrics.stalls.labels(engine=engine.id).inc()
+        """Probe and sweep the engines' health until cancelled (:func:`.healthwatch.watch`)."""
+        await healthwatch.watch(self.health, self.registry, self.metrics, self.resilience)
 
     def _timeout_s(self, headers: dict[str, str]) -> float | None:
         """The request's deadline in seconds: ``x-request-timeout``, else the configured one.
@@ -450,36 +412,6 @@ def _holding(forwarded: Forwarded, slot: Slot) -> Forwarded:
     return forwarded
 
 
-def _decision_attributes(decision: Decision) -> dict[str, str | bool | int | float]:
-    """A scheduling decision, as span attributes."""
-    out: dict[str, str | bool | int | float] = {
-        "fleet.prefix_tokens": decision.prefix_tokens,
-        "fleet.scheduling_ms": decision.scheduling_ms,
-    }
-    if decision.engine is not None:
-        out["fleet.engine.id"] = decision.engine.id
-    if decision.prefill is not None:
-        out["fleet.prefill.engine.id"] = decision.prefill.id
-    if decision.pd is not None:
-        out["fleet.pd.split"] = decision.pd.split
-        out["fleet.pd.reason"] = decision.pd.reason
-    return out
-
-
-def _attempt_attributes(span: Span, outcome: object, forwarded: Forwarded | None) -> None:
-    """An attempt's outcome, on its span."""
-    if forwarded is None:
-        span.set_attribute("fleet.attempt.outcome", _outcome_name(outcome))
-        return
-    ok = outcome is CONNECTED
-    span.set_attributes(
-        {
-            "fleet.attempt.outcome": "ok" if ok else "5xx",
-            "http.response.status_code": forwarded.status,
-        }
-    )
-
-
 def _decision_headers(
     headers: dict[str, str], decision: Decision, prefill: EngineView | None
 ) -> None:
@@ -487,13 +419,6 @@ def _decision_headers(
         headers[PREFILL_POD_HEADER] = prefill.id
     headers["x-cache-prefix-length"] = str(decision.prefix_tokens)
     headers["x-scheduling-time-ms"] = f"{decision.scheduling_ms:.3f}"
-
-
-def _outcome_name(outcome: object) -> str:
-    """An attempt's outcome, as ``fleet.attempt.outcome`` says it."""
-    if isinstance(outcome, Failed):
-        return outcome.reason
-    return "refused" if isinstance(outcome, Refused) else "deadline"
 
 
 __all__ = ["FORWARD_HEADERS", "Forwarded", "Gateway", "relay"]
