@@ -13,6 +13,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 
+def ctrl_c_default() -> None:
+    """Give the child Ctrl-C's default (a ``preexec_fn``): a parent that ignores SIGINT (a
+    background job of a non-interactive shell, as a CI runner may start the suite) passes the
+    ignoring on through exec, and Python then leaves SIGINT ignored, unlike at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_pty(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -35,8 +42,9 @@ def run_in_pty(
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     proc = subprocess.Popen(
-        list(argv), stdin=slave, stdout=slave, stderr=slave, env=dict(env), start_new_session=True
-    )
+        list(argv), stdin=slave, stdout=slave, stderr=slave, env=dict(env),
+        start_new_session=True, preexec_fn=ctrl_c_default,
+    )  # fmt: skip
     os.close(slave)
     out = b""
     try:

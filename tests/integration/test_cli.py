@@ -27,7 +27,7 @@ from fleet.agent.store.cachedir import cache_key
 from fleet.modelscli import size
 
 from ..unit.storeservers import HfMirror, model_files
-from .clipty import run_in_pty
+from .clipty import ctrl_c_default, run_in_pty
 from .clischemas import KV_STATS, NODE_INSPECT, SCHEMAS
 from .fleetproc import FleetProcess, alive, children_tree
 
@@ -227,6 +227,7 @@ def test_watch_on_a_pipe_prints_one_json_document_per_round(
         [sys.executable, "-m", "fleet", "nodes", "-o", "json", "--watch", "--interval", "0.2",
          "--coordinator", fleet.url],  # fmt: skip
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=ctrl_c_default,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
