@@ -3,7 +3,7 @@
 :func:`parse_fake_gpus` turns a SPEC such as ``4x80GiB,2x24GiB:unhealthy`` into
 :class:`FakeGpuSpec` values; :class:`FakeNvml` serves them through the same functions, constants
 and error classes as ``pynvml``, so :class:`fleet.agent.gpus.GpuMonitor` runs its real reading and
-XID-health code over them. Its ``FLEET_FAKE`` attribute makes :class:`~fleet.agent.gpus.NvmlReader`
+XID-health code over them. Its ``FLEET_FAKE`` attribute makes :class:`~fleet.agent.nvml.NvmlReader`
 mark every reading ``fake=True``, which ``fleet gpus``, ``/api/v1/gpus`` and the coordinator's
 ``/api/v1/nodes`` show.
 
