@@ -127,7 +127,8 @@ class Decision:
         engine: the engine that answers (the decode engine with P/D); None: every one filtered.
         prefix_tokens: prompt tokens ``engine`` holds.
         scheduling_ms: time spent filtering, scoring and picking (every profile run).
-        plugin_ms: time spent in each plugin, by plugin name (every profile run).
+        plugin_runs: each plugin run and its seconds (every profile run); :attr:`plugin_ms`
+            sums them by plugin name when read, so a request nobody explains builds no dict.
         candidates: with ``explain``, the primary profile's candidates.
         prefill: the prefill engine when the request is split, else None.
         pd: the P/D decider's verdict (None: no decider configured, or no engine).
@@ -137,11 +138,19 @@ class Decision:
     engine: EngineView | None
     prefix_tokens: int = 0
     scheduling_ms: float = 0.0
-    plugin_ms: dict[str, float] = field(default_factory=dict)
+    plugin_runs: list[tuple[Plugin, float]] = field(default_factory=list)  # (plugin, seconds)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     prefill: EngineView | None = None
     pd: Split | None = None
     prefill_candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def plugin_ms(self) -> dict[str, float]:
+        """Milliseconds per plugin name (a plugin that served two profiles: both runs)."""
+        out: dict[str, float] = {}
+        for plugin, seconds in self.plugin_runs:
+            out[plugin.name] = out.get(plugin.name, 0.0) + seconds * 1000
+        return out
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -231,9 +240,9 @@ class Scheduler:
             self._tally_plugins(times)  # explain runs' plugins are timed too
             if not explain:
                 tally.decided("no_engine", elapsed)
-            return Decision(None, 0, elapsed * 1000, _ms(times), notes)
+            return Decision(None, 0, elapsed * 1000, times, notes)
         matched, total_blocks, block_size = ctx.prefix_match([chosen])[chosen.id]
-        decision = Decision(chosen.engine, matched * block_size, 0.0, {}, notes)
+        decision = Decision(chosen.engine, matched * block_size, 0.0, times, notes)
         prefill = self.config.prefill_profile
         if prefill is not None and self.config.decider is not None:
             tokens = None if request.token_ids is None else len(request.token_ids)
@@ -252,7 +261,6 @@ class Scheduler:
             decision.pd = split
         elapsed = clock() - started
         decision.scheduling_ms = elapsed * 1000
-        decision.plugin_ms = _ms(times)
         self._tally_plugins(times)  # explain runs' plugins are timed too
         if not explain:
             tally.decided("picked", elapsed)
@@ -355,14 +363,6 @@ class Scheduler:
             self.sessions.remember(session, engine_id, now)
         for plugin in self._current_plugins():
             plugin.served(engine_id, now)
-
-
-def _ms(times: list[tuple[Plugin, float]]) -> dict[str, float]:
-    """Milliseconds per plugin name (a plugin that served two profiles: both runs)."""
-    out: dict[str, float] = {}
-    for plugin, seconds in times:
-        out[plugin.name] = out.get(plugin.name, 0.0) + seconds * 1000
-    return out
 
 
 __all__ = ["Decision", "Profile", "Scheduler", "SchedulingConfig", "WeightedScorer"]
