@@ -9,9 +9,12 @@ the engines themselves, spread round-robin by the client.
 
 1. Latency under load: an open-loop Poisson schedule at ``--rate`` requests/s, identical for
    every target (non-streaming completions, and streaming for time to first token). Reported:
-   p50/p99, and what each proxy adds over direct.
+   p50/p99, and what each proxy adds over direct. The schedule is cut into ``--rounds``
+   slices and each slice goes to every target in turn (the order rotating), so the machine's
+   slow periods fall on every target alike; the added p50 of each round is reported too.
 2. Max sustained throughput: ``wrk`` (C, closed loop, ``--connections``) for ``--wrk-seconds``
-   per target, where wrk is installed (``apt-get install wrk``); one coordinator process.
+   per run, ``--rounds`` runs per target alternated, where wrk is installed
+   (``apt-get install wrk``); the median run stands for the target; one coordinator process.
 
 For Fleet, the CPU time of the ``fleet up`` process (coordinator and agent; the engines are
 separate processes) over each latency run, from ``/proc/PID/stat``, divided by its requests:
@@ -27,6 +30,7 @@ import itertools
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -48,7 +52,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=2000, help="requests per target and mode")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--connections", type=int, default=64, help="wrk connections")
-    p.add_argument("--wrk-seconds", type=int, default=10)
+    p.add_argument("--wrk-seconds", type=int, default=5, help="per wrk run")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="latency and wrk runs alternate targets this many times (the machine's noise "
+        "drifts: each target gets a share of every period)",
+    )
     p.add_argument(
         "--sim-arg",
         action="append",
@@ -135,31 +146,69 @@ def _cpu_s(pid: int) -> float:
 def _latency(
     args: argparse.Namespace, urls: dict[str, list[str]], fleet_pid: int
 ) -> dict[str, Any]:
+    """Each mode's requests in ``args.rounds`` slices of the schedule; every slice goes to each
+    target in turn (the order rotating by round), so slow periods of the machine fall on all."""
     schedule = poisson_schedule(args.requests, args.rate, args.seed)
+    slices = round_slices(schedule, args.rounds)
+    names = list(urls)
     out: dict[str, Any] = {}
     samples_by: dict[tuple[str, str], list[Sample]] = {}
     for stream in (False, True):
         mode = "stream" if stream else "plain"
         requests = _workload(args, stream)
-        for name, bases in urls.items():
-            cpu_before = _cpu_s(fleet_pid)
-            samples = trio.run(_spread, bases, requests, schedule)
-            cpu_s = _cpu_s(fleet_pid) - cpu_before
-            samples_by[(name, mode)] = samples
-            ok = [s for s in samples if s.ok]
+        samples = {name: list[Sample]() for name in names}
+        round_p50: dict[str, list[float]] = {name: [] for name in names}
+        cpu_s = 0.0
+        for r, (a, b, sched) in enumerate(slices):
+            for name in rotated(names, r):
+                cpu_before = _cpu_s(fleet_pid)
+                got = trio.run(_spread, urls[name], requests[a:b], sched)
+                if name == "fleet":
+                    cpu_s += _cpu_s(fleet_pid) - cpu_before
+                samples[name] += got
+                p50 = summary_ms([s.latency_s for s in got if s.ok]).get("p50_ms")
+                if p50 is not None:
+                    round_p50[name].append(p50)
+        for name in names:
+            got = samples[name]
+            samples_by[(name, mode)] = got
+            ok = [s for s in got if s.ok]
             out[f"{name}/{mode}"] = {
-                "sent": len(samples),
+                "sent": len(got),
                 "ok": len(ok),
-                "errors": len(samples) - len(ok),
+                "errors": len(got) - len(ok),
                 "latency": summary_ms([s.latency_s for s in ok]),
                 "ttft": summary_ms([s.ttft_s for s in ok if s.ttft_s is not None]),
+                "round_p50_ms": round_p50[name],
             }
             if name == "fleet":
                 out[f"{name}/{mode}"]["coordinator_cpu_ms_per_request"] = round(
-                    cpu_s * 1000 / len(samples), 3
+                    cpu_s * 1000 / len(got), 3
                 )
     out["_samples"] = samples_by
     return out
+
+
+def round_slices(schedule: list[float], rounds: int) -> list[tuple[int, int, list[float]]]:
+    """``schedule`` (send times from 0) cut into ``rounds`` near-equal slices (at least 1, at
+    most one per request): each slice's (start, end) indices and its times from 0."""
+    n = max(1, min(rounds, len(schedule)))
+    bounds = [len(schedule) * i // n for i in range(n + 1)]
+    return [(a, b, [t - schedule[a] for t in schedule[a:b]]) for a, b in itertools.pairwise(bounds)]
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` in round ``r``'s order: each round starts one further along."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def added_by_round(target: list[float], direct: list[float]) -> str:
+    """What a target added to direct's p50 in each round: "median (min..max)" ms."""
+    added = [t - d for t, d in zip(target, direct, strict=False)]
+    if not added:
+        return "-"
+    return f"{statistics.median(added):.2f} ({min(added):.2f}..{max(added):.2f})"
 
 
 async def _spread(bases: list[str], requests: list[Request], schedule: list[float]) -> list[Sample]:
@@ -194,28 +243,35 @@ def _throughput(args: argparse.Namespace, urls: dict[str, list[str]]) -> dict[st
         f'"max_tokens": {args.max_tokens}, "temperature": 0}}\'\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
     )
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    names = list(urls)
+    for r in range(max(1, args.rounds)):
+        for name in rotated(names, r):
+            # "direct" is one engine: the proxies spread over all engines, so theirs is the
+            # number to compare with direct × engines.
+            proc = subprocess.run(
+                [
+                    wrk,
+                    "-t2",
+                    f"-c{args.connections}",
+                    f"-d{args.wrk_seconds}s",
+                    "--latency",
+                    "-s",
+                    str(script),
+                    urls[name][0] + "/v1/completions",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            runs[name].append(_parse_wrk(proc.stdout))
     out: dict[str, Any] = {}
-    for name, bases in urls.items():
-        # "direct" is one engine: the proxies spread over all engines, so theirs is the
-        # number to compare with direct × engines.
-        base = bases[0]
-        proc = subprocess.run(
-            [
-                wrk,
-                "-t2",
-                f"-c{args.connections}",
-                f"-d{args.wrk_seconds}s",
-                "--latency",
-                "-s",
-                str(script),
-                base + "/v1/completions",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        out[name] = _parse_wrk(proc.stdout) | {
-            "engines_behind": 1 if name == "direct" else len(urls["direct"])
+    for name, results in runs.items():
+        # The run with the median rate stands for the target; every run's rate is kept.
+        ranked = sorted(results, key=lambda x: float(x["requests_per_s"]))
+        out[name] = ranked[(len(ranked) - 1) // 2] | {
+            "engines_behind": 1 if name == "direct" else len(urls["direct"]),
+            "runs_requests_per_s": [x["requests_per_s"] for x in results],
         }
     return out
 
@@ -248,6 +304,7 @@ def _markdown(result: dict[str, Any]) -> str:
         direct = lat[f"direct/{mode}"]["latency"]
         added50 = r["latency"].get("p50_ms", 0) - direct.get("p50_ms", 0)
         added99 = r["latency"].get("p99_ms", 0) - direct.get("p99_ms", 0)
+        spread = added_by_round(r["round_p50_ms"], lat[f"direct/{mode}"]["round_p50_ms"])
         rows.append(
             [
                 name,
@@ -257,6 +314,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 r["latency"].get("p99_ms"),
                 r["ttft"].get("p50_ms", "-"),
                 "-" if name == "direct" else round(added50, 2),
+                "-" if name == "direct" else spread,
                 "-" if name == "direct" else round(added99, 2),
                 r.get("coordinator_cpu_ms_per_request", "-"),
             ]
@@ -264,7 +322,8 @@ def _markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     md = (
         f"### Proxy overhead ({cfg['engines']} simulated engines, open loop at {cfg['rate']} "
-        f"req/s, {cfg['requests']} requests per target and mode)\n\n"
+        f"req/s, {cfg['requests']} requests per target and mode in {cfg['rounds']} alternated "
+        "rounds)\n\n"
     )
     md += report.table(
         [
@@ -275,6 +334,7 @@ def _markdown(result: dict[str, Any]) -> str:
             "p99 ms",
             "TTFT p50 ms",
             "added p50 ms",
+            "added p50 ms by round: median (min..max)",
             "added p99 ms",
             "coordinator CPU ms/req",
         ],
@@ -289,15 +349,22 @@ def _markdown(result: dict[str, Any]) -> str:
                 n,
                 r["engines_behind"],
                 r["requests_per_s"],
+                ", ".join(f"{x:,.0f}" for x in r["runs_requests_per_s"]),
                 r["latency_p50"],
                 r["latency_p99"],
                 r["non_2xx"],
             ]
             for n, r in thr.items()
         ]
-        md += f"\n\nMax sustained throughput (wrk, {cfg['connections']} connections):\n\n"
-        md += report.table(["target", "engines", "req/s", "p50", "p99", "non-2xx"], rows)
+        md += (
+            f"\n\nMax sustained throughput (wrk, {cfg['connections']} connections, "
+            f"{cfg['wrk_seconds']} s per run, {cfg['rounds']} alternated runs per target; the "
+            "median run's figures):\n\n"
+        )
+        md += report.table(
+            ["target", "engines", "req/s", "every run's req/s", "p50", "p99", "non-2xx"], rows
+        )
     return md
 
 
-__all__ = ["add_args", "run"]
+__all__ = ["add_args", "added_by_round", "rotated", "round_slices", "run"]

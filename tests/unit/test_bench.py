@@ -93,3 +93,21 @@ def test_pd_split_runs_small_and_the_split_fleet_splits(tmp_path: Path) -> None:
     assert runs["split"]["chat"]["split_by_header"] == 0  # short prompts are not
     assert runs["unsplit"]["pd_requests_total"] == {"split": 0, "fallback": 0, "decode_only": 0}
     assert "| 1.5 | split | long |" in (tmp_path / "pd_split" / "result.md").read_text()
+
+
+def test_proxy_overhead_rounds_cover_the_schedule_and_rotate_targets() -> None:
+    from fleet.bench.proxy_overhead import added_by_round, rotated, round_slices
+
+    schedule = poisson_schedule(10, 100.0, seed=3)
+    slices = round_slices(schedule, 3)
+    assert [(a, b) for a, b, _ in slices] == [(0, 3), (3, 6), (6, 10)]
+    for a, b, times in slices:  # each slice keeps its gaps, from 0
+        assert times[0] == 0
+        assert times == pytest.approx([t - schedule[a] for t in schedule[a:b]])
+    assert len(round_slices(schedule, 50)) == 10  # never an empty round
+    assert len(round_slices(schedule, 0)) == 1
+    names = ["direct", "fleet", "vllm-router"]
+    assert [rotated(names, r)[0] for r in range(4)] == ["direct", "fleet", "vllm-router", "direct"]
+    assert sorted(rotated(names, 2)) == sorted(names)
+    assert added_by_round([5.0, 7.0, 6.5], [4.0, 4.5, 6.0]) == "1.00 (0.50..2.50)"
+    assert added_by_round([], []) == "-"
