@@ -75,6 +75,7 @@ class Placer:
         self._placed: dict[str, str] = {}  # engine id -> the node this coordinator put it on
         self.deployments: tuple[Deployment, ...] = ()
         self._owner: dict[str, Deployment] = {}  # engine id -> its deployment
+        self._serving: dict[str, tuple[Deployment, ...]] = {}  # served name -> deployments
         self.crash_loops = CrashLoops()  # engines moved off nodes they keep crashing on
         self.prices: dict[str, float] = {}  # dollars per GPU-hour by tier (costs.py)
         self.replace(deployments)
@@ -90,6 +91,7 @@ class Placer:
         if len(set(names)) != len(names):
             raise ConfigError("name", names, "each deployment needs its own name")
         self.deployments = tuple(deployments)
+        self._serving = {}
         self._owner = {e: d for d in self.deployments for e in d.owned_ids()}
         for engine_id in [e for e in self._pending if e not in self._owner]:
             del self._pending[engine_id]
@@ -103,9 +105,12 @@ class Placer:
 
     def serving(self, model: str) -> list[Deployment]:
         """Every deployment serving ``model`` (a served name), by name."""
-        return sorted(
-            (d for d in self.deployments if model in d.served_names), key=lambda d: d.name
-        )
+        found = self._serving.get(model)
+        if found is None:  # asked on every request: kept until the deployments change
+            found = self._serving[model] = tuple(
+                sorted((d for d in self.deployments if model in d.served_names), key=_name)
+            )
+        return list(found)
 
     def owner(self, engine_id: str) -> Deployment | None:
         """The deployment an engine id belongs to (None: no deployment wants it)."""
@@ -377,6 +382,10 @@ class Placer:
         used = {g for e in node.engines.values() for g in e.gpus}
         used |= {g for n, spec, _ in self._pending.values() if n == node_id for g in spec.gpus}
         return [g.index for g in node.gpus if g.healthy and g.index not in used]
+
+
+def _name(deployment: Deployment) -> str:
+    return deployment.name
 
 
 __all__ = ["ANY_MEMORY", "Placement", "Placer"]

@@ -49,6 +49,10 @@ def _parse_float(text: str) -> float:
     return value
 
 
+# One decoder for every body: json.loads with these hooks would build a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Parse a request body that must be a JSON object.
 
@@ -62,7 +66,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"Request body is not valid UTF-8: {exc}") from exc
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+        data = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
