@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from . import tracing
 from .admission import WaitEstimate
 from .attempts import CONNECTED, PAST_DEADLINE, Failed, Outcome, Refused
-from .engineclient import EngineHTTPError, EngineURLError
+from .engineerrors import EngineHTTPError, EngineURLError
 from .enginehealth import EngineHealth
 from .errors import UpstreamError
 from .metrics import CoordinatorMetrics

@@ -30,14 +30,7 @@ Timeouts (:class:`Timeouts`): connect, write (sending the request), read (each w
 so a stream may last as long as bytes keep coming) and pool (waiting for a connection slot);
 each only where there is a wait (bytes already there, a write that fits, need no timer).
 
-Errors, with the ``reason`` the proxy files them under (:class:`~.errors.UpstreamError`)::
-
-    FleetError (fleet.protocol.errors)
-    └── EngineHTTPError          an exchange with an engine failed        reason
-        ├── EngineConnectError   no connection: refused, unreachable      refused
-        ├── EngineTimeout        connect, write, read or pool wait ran out timeout
-        └── EngineBroken         reset, closed early, malformed HTTP      connect
-    EngineURLError (ValueError)  the base URL is not ``http://host:port``
+Errors: :mod:`.engineerrors`.
 """
 
 from __future__ import annotations
@@ -45,56 +38,24 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import h11
 import trio
 
-from fleet.protocol.errors import FleetError
-
 from . import sockio, wireheaders
+from .engineerrors import (
+    EngineBroken,
+    EngineConnectError,
+    EngineHTTPError,
+    EngineTimeout,
+    EngineURLError,
+    parse_base_url,
+)
 from .http1client import BadResponse, ResponseParser, request_bytes
 from .idlestack import IdleStack
 
 # Set by the client itself; a caller's own are dropped.
 OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-
-
-class EngineHTTPError(FleetError):
-    """Raised when an HTTP exchange with an engine fails; the subclass (and ``reason``) say how."""
-
-    reason = "connect"
-
-
-class EngineConnectError(EngineHTTPError):
-    """Raised when no connection to the engine could be opened (refused, unreachable,
-    unresolvable): nothing listens there, the engine is gone."""
-
-    reason = "refused"
-
-
-class EngineTimeout(EngineHTTPError):
-    """Raised when a phase of the exchange ran past its timeout.
-
-    Args:
-        phase: ``connect``, ``write``, ``read`` or ``pool``.
-        timeout_s: the timeout that ran out.
-    """
-
-    reason = "timeout"
-
-    def __init__(self, phase: str, timeout_s: float) -> None:
-        super().__init__(f"{phase} timed out after {timeout_s:g} s")
-        self.phase = phase
-
-
-class EngineBroken(EngineHTTPError):
-    """Raised when the connection broke (reset, closed before the response ended) or the
-    engine's HTTP was malformed."""
-
-
-class EngineURLError(ValueError):
-    """Raised when an engine base URL is not ``http://host:port``."""
 
 
 @dataclass(frozen=True)
@@ -207,31 +168,6 @@ class Response:
         for c in to_close:
             c.close()
         client._slots.release()
-
-
-def parse_base_url(url: str) -> tuple[str, int]:
-    """``(host, port)`` of an ``http://host:port`` URL (a trailing ``/`` is allowed).
-
-    Raises:
-        EngineURLError: another scheme, a path, query, fragment or credentials, or no host.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise EngineURLError(f"engine URL {url!r} is not http://host:port: {exc}") from exc
-    if (
-        parts.scheme != "http"
-        or not parts.hostname
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or parts.username is not None
-    ):
-        raise EngineURLError(
-            f"engine URL {url!r} is not http://host:port (plain HTTP, no path, no credentials)"
-        )
-    return parts.hostname, port if port is not None else 80
 
 
 class EngineClient:

@@ -39,7 +39,7 @@ from opentelemetry import trace
 from fleet.protocol.errors import ConfigError
 
 from . import tracing
-from .engineclient import EngineHTTPError, EngineURLError
+from .engineerrors import EngineHTTPError, EngineURLError
 from .metrics import CoordinatorMetrics
 from .pools import EnginePools
 from .registry import EngineView
