@@ -47,8 +47,8 @@ from fleet.protocol.vllm_events import (
     VllmEventBatch,
     decode_replay_reply,
     decode_vllm_message,
-    encode_replay_request,
 )
+from fleet.protocol.vllm_events_encode import encode_replay_request
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
 from .blockledger import BlockLedger

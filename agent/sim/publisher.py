@@ -5,7 +5,7 @@
   connected to, so a subscriber that binds first (Fleet's agent) receives from the start.
   High-water mark ``hwm``: past it, PUB drops, as in vLLM.
 * **Messages** ``[topic, seq (8 bytes big-endian), payload]``: ``seq`` starts at 0 and grows by
-  one per batch; the payload is :func:`~fleet.protocol.vllm_events.encode_vllm_message`'s,
+  one per batch; the payload is :func:`~fleet.protocol.vllm_events_encode.encode_vllm_message`'s,
   which is byte-identical to vLLM's msgspec encoding, with the ``extra_keys``, ``group_idx`` and
   ``kv_cache_spec_kind`` a full-attention model's events carry.
 * **Replay ROUTER** (always bound) at ``replay_endpoint``: a request ``[identity, b"", start
@@ -32,7 +32,8 @@ import trio
 import zmq
 
 from fleet.protocol.kvevents import KVEvent
-from fleet.protocol.vllm_events import REPLAY_END_SEQ, encode_vllm_message
+from fleet.protocol.vllm_events import REPLAY_END_SEQ
+from fleet.protocol.vllm_events_encode import encode_vllm_message
 from fleet.protocol.zmqio import open_socket, recv_batch, send_nowait
 
 from .config import KVEventsSettings

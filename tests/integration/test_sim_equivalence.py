@@ -52,8 +52,8 @@ from fleet.protocol.vllm_events import (
     VllmEventBatch,
     decode_replay_reply,
     decode_vllm_message,
-    encode_replay_request,
 )
+from fleet.protocol.vllm_events_encode import encode_replay_request
 
 pytestmark = pytest.mark.engine
 

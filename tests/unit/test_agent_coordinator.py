@@ -27,7 +27,7 @@ from fleet.coordinator.service import Coordinator, CoordinatorAddresses, Coordin
 from fleet.protocol import codec
 from fleet.protocol.kvevents import BlockRemoved, BlockStored
 from fleet.protocol.messages import EngineStatus, PrestageModel, Register, UnassignEngine, Welcome
-from fleet.protocol.vllm_events import encode_vllm_message
+from fleet.protocol.vllm_events_encode import encode_vllm_message
 from fleet.protocol.zmqio import recv_batch
 
 from ..k8sapi import running_emulator

@@ -222,7 +222,7 @@ async def test_only_the_keyed_agent_gets_through_and_every_rogue_is_counted(
         pub.setsockopt(zmq.LINGER, 0)
         pub.connect(agent.engines["m-0"].relay.endpoint)
         try:
-            from fleet.protocol.vllm_events import encode_vllm_message
+            from fleet.protocol.vllm_events_encode import encode_vllm_message
 
             stored = BlockStored(block_hashes=(11,), parent_block_hash=None,
                                  token_ids=tuple(range(32)), block_size=32)  # fmt: skip

@@ -31,7 +31,8 @@ from fleet.agent.sim.server import SimServer
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.kvevents import BlockStored
 from fleet.protocol.messages import EngineSpec, KVEventBatch
-from fleet.protocol.vllm_events import REPLAY_END_SEQ, encode_vllm_message
+from fleet.protocol.vllm_events import REPLAY_END_SEQ
+from fleet.protocol.vllm_events_encode import encode_vllm_message
 from fleet.protocol.zmqio import open_socket, recv_batch
 
 ENGINE = "e0"

@@ -22,9 +22,8 @@ from fleet.protocol.vllm_events import (
     VllmEventBatch,
     decode_replay_reply,
     decode_vllm_message,
-    encode_replay_request,
-    encode_vllm_message,
 )
+from fleet.protocol.vllm_events_encode import encode_replay_request, encode_vllm_message
 
 ENCODER = msgspec.msgpack.Encoder()
 SHA = bytes(range(32))
