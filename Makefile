@@ -50,14 +50,12 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
-# mypy cannot follow setuptools' package-dir mapping, so it reads a symlinked `fleet` tree.
+# mypy names modules after their folders and cannot follow setuptools' package-dir mapping
+# (agent/ installs as fleet.agent, ...), so tools/mypy_fleet.py names each file's module from it.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	@rm -rf build/mypy && mkdir -p build/mypy/fleet
-	@for f in fleet/*.py; do ln -s "$(CURDIR)/$$f" build/mypy/fleet/; done
-	@for p in agent coordinator protocol bench chaos; do ln -s "$(CURDIR)/$$p" build/mypy/fleet/$$p; done
-	MYPYPATH=build/mypy $(BIN)/mypy -p fleet
+	$(BIN)/python tools/mypy_fleet.py
 
 clean:
 	rm -rf $(VENV) .fleet build *.egg-info
