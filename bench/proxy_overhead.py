@@ -5,7 +5,8 @@ All in one run, on the same simulated engines (fast latency settings, so the pro
 engines are what differs): ``fleet up --engine sim`` starts the engines and the coordinator;
 vllm-router and sglang-router (Rust, PyPI), both ``round_robin``, are pointed at those same
 engines (which also serve the model as ``unknown``, as sglang-router needs); "direct" sends to
-the engines themselves, spread round-robin by the client.
+the engines themselves, spread round-robin by the client. "trio-floor" is a minimal proxy on
+trio with none of Fleet's work (:mod:`.trio_floor`): what a Python hop itself costs here.
 
 1. Latency under load: an open-loop Poisson schedule at ``--rate`` requests/s, identical for
    every target (non-streaming completions, and streaming for time to first token). Reported:
@@ -43,7 +44,7 @@ from .loadgen import Request, Sample, open_loop, poisson_schedule
 from .stats import summary_ms
 
 FAST_SIM = ("--sim-prefill-ms-per-token=0", "--sim-decode-ms-per-token=0.05")
-TARGETS = ("direct", "fleet", "vllm-router", "sglang-router")
+TARGETS = ("direct", "fleet", "trio-floor", "vllm-router", "sglang-router")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +96,8 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
         urls = {"direct": engine_urls}
         if "fleet" in wanted:
             urls["fleet"] = [fleet_url]
+        if "trio-floor" in wanted:
+            urls["trio-floor"] = [stack.enter_context(targets.trio_floor(engine_urls, log_dir))]
         if "vllm-router" in wanted:
             urls["vllm-router"] = [
                 stack.enter_context(targets.vllm_router(engine_urls, log_dir, "round_robin"))

@@ -288,6 +288,15 @@ def vllm_router(
     return _router(f"vllm-router-{policy}", argv, port, log_dir)
 
 
+def trio_floor(worker_urls: Sequence[str], log_dir: Path) -> contextlib.AbstractContextManager[str]:
+    """The minimal trio proxy (:mod:`.trio_floor`) in front of ``worker_urls``; yields its
+    URL (its ``/health`` is an engine's)."""
+    port = free_port()
+    addresses = [url.split("//", 1)[1].rstrip("/") for url in worker_urls]
+    argv = [sys.executable, "-m", "fleet.bench.trio_floor", str(port), *addresses]
+    return _router("trio-floor", argv, port, log_dir)
+
+
 # sglang-router 0.3.2 asks its workers SGLang-only routes, names their model "unknown" and 404s
 # any other model name unless a worker also serves "unknown" (shared/REFERENCE.md, section 5).
 SGLANG_NAMES = (MODEL_NAME, "unknown")
@@ -317,5 +326,6 @@ __all__ = [
     "free_port",
     "sglang_router",
     "sims",
+    "trio_floor",
     "vllm_router",
 ]
