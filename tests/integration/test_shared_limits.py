@@ -90,11 +90,13 @@ def test_two_coordinators_share_one_rate_limit_and_fall_back_without_redis(
         limited = 'fleet_requests_rate_limited_total{key="team"}'
         served = 'fleet_requests_total{endpoint="/v1/completions",model="demo",status="200"}'
         both = _per_coordinator(proc.url)
-        # Each coordinator served some and refused some: each alone was offered more than R/s,
-        # so limits of R/s per coordinator would have accepted about twice as many.
+        # Both took part and each refused some: each alone was offered more than R/s, so limits
+        # of R/s per coordinator would have accepted about twice as many. Which coordinator won
+        # the few tokens is chance (all 7 of one run's went to one), so only their sum is fixed.
         for text in both.values():
-            assert _value(text, served) >= 1 and _value(text, limited) >= 1, counts
+            assert _value(text, limited) >= 1, counts
             assert _value(text, "fleet_shared_limits_redis_up") == 1.0
+        assert sum(_value(text, served) for text in both.values()) == accepted, counts
         redis.stop()
         counts, took = _fire(proc.url, WINDOW_S)
         print(f"redis stopped: {counts} in {took:.2f} s")
