@@ -93,7 +93,7 @@ async def serve(engines: Engines, client: trio.SocketStream) -> None:
             size = frame[0] + frame[1]
             request, buffer = buffer[:size], buffer[size:]
             await engines.relay(request, client)
-    except (trio.BrokenResourceError, OSError):
+    except (trio.BrokenResourceError, OSError, ValueError):  # ValueError: a bad length
         pass
 
 

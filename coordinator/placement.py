@@ -106,10 +106,14 @@ class Placer:
     def serving(self, model: str) -> list[Deployment]:
         """Every deployment serving ``model`` (a served name), by name."""
         found = self._serving.get(model)
-        if found is None:  # asked on every request: kept until the deployments change
-            found = self._serving[model] = tuple(
+        if found is None:
+            found = tuple(
                 sorted((d for d in self.deployments if model in d.served_names), key=_name)
             )
+            # Asked on every request: kept until the deployments change, but only for names
+            # something serves (a client may send any name; those must not grow the cache).
+            if found:
+                self._serving[model] = found
         return list(found)
 
     def owner(self, engine_id: str) -> Deployment | None:

@@ -619,3 +619,10 @@ def test_gpu_replicas_of_one_deployment_spread_over_nodes() -> None:
     fleet.node("d", gpus=(gpu(0), gpu(1)))
     (only,) = Placer((pair,), assign_timeout_s=TIMEOUT_S).reconcile(fleet.registry, now=0.0)
     assert only.node_id in ("a", "b", "d") and len(set(only.assign.spec.gpus)) == 2
+
+
+def test_serving_keeps_no_entry_for_names_nothing_serves() -> None:
+    placer = Placer((), assign_timeout_s=30)
+    for i in range(100):
+        assert placer.serving(f"no-such-model-{i}") == []
+    assert placer._serving == {}  # a client's made-up names do not grow the cache

@@ -59,5 +59,10 @@ async def test_requests_are_relayed_over_kept_alive_connections() -> None:
                 assert answer.status_code == 200 and answer.content == b"echo:n%d" % i
             streamed = await client.post("/stream", content=b"{}")
             assert streamed.content == b"data: ok"
+            bad = await trio.open_tcp_stream("127.0.0.1", proxy.socket.getsockname()[1])
+            await bad.send_all(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+            assert await bad.receive_some() == b""  # that connection closed, the proxy lives on
+            again = await client.post("/v1/completions", content=b"after")
+            assert again.content == b"echo:after"
         assert len(engines._idle[("127.0.0.1", engine.socket.getsockname()[1])]) == 1  # reused
         nursery.cancel_scope.cancel()
