@@ -23,7 +23,7 @@ from .admission import WaitEstimate
 from .attempts import CONNECTED, PAST_DEADLINE, Failed, Outcome, Refused
 from .engineerrors import EngineHTTPError, EngineURLError
 from .enginehealth import EngineHealth
-from .errors import UpstreamError
+from .errors import BadGateway, UpstreamError
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
 from .pools import EnginePools
@@ -56,13 +56,16 @@ HOP_BY_HOP = frozenset(
 
 @dataclass
 class Forwarded:
-    """An engine's response, opened; ``body`` yields its bytes and then releases the engine."""
+    """An engine's response, opened. Read it once, either way: ``body`` yields its bytes as
+    they come, ``read`` returns them whole (what a response that is not a stream needs, with
+    no generator to step); both release the engine at the end."""
 
     status: int
     headers: dict[str, str]
     body: AsyncIterator[bytes]
     engine: EngineView
     discard: Callable[[], Awaitable[None]]  # close it unread (the engine is released)
+    read: Callable[[], Awaitable[bytes]]  # the whole body (raises BadGateway if it broke)
     # Whether the body's first piece came with the head (reading it needs no wait).
     buffered: Callable[[], bool] = lambda: False
 
@@ -298,11 +301,28 @@ class EngineCalls:
                 release()
                 response.close()
 
+        async def read() -> bytes:
+            try:
+                data = await response.read_all()
+            except EngineHTTPError as exc:
+                self.metrics.upstream_errors.labels(engine=engine_id).inc()
+                log.warning("engine %s broke a response mid-way: %s", engine_id, exc)
+                raise BadGateway(
+                    f"The engine broke its response before it ended ({exc}); retry."
+                ) from exc
+            finally:
+                release()
+                response.close()
+            progress[engine_id] = now()
+            return data
+
         async def discard() -> None:
             release()
             response.close()
 
-        return Forwarded(response.status, out_headers, body(), engine, discard, response.buffered)
+        return Forwarded(
+            response.status, out_headers, body(), engine, discard, read, response.buffered
+        )
 
 
 async def relay(

@@ -120,27 +120,57 @@ class Response:
         """
         if self._released:
             raise RuntimeError("the response is closed")
-        conn, client = self._conn, self._client
-        parser = conn.parser
+        parser = self._conn.parser
         complete = False
         try:
             while True:
-                try:
-                    data = parser.body()
-                except BadResponse as exc:
-                    raise EngineBroken(f"bad response body: {exc}") from exc
+                data = await self._next()
                 if data is None:
                     complete = True
                     return
-                if data:
-                    complete = parser.complete  # read whole: reused even if this is the end
-                    yield data
-                    if complete:
-                        return
-                else:
-                    parser.feed(await client._receive(conn, wait_first=False))
+                complete = parser.complete  # read whole: reused even if this is the end
+                yield data
+                if complete:
+                    return
         finally:
             self._release(reuse=complete)
+
+    async def read_all(self) -> bytes:
+        """The whole body (one call where it came with the head: no generator to step); the
+        response is released, its connection kept for the next request where it was read to
+        its end.
+
+        Raises:
+            EngineTimeout: no byte within the read timeout.
+            EngineBroken: the connection broke or the body was malformed.
+        """
+        if self._released:
+            raise RuntimeError("the response is closed")
+        parser = self._conn.parser
+        pieces: list[bytes] = []
+        complete = False
+        try:
+            while (data := await self._next()) is not None:
+                pieces.append(data)
+                if parser.complete:
+                    break
+            complete = True
+        finally:
+            self._release(reuse=complete)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _next(self) -> bytes | None:
+        """The body's next bytes (None: its end), receiving where none are decoded yet."""
+        conn = self._conn
+        parser = conn.parser
+        while True:
+            try:
+                data = parser.body()
+            except BadResponse as exc:
+                raise EngineBroken(f"bad response body: {exc}") from exc
+            if data is None or data:
+                return data
+            parser.feed(await self._client._receive(conn, wait_first=False))
 
     def buffered(self) -> bool:
         """Whether bytes of the body came with the head (its first piece needs no wait)."""

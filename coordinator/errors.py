@@ -94,6 +94,16 @@ class NoCapacity(ApiError):
         super().__init__(message, code="no_capacity", retry_after_s=retry_after_s)
 
 
+class BadGateway(ApiError):
+    """Raised when an engine's response broke before it reached the client whole (502)."""
+
+    status = 502
+    type = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="upstream_broken")
+
+
 class DeadlineExceeded(ApiError):
     """Raised when a request's deadline passes before an engine's response started (504)."""
 
@@ -199,6 +209,7 @@ def render(err: ApiError) -> tuple[bytes, int, dict[str, str]]:
 
 __all__ = [
     "ApiError",
+    "BadGateway",
     "DeploymentError",
     "DeploymentsError",
     "InvalidRequest",

@@ -192,9 +192,7 @@ async def _forward(
     fwd = await gateway.forward(path, parsed, raw, headers, tier=tier)
     if fwd.headers.get("content-type", "").startswith("text/event-stream"):
         return Reply(fwd.status, fwd.headers, stream=fwd.body, buffered=fwd.buffered)
-    async with aclosing(fwd.body) as body:  # type: ignore[type-var]
-        chunks = [chunk async for chunk in body]
-    return Reply(fwd.status, fwd.headers, body=b"".join(chunks))
+    return Reply(fwd.status, fwd.headers, body=await fwd.read())
 
 
 def error_reply(metrics: CoordinatorMetrics, err: ApiError) -> tuple[bytes, int, dict[str, str]]:

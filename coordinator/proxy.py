@@ -396,7 +396,7 @@ class Gateway:
 
 def _holding(forwarded: Forwarded, slot: Slot) -> Forwarded:
     """``forwarded``, holding the admission slot until its body is done or discarded."""
-    inner_discard = forwarded.discard
+    inner_discard, inner_read = forwarded.discard, forwarded.read
 
     async def release() -> None:
         await slot.__aexit__(None, None, None)  # idempotent
@@ -407,8 +407,15 @@ def _holding(forwarded: Forwarded, slot: Slot) -> Forwarded:
         finally:
             await release()
 
+    async def read() -> bytes:
+        try:
+            return await inner_read()
+        finally:
+            await release()
+
     forwarded.body = relay(forwarded.body, then=release)
     forwarded.discard = discard
+    forwarded.read = read
     return forwarded
 
 

@@ -274,8 +274,7 @@ class Scheduler:
         return decision
 
     def _tally_plugins(self, times: list[tuple[Plugin, float]]) -> None:
-        for plugin, seconds in times:
-            self.tally.plugin(plugin.name, plugin.KIND, plugin.TYPE, seconds)
+        self.tally.plugin_runs(times)
 
     def _current_plugins(self) -> list[Plugin]:
         config, plugins = self._plugins

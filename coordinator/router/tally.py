@@ -9,7 +9,9 @@ no lock or label lookup.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 #: Upper bounds (seconds) of the scheduling-duration histogram: picking is meant to take well
 #: under a millisecond, and the seeds promise 5-10 ms.
@@ -41,6 +43,18 @@ PLUGIN_BUCKETS_S = (
     0.001,
     0.005,
 )
+
+#: Decisions whose plugin runs wait before they are folded into the histograms.
+FOLD_EVERY = 256
+
+
+class TimedPlugin(Protocol):
+    """What the tally needs of a plugin (:class:`~.plugins.Plugin`)."""
+
+    name: str
+    KIND: ClassVar[str]
+    TYPE: ClassVar[str]
+
 
 #: Decision outcomes: an engine was picked, or every candidate was filtered out.
 OUTCOMES = ("picked", "no_engine")
@@ -75,7 +89,9 @@ class SchedulerTally:
     #: per bucket of :data:`DURATION_BUCKETS_S` (not cumulative), then one for larger values
     duration_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS_S) + 1))
     duration_sum_s: float = 0.0
-    plugins: dict[str, PluginTime] = field(default_factory=dict)  # by plugin (instance) name
+    _plugins: dict[str, PluginTime] = field(default_factory=dict)  # by plugin (instance) name
+    #: plugin runs not yet folded into ``_plugins`` (:meth:`plugin_runs`)
+    _runs: list[Sequence[tuple[TimedPlugin, float]]] = field(default_factory=list)
     affinity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(AFFINITY, 0))
     prompt_blocks: int = 0  # full blocks of prompts scheduled with their tokens known
     matched_blocks: int = 0  # of those, blocks the picked engine held (its cached prefix)
@@ -86,14 +102,34 @@ class SchedulerTally:
         self.duration_counts[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
         self.duration_sum_s += seconds
 
+    @property
+    def plugins(self) -> dict[str, PluginTime]:
+        """Time spent per plugin (instance) name, every run so far included."""
+        self._fold()
+        return self._plugins
+
+    def plugin_runs(self, runs: Sequence[tuple[TimedPlugin, float]]) -> None:
+        """Add one decision's plugin runs (each plugin and its seconds). Kept as they are and
+        folded into :attr:`plugins` when it is read or :data:`FOLD_EVERY` decisions wait: a
+        decision pays one append, not a histogram update per plugin."""
+        self._runs.append(runs)
+        if len(self._runs) >= FOLD_EVERY:
+            self._fold()
+
     def plugin(self, name: str, kind: str, type_: str, seconds: float) -> None:
         """Add one call of plugin ``name`` that took ``seconds``."""
-        entry = self.plugins.get(name)
+        entry = self._plugins.get(name)
         if entry is None:
-            entry = self.plugins[name] = PluginTime(kind, type_)
+            entry = self._plugins[name] = PluginTime(kind, type_)
         entry.seconds += seconds
         entry.calls += 1
         entry.counts[bisect.bisect_left(PLUGIN_BUCKETS_S, seconds)] += 1
+
+    def _fold(self) -> None:
+        runs, self._runs = self._runs, []
+        for decision in runs:
+            for plugin, seconds in decision:
+                self.plugin(plugin.name, plugin.KIND, plugin.TYPE, seconds)
 
     def prefix(self, matched: int, total: int) -> None:
         """Count a prompt of ``total`` full blocks, ``matched`` of them cached where it went."""

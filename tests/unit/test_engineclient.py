@@ -24,7 +24,7 @@ from fleet.coordinator.engineclient import (
     Response,
     Timeouts,
 )
-from fleet.coordinator.errors import NoCapacity
+from fleet.coordinator.errors import BadGateway, NoCapacity, render
 from fleet.coordinator.idlestack import IdleStack
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.validation import validate
@@ -344,6 +344,73 @@ async def test_an_engine_that_closes_mid_response_breaks_it(nursery: trio.Nurser
         await _read(response)
     assert exc.value.reason == "connect"
     assert (client.in_use, client.idle) == (0, 0)
+
+
+async def _serve_in_pieces(nursery: trio.Nursery, *, close_early: bool) -> str:
+    """A server answering every request with a 10-byte body sent in two pieces (the second
+    after a pause), or, ``close_early``, closing the connection after the first piece."""
+
+    async def pieces(stream: trio.SocketStream) -> None:
+        async with stream:
+            while await stream.receive_some(65536):
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                if close_early:
+                    return
+                await trio.sleep(0.01)
+                await stream.send_all(b"defghij")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, pieces, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_read_all_waits_for_the_whole_body_and_keeps_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    client = EngineClient(await _serve_in_pieces(nursery, close_early=False))
+    for _ in range(2):
+        response = await client.request("POST", "/x", {}, b"")
+        assert await response.read_all() == b"abcdefghij"
+        assert (client.in_use, client.idle) == (0, 1)
+    assert client.connections_opened == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        await response.read_all()
+
+
+async def test_read_all_reads_a_chunked_body_to_its_terminator(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    body = await (await client.request("POST", "/stream", {}, b"")).read_all()
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+    assert (client.in_use, client.idle) == (0, 1)
+
+
+async def test_read_all_of_a_body_cut_short_breaks_and_closes(nursery: trio.Nursery) -> None:
+    client = EngineClient(await _serve_in_pieces(nursery, close_early=True))
+    response = await client.request("POST", "/x", {}, b"")
+    with pytest.raises(EngineBroken):
+        await response.read_all()
+    assert (client.in_use, client.idle) == (0, 0)
+
+
+async def test_gateway_answers_a_body_cut_short_with_a_502_not_a_short_200(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    """A response that is not a stream reaches the client whole or as an error: the engine
+    closing part-way through its body is a 502, its slot and connection let go."""
+    url = await _serve_in_pieces(nursery, close_early=True)
+    gateway, pools = sim_gateway({"cut": url}, demo_model, ResilienceConfig())
+    raw = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 2}).encode()
+    forwarded = await gateway.forward("/v1/completions", validate("completion", raw), raw, {})
+    assert forwarded.status == 200
+    with pytest.raises(BadGateway) as caught:
+        await forwarded.read()
+    body, status, _ = render(caught.value)
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_broken"
+    assert gateway.metrics.upstream_errors.labels(engine="cut")._value.get() == 1
+    assert gateway.inflight.get("cut") == 0
+    assert gateway.admission.inflight("demo") == 0
+    assert (pools.get(url).in_use, pools.get(url).idle) == (0, 0)
+    await pools.aclose()
 
 
 async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
