@@ -340,6 +340,29 @@ async def relay(
             await then()
 
 
+def holding(forwarded: Forwarded, release: Callable[[], Awaitable[object]]) -> Forwarded:
+    """``forwarded``, calling ``release`` (idempotent) once its body is done, read or
+    discarded (an admission slot held until then)."""
+    inner_discard, inner_read = forwarded.discard, forwarded.read
+
+    async def discard() -> None:
+        try:
+            await inner_discard()
+        finally:
+            await release()
+
+    async def read() -> bytes:
+        try:
+            return await inner_read()
+        finally:
+            await release()
+
+    forwarded.body = relay(forwarded.body, then=release)
+    forwarded.discard = discard
+    forwarded.read = read
+    return forwarded
+
+
 async def read_to_end(body: AsyncIterator[bytes]) -> None:
     """Read what follows a stream's ``[DONE]`` (its chunked terminator), for at most
     ``END_WAIT_S``: a body read to its end keeps its engine connection for the next request,
@@ -360,6 +383,7 @@ __all__ = [
     "TIMEOUT_HEADER",
     "EngineCalls",
     "Forwarded",
+    "holding",
     "is_sse",
     "read_to_end",
     "relay",

@@ -31,17 +31,18 @@ from collections.abc import Callable, Sequence
 import trio
 
 from . import gatewayspans, healthwatch, tracing
-from .admission import Admission, Overloaded, Slot, WaitEstimate, priority_of
+from .admission import Admission, Overloaded, WaitEstimate, priority_of
 from .attempts import CONNECTED, AttemptPolicy, GiveUp, Wait
-from .enginecalls import TIMEOUT_HEADER, EngineCalls, Forwarded, is_sse, relay
+from .enginecalls import TIMEOUT_HEADER, EngineCalls, Forwarded, holding, is_sse, relay
 from .enginehealth import EngineHealth
-from .errors import InvalidRequest, ModelNotFound, NoCapacity
+from .errors import ModelNotFound, NoCapacity
 from .metrics import CoordinatorMetrics
-from .pdsplit import PREFILL_POD_HEADER, PDConfig, PrefillRunner, Splitter
+from .pdsplit import PDConfig, PrefillRunner, Splitter
 from .picker import InflightCounter
 from .pools import EnginePools
 from .prefiller import Forbidden, check_body, prefiller_of
 from .registry import EngineView, FleetRegistry
+from .requestheaders import FORWARD_HEADERS, decision_headers, timeout_of, upstream_headers
 from .resilience import ResilienceConfig, RetryBudget
 from .router.prompt import PromptTokenizer, RoutingRequest
 from .router.scheduler import Decision, Scheduler
@@ -51,9 +52,6 @@ from .validation import ParsedRequest
 from .versions import session_key
 
 log = logging.getLogger(__name__)
-
-# Headers worth passing to the engine; everything else (host, cookies, auth) stays here.
-FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate")
 
 
 class Gateway:
@@ -164,7 +162,7 @@ class Gateway:
             DeadlineExceeded: no response started before the deadline (504).
         """
         priority = priority_of(headers, tier)
-        timeout_s = self._timeout_s(headers)
+        timeout_s = timeout_of(headers, self.resilience.request_timeout_s)
         start = trio.current_time()
         deadline = start + timeout_s if timeout_s is not None else math.inf
         if not self.is_deployed(request.model) and not any(
@@ -183,7 +181,7 @@ class Gateway:
         slot = self.admission.admit(request.model, priority, wait_until)
         try:
             with tracing.span("fleet.admission", {"fleet.priority": priority}) as span:
-                queued = await slot.__aenter__()  # given back by _holding, or below
+                queued = await slot.__aenter__()  # given back once the body is done, or below
                 if span.is_recording():
                     span.set_attributes(
                         {"fleet.queued": queued, "fleet.queue_wait_s": trio.current_time() - start}
@@ -210,7 +208,7 @@ class Gateway:
         except BaseException:
             await slot.__aexit__(None, None, None)
             raise
-        return _holding(forwarded, slot)
+        return holding(forwarded, lambda: slot.__aexit__(None, None, None))
 
     async def _forward(
         self,
@@ -232,9 +230,7 @@ class Gateway:
                 "(starting or restarting); retry shortly.",
                 retry_after_s=5,
             )
-        upstream_headers = {k: v for k, v in headers.items() if k in FORWARD_HEADERS}
-        upstream_headers["x-request-id"] = request_id
-        upstream_headers.setdefault("content-type", "application/json")
+        upstream = upstream_headers(headers, request_id)
         routing = await self.routing_request(request, headers)
         now = trio.current_time()
         plan = self.policy.plan(
@@ -277,17 +273,17 @@ class Gateway:
                         raw,
                         decision,
                         prefiller,
-                        upstream_headers,
+                        upstream,
                         plan.deadline,
                     )
                 if timeout_s is not None:
                     left = max(plan.deadline - trio.current_time(), 0.001)
-                    upstream_headers[TIMEOUT_HEADER] = f"{left:.3f}"
+                    upstream[TIMEOUT_HEADER] = f"{left:.3f}"
                 outcome, forwarded = await self.calls.attempt(
                     engine,
                     path,
                     split.body,
-                    upstream_headers,
+                    upstream,
                     request,
                     request_id,
                     plan.deadline,
@@ -299,7 +295,7 @@ class Gateway:
             if forwarded is None:
                 self.metrics.upstream_errors.labels(engine=engine.id).inc()
                 continue
-            _decision_headers(forwarded.headers, decision, split.prefill)
+            decision_headers(forwarded.headers, decision, split.prefill)
             if outcome is not CONNECTED:  # a 5xx: passed on if no other engine gets a try
                 self.metrics.upstream_errors.labels(engine=engine.id).inc()
                 answer = forwarded
@@ -307,7 +303,7 @@ class Gateway:
             self.scheduler.served(routing, engine.id, now)
             if request.stream and forwarded.status == 200 and is_sse(forwarded):
                 forwarded.body = self.streams.relay(
-                    plan, engine, forwarded.body, path, request, upstream_headers
+                    plan, engine, forwarded.body, path, request, upstream
                 )
             return forwarded
 
@@ -336,26 +332,6 @@ class Gateway:
     async def watch_silent(self) -> None:
         """Probe and sweep the engines' health until cancelled (:func:`.healthwatch.watch`)."""
         await healthwatch.watch(self.health, self.registry, self.metrics, self.resilience)
-
-    def _timeout_s(self, headers: dict[str, str]) -> float | None:
-        """The request's deadline in seconds: ``x-request-timeout``, else the configured one.
-
-        Raises:
-            InvalidRequest: the header is not a positive number of seconds.
-        """
-        raw = headers.get(TIMEOUT_HEADER)
-        if raw is None:
-            return self.resilience.request_timeout_s
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise InvalidRequest(
-                f"`{TIMEOUT_HEADER}` must be a positive number of seconds, got {raw!r}.",
-                param=TIMEOUT_HEADER,
-            )
-        return value
 
     async def routing_request(
         self, request: ParsedRequest, headers: dict[str, str]
@@ -392,40 +368,6 @@ class Gateway:
         elif reason in ("error", "status", "bad_answer"):
             self.breakers.get(engine_id).failure(trio.current_time())
         self.metrics.upstream_errors.labels(engine=engine_id).inc()
-
-
-def _holding(forwarded: Forwarded, slot: Slot) -> Forwarded:
-    """``forwarded``, holding the admission slot until its body is done or discarded."""
-    inner_discard, inner_read = forwarded.discard, forwarded.read
-
-    async def release() -> None:
-        await slot.__aexit__(None, None, None)  # idempotent
-
-    async def discard() -> None:
-        try:
-            await inner_discard()
-        finally:
-            await release()
-
-    async def read() -> bytes:
-        try:
-            return await inner_read()
-        finally:
-            await release()
-
-    forwarded.body = relay(forwarded.body, then=release)
-    forwarded.discard = discard
-    forwarded.read = read
-    return forwarded
-
-
-def _decision_headers(
-    headers: dict[str, str], decision: Decision, prefill: EngineView | None
-) -> None:
-    if prefill is not None:
-        headers[PREFILL_POD_HEADER] = prefill.id
-    headers["x-cache-prefix-length"] = str(decision.prefix_tokens)
-    headers["x-scheduling-time-ms"] = f"{decision.scheduling_ms:.3f}"
 
 
 __all__ = ["FORWARD_HEADERS", "Forwarded", "Gateway", "relay"]

@@ -29,7 +29,7 @@ from fleet.coordinator.respcachestore import ResponseCacheConfig
 from fleet.coordinator.router.config import DEFAULT_CONFIG, load_config
 from fleet.coordinator.router.prompt import RoutingRequest
 from fleet.coordinator.router.scheduler import Scheduler
-from fleet.coordinator.router.tally import DURATION_BUCKETS_S
+from fleet.coordinator.router.tally import DURATION_BUCKETS_S, FOLD_EVERY
 from fleet.coordinator.service import Coordinator, CoordinatorConfig
 from fleet.protocol.kvevents import BlockStored
 
@@ -250,6 +250,23 @@ def test_the_scheduler_counts_decisions_time_and_each_plugins_calls() -> None:
     d = sched.schedule(_request(), engines, lambda _: 0, now=1.0)
     assert d.plugin_ms == pytest.approx({p.name: 0.1 for p in profile.plugins()})
     assert d.as_json()["plugin_ms"][profile.picker.name] == pytest.approx(0.1)
+
+
+def test_plugin_times_wait_in_a_batch_and_every_read_sees_them_all() -> None:
+    sched = _scheduler()
+    engines = [_engine("e1"), _engine("e2")]
+    picker = sched.profile.picker.name
+    reads = {1: 1, FOLD_EVERY - 1: FOLD_EVERY - 2, FOLD_EVERY + 1: 2}  # decision: runs waiting
+    for n in range(1, FOLD_EVERY + 2):
+        sched.schedule(_request(), engines, lambda _: 0, now=1.0)
+        if n in reads:
+            waiting = len(sched.tally._runs)
+            assert sched.tally.plugins[picker].calls == n  # a read folds what waits
+            assert (waiting, len(sched.tally._runs)) == (reads[n], 0)
+    for _ in range(FOLD_EVERY):  # unread: folded when FOLD_EVERY decisions wait
+        sched.schedule(_request(), engines, lambda _: 0, now=1.0)
+    assert sched.tally._runs == []
+    assert sched.tally._plugins[picker].calls == 2 * FOLD_EVERY + 1
 
 
 def test_the_scheduler_counts_session_affinity_hits_and_new_sessions() -> None:
