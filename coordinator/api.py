@@ -19,8 +19,14 @@ from werkzeug.exceptions import HTTPException
 
 from . import adminapi, prestage, routeapi
 from .errors import ApiError, PayloadTooLarge, error_body
-from .fastroutes import ENDPOINTS, authorize, error_reply, inference, internal_error
-from .proxy import relay
+from .fastroutes import (
+    ENDPOINTS,
+    GuardedStream,
+    authorize,
+    error_reply,
+    inference,
+    internal_error,
+)
 
 if TYPE_CHECKING:
     from .apiports import ApiPorts
@@ -86,7 +92,8 @@ def create_app(coord: ApiPorts) -> QuartTrio:
         reply = await inference(coord.inference_ports, path, headers, _body)
         if reply.stream is None:
             return Response(reply.body, status=reply.status, headers=reply.headers)
-        response = Response(relay(reply.stream), status=reply.status, headers=reply.headers)
+        stream = GuardedStream(reply.stream, reply.discard)
+        response = Response(stream, status=reply.status, headers=reply.headers)
         response.timeout = None
         return response
 

@@ -53,6 +53,45 @@ class Reply:
     request_id: str = ""  # the request's x-request-id (set by :func:`inference`)
     # Whether the stream's first piece came with the engine's head (no wait to read it).
     buffered: Callable[[], bool] = lambda: False
+    # Lets go of the engine (and the request's slot) where ``stream`` is never read.
+    discard: Callable[[], Awaitable[None]] | None = None
+
+
+class GuardedStream:
+    """A reply's stream for its consumer (the front server, or quart): closing it lets go of
+    the engine even before its first read, where an async generator closed unstarted runs no
+    ``finally`` (every wrapper of the engine's body is one) and would keep the engine's
+    in-flight count, its connection and the request's admission slot forever.
+
+    Args:
+        stream: the reply's stream.
+        discard: lets go of the engine; called once, only if no piece was asked for.
+    """
+
+    __slots__ = ("_discard", "_stream")
+
+    def __init__(
+        self, stream: AsyncIterator[bytes], discard: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        self._stream = stream
+        self._discard = discard
+
+    def __aiter__(self) -> GuardedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._discard = None  # the stream's own finally lets go from here
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        discard, self._discard = self._discard, None
+        try:
+            if discard is not None:
+                await discard()
+        finally:
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 Forward = Callable[[ParsedRequest, bytes], Awaitable[Reply]]
@@ -191,7 +230,9 @@ async def _forward(
     """Route ``parsed`` (body ``raw``) to an engine; its reply."""
     fwd = await gateway.forward(path, parsed, raw, headers, tier=tier)
     if fwd.headers.get("content-type", "").startswith("text/event-stream"):
-        return Reply(fwd.status, fwd.headers, stream=fwd.body, buffered=fwd.buffered)
+        return Reply(
+            fwd.status, fwd.headers, stream=fwd.body, buffered=fwd.buffered, discard=fwd.discard
+        )
     return Reply(fwd.status, fwd.headers, body=await fwd.read())
 
 
@@ -241,7 +282,7 @@ class InferenceRoutes:
         last = b""  # a piece ending in [DONE]: it goes out with the stream's end
         try:
             # Closed however this ends (the client left: the engine's request is closed too).
-            async with aclosing(reply.stream) as stream:  # type: ignore[type-var]
+            async with aclosing(GuardedStream(reply.stream, reply.discard)) as stream:
                 # The head waits for the first piece only where that piece is already here.
                 await exchange.start(reply.status, reply.headers, hold=reply.buffered())
                 async for chunk in stream:
@@ -266,6 +307,7 @@ __all__ = [
     "ENDPOINTS",
     "CachedReplies",
     "Forward",
+    "GuardedStream",
     "InferencePorts",
     "InferenceRoutes",
     "Reply",

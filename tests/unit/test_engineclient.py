@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from fleet.coordinator.engineclient import (
     Timeouts,
 )
 from fleet.coordinator.errors import BadGateway, NoCapacity, render
+from fleet.coordinator.fastroutes import GuardedStream
 from fleet.coordinator.idlestack import IdleStack
 from fleet.coordinator.resilience import ResilienceConfig
 from fleet.coordinator.validation import validate
@@ -498,6 +500,32 @@ async def test_gateway_streams_reuse_their_engine_connection(
     client = pools.get(url)
     assert client.connections_opened == 1
     assert (client.in_use, client.idle) == (0, 1)
+    await pools.aclose()
+
+
+async def test_a_stream_closed_before_its_first_read_lets_go_of_its_engine(
+    demo_model: Path, nursery: trio.Nursery
+) -> None:
+    """The client left between the response's head and its first piece: closing the reply's
+    stream releases the engine's count, its connection and the admission slot (a generator
+    closed unstarted runs no ``finally``: without the guard all three were held for good)."""
+    _, url = await start_sim_server(demo_model, nursery)
+    gateway, pools = sim_gateway({"a": url}, demo_model, ResilienceConfig())
+    raw = json.dumps({"model": "demo", "prompt": "hi", "max_tokens": 4, "stream": True}).encode()
+
+    def held() -> tuple[int, int, int]:
+        return gateway.inflight.get("a"), gateway.admission.inflight("demo"), pools.get(url).in_use
+
+    forwarded = await gateway.forward("/v1/completions", validate("completion", raw), raw, {})
+    assert held() == (1, 1, 1)
+    await GuardedStream(forwarded.body, forwarded.discard).aclose()
+    assert held() == (0, 0, 0)
+    # read part-way, then closed: the stream's own end lets go (discard is not called twice)
+    forwarded = await gateway.forward("/v1/completions", validate("completion", raw), raw, {})
+    async with aclosing(GuardedStream(forwarded.body, forwarded.discard)) as stream:
+        assert (await stream.__anext__()).startswith(b"data: ")
+        assert held() == (1, 1, 1)
+    assert held() == (0, 0, 0)
     await pools.aclose()
 
 
