@@ -68,6 +68,8 @@ class Forwarded:
     read: Callable[[], Awaitable[bytes]]  # the whole body (raises BadGateway if it broke)
     # Whether the body's first piece came with the head (reading it needs no wait).
     buffered: Callable[[], bool] = lambda: False
+    # Whether its next piece (or its end) is here, taking what the socket holds (no wait).
+    ready: Callable[[], bool] = lambda: False
 
 
 class EngineCalls:
@@ -129,7 +131,8 @@ class EngineCalls:
         self, engine_id: str, body: AsyncIterator[bytes], idle_s: float
     ) -> bytes | str:
         """A stream's next chunk, or why none came: its end, no byte for ``idle_s``, or its
-        engine put down. One cancel scope: it runs once per chunk."""
+        engine put down. One cancel scope: it runs once per chunk (asking ``ready()`` first
+        measured no better: while an engine streams, its next chunk is mostly not here yet)."""
         scope = trio.CancelScope(deadline=trio.current_time() + idle_s)
         waits = self._waits.get(engine_id)
         if waits is None:
@@ -321,7 +324,14 @@ class EngineCalls:
             response.close()
 
         return Forwarded(
-            response.status, out_headers, body(), engine, discard, read, response.buffered
+            response.status,
+            out_headers,
+            body(),
+            engine,
+            discard,
+            read,
+            response.buffered,
+            response.ready,
         )
 
 
@@ -363,10 +373,18 @@ def holding(forwarded: Forwarded, release: Callable[[], Awaitable[object]]) -> F
     return forwarded
 
 
-async def read_to_end(body: AsyncIterator[bytes]) -> None:
+async def read_to_end(
+    body: AsyncIterator[bytes], ready: Callable[[], bool] = lambda: False
+) -> None:
     """Read what follows a stream's ``[DONE]`` (its chunked terminator), for at most
     ``END_WAIT_S``: a body read to its end keeps its engine connection for the next request,
-    where one closed before it would close the connection. Anything more is dropped."""
+    where one closed before it would close the connection. Anything more is dropped. No timer
+    while ``ready()`` says the rest is here (the terminator mostly comes with ``[DONE]``)."""
+    while ready():
+        try:
+            await body.__anext__()
+        except StopAsyncIteration:
+            return
     with trio.move_on_after(END_WAIT_S):
         async for _ in body:
             pass

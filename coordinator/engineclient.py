@@ -176,6 +176,22 @@ class Response:
         """Whether bytes of the body came with the head (its first piece needs no wait)."""
         return not self._released and self._conn.parser.buffered()
 
+    def ready(self) -> bool:
+        """Whether the body's next step (a piece, its end, or its error) needs no wait: what
+        the socket holds now is taken into the parser first. Never waits (no checkpoint)."""
+        if self._released:
+            return False
+        conn = self._conn
+        parser = conn.parser
+        if not (parser.buffered() or parser.complete or parser.closed):
+            try:
+                data = sockio.read_ready(conn.sock)
+            except OSError:
+                return False  # the next read reports it
+            if data is not None:
+                parser.feed(data)
+        return parser.buffered() or parser.complete or parser.closed
+
     def close(self) -> None:
         """Let go of the response; its connection is closed unless the body was read to its
         end. Idempotent."""

@@ -303,7 +303,7 @@ class Gateway:
             self.scheduler.served(routing, engine.id, now)
             if request.stream and forwarded.status == 200 and is_sse(forwarded):
                 forwarded.body = self.streams.relay(
-                    plan, engine, forwarded.body, path, request, upstream
+                    plan, engine, forwarded.body, forwarded.ready, path, request, upstream
                 )
             return forwarded
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -60,11 +60,13 @@ class StreamRelay:
         plan: AttemptPlan,
         engine: EngineView,
         body: AsyncIterator[bytes],
+        ready: Callable[[], bool],
         path: str,
         request: ParsedRequest,
         headers: dict[str, str],
     ) -> AsyncIterator[bytes]:
-        """Relay ``body``, the stream ``engine`` started, event by event; if the engine breaks
+        """Relay ``body``, the stream ``engine`` started, event by event (``ready``: whether
+        its next piece is here, :attr:`.Forwarded.ready`); if the engine breaks
         it (an error, the end without ``[DONE]``, or silence for ``idle_s``), continue it as
         ``plan`` says (:mod:`.resume`). ``headers``: what the engine got (a continuation gets
         them too)."""
@@ -96,7 +98,7 @@ class StreamRelay:
                     if outs:
                         yield outs[0] if len(outs) == 1 else b"".join(outs)
                     if done:
-                        await read_to_end(body)
+                        await read_to_end(body, ready)
                         return
             finally:
                 aclose = getattr(body, "aclose", None)
@@ -118,7 +120,7 @@ class StreamRelay:
                     yield event
                 return
             forwarded, rewriter = nxt
-            engine, body = forwarded.engine, forwarded.body
+            engine, body, ready = forwarded.engine, forwarded.body, forwarded.ready
 
     async def _continue(
         self,
