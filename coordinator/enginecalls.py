@@ -171,8 +171,6 @@ class EngineCalls:
         self.inflight.acquire(engine_id)
         if stream:
             self.streaming.acquire(engine_id)
-        gauge = self.metrics.child(self.metrics.inflight, engine_id)
-        gauge.inc()
         by_engine = None
         if model is not None:
             by_engine = self.by_model.get(model)
@@ -188,7 +186,6 @@ class EngineCalls:
                 self.inflight.release(engine_id)
                 if stream:
                     self.streaming.release(engine_id)
-                gauge.dec()
                 if by_engine is not None:
                     by_engine.release(engine_id)
 
@@ -275,7 +272,7 @@ class EngineCalls:
             raise
         took = self.clock() - started
         call.set_attribute("http.response.status_code", response.status)
-        self.metrics.child(self.metrics.ttfb, request.model).observe(took)
+        self.metrics.first_byte(request.model, took)
         if response.status == 200:
             key = (request.model, request.stream)
             estimate = self.first_byte.get(key)

@@ -218,8 +218,7 @@ async def _inference(
         reply = await forward(parsed, raw)
     else:  # respcacheflow.py: a hit, or forwarded and kept
         reply = await ports.response_cache.serve(parsed, raw, headers, forward)
-    metrics = ports.metrics
-    metrics.child(metrics.requests, path, parsed.model, str(reply.status)).inc()
+    ports.metrics.answered(path, parsed.model, reply.status)
     return reply
 
 

@@ -6,10 +6,15 @@ names, and the renames, are listed in docs/OBSERVABILITY.md."""
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 import fleet
 
@@ -19,18 +24,35 @@ M = TypeVar("M", bound=MetricWrapperBase)
 FIRST_BYTE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class PlainHistogram:
+    """A histogram as plain numbers: per-bucket counts (not cumulative) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(``le``, cumulative count) pairs, as Prometheus wants them."""
+        out, running = [], 0
+        for bound, n in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, float(running)))
+        return out
+
+
 class CoordinatorMetrics:
     """Every metric the coordinator exports on ``/metrics``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "fleet_requests_total",
-            "Requests answered, by endpoint, model and HTTP status.",
-            ["endpoint", "model", "status"],
-            registry=r,
-        )
         self.request_errors = Counter(
             "fleet_requests_rejected_total",
             "Requests rejected before routing, by reason.",
@@ -78,16 +100,6 @@ class CoordinatorMetrics:
             "(x-prefiller-host-port, kv_transfer_params), by reason.",
             ["reason"],
             registry=r,
-        )
-        self.inflight = Gauge(
-            "fleet_requests_inflight", "Requests being proxied, by engine.", ["engine"], registry=r
-        )
-        self.ttfb = Histogram(
-            "fleet_upstream_first_byte_seconds",
-            "Time from routing to the engine's first response byte (time to first token).",
-            ["model"],
-            registry=r,
-            buckets=FIRST_BYTE_BUCKETS_S,
         )
         self.leader = Gauge(
             "fleet_coordinator_leader",
@@ -231,7 +243,24 @@ class CoordinatorMetrics:
 
         self.build = Info("fleet_coordinator_build", "The coordinator's version.", registry=r)
         self.build.info({"version": fleet.__version__})
+        # What every request adds, kept as plain numbers and read when scraped (no metric
+        # object, lock or label lookup on the request path): see :meth:`answered`.
+        self.answers: dict[tuple[str, str, str], int] = {}  # (endpoint, model, status) -> n
+        self.first_bytes: dict[str, PlainHistogram] = {}  # model -> ttfb (FIRST_BYTE_BUCKETS_S)
+        r.register(_RequestCollector(self))
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def answered(self, endpoint: str, model: str, status: int) -> None:
+        """Count a request answered (``fleet_requests_total``)."""
+        key = (endpoint, model, str(status))
+        self.answers[key] = self.answers.get(key, 0) + 1
+
+    def first_byte(self, model: str, seconds: float) -> None:
+        """Add an engine's time to first byte (``fleet_upstream_first_byte_seconds``)."""
+        found = self.first_bytes.get(model)
+        if found is None:
+            found = self.first_bytes[model] = PlainHistogram(FIRST_BYTE_BUCKETS_S)
+        found.observe(seconds)
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, resolved once and kept: for the metrics every request
@@ -247,4 +276,38 @@ class CoordinatorMetrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["CoordinatorMetrics"]
+class _RequestCollector(Collector):
+    """``fleet_requests_total`` and ``fleet_upstream_first_byte_seconds`` from the plain
+    numbers of :class:`CoordinatorMetrics`."""
+
+    def __init__(self, metrics: CoordinatorMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.metrics)
+
+    @staticmethod
+    def _families(metrics: CoordinatorMetrics | None = None) -> Iterator[Metric]:
+        answers = CounterMetricFamily(
+            "fleet_requests",
+            "Requests answered, by endpoint, model and HTTP status.",
+            labels=["endpoint", "model", "status"],
+        )
+        ttfb = HistogramMetricFamily(
+            "fleet_upstream_first_byte_seconds",
+            "Time from routing to the engine's first response byte (time to first token).",
+            labels=["model"],
+        )
+        if metrics is not None:
+            for key, n in sorted(metrics.answers.items()):
+                answers.add_metric(list(key), n)
+            for model, h in sorted(metrics.first_bytes.items()):
+                ttfb.add_metric([model], h.cumulative(), h.sum)
+        yield answers
+        yield ttfb
+
+
+__all__ = ["FIRST_BYTE_BUCKETS_S", "CoordinatorMetrics", "PlainHistogram"]

@@ -3,7 +3,8 @@
 :class:`FleetStateCollector` is a prometheus-client collector: nothing on the request path
 touches a metric object for these. It reads the scheduler's :class:`~.router.tally.SchedulerTally`
 (decisions, scheduling and per-plugin time, prefix blocks, session affinity), each deployment's
-desired and ready engines, the autoscalers' bounds and the admission queues by priority.
+desired and ready engines, the autoscalers' bounds, the admission queues by priority and the
+requests in flight on each engine.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ class FleetStateCollector(Collector):
             "(critical, high, standard, batch).",
             labels=["model", "priority"],
         )
+        inflight = GaugeMetricFamily(
+            "fleet_requests_inflight",
+            "Requests being proxied, by engine.",
+            labels=["engine"],
+        )
         bound = GaugeMetricFamily(
             "fleet_queue_max_length",
             "Waiters each model's queue may hold, fleet-wide (max_queue); past it requests "
@@ -138,8 +144,12 @@ class FleetStateCollector(Collector):
                 affinity.add_metric([outcome], n)
             self._deployments(desired, ready, low, high)
             self._queues(queued, bound)
+            # every known engine, 0 included, and any that left with requests still in flight
+            counts = self.coord.gateway.inflight.counts()
+            for engine_id in sorted({e.id for e in self.coord.registry.engines()} | set(counts)):
+                inflight.add_metric([engine_id], counts.get(engine_id, 0))
         yield from (decisions, duration, plugins, prompt, hits, affinity)
-        yield from (desired, ready, low, high, queued, bound)
+        yield from (desired, ready, low, high, queued, bound, inflight)
 
     def _deployments(
         self,

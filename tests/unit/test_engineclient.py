@@ -365,6 +365,13 @@ async def _serve_in_pieces(nursery: trio.Nursery, *, close_early: bool) -> str:
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
+async def _until_ready(response: Response) -> None:
+    """Wait (5 s at most) until ``response.ready()``: its socket readable, then taken."""
+    with trio.fail_after(5):
+        while not response.ready():
+            await trio.lowlevel.wait_readable(response._conn.sock)
+
+
 async def test_ready_takes_what_the_socket_holds_so_the_next_piece_needs_no_wait(
     engine: Engine,
 ) -> None:
@@ -374,9 +381,7 @@ async def test_ready_takes_what_the_socket_holds_so_the_next_piece_needs_no_wait
     assert await pieces.__anext__() == b"data: 0\n\n"
     assert not response.ready()  # the engine holds the rest
     engine.release.set()
-    with trio.fail_after(5):
-        while not response.ready():
-            await trio.sleep(0.005)
+    await _until_ready(response)
     with trio.testing.assert_no_checkpoints():  # here already: no wait, no timer
         assert await pieces.__anext__() == b"data: [DONE]\n\n"
     with trio.testing.assert_no_checkpoints():
@@ -391,14 +396,9 @@ async def test_ready_reports_an_engine_that_closed_mid_body(nursery: trio.Nurser
     client = EngineClient(await _serve_in_pieces(nursery, close_early=True))
     response = await client.request("POST", "/x", {}, b"")
     pieces = response.aiter_raw()
-    if not response.buffered():  # "abc" came after the head
-        with trio.fail_after(5):
-            while not response.ready():
-                await trio.sleep(0.005)
+    await _until_ready(response)  # "abc", with the head or after it
     assert await pieces.__anext__() == b"abc"
-    with trio.fail_after(5):
-        while not response.ready():  # the close: the next step needs no wait either
-            await trio.sleep(0.005)
+    await _until_ready(response)  # the close: the next step needs no wait either
     with pytest.raises(EngineBroken):
         await pieces.__anext__()
     assert (client.in_use, client.idle) == (0, 0)

@@ -199,6 +199,33 @@ def test_every_metric_follows_the_naming_rules(name: str) -> None:
         assert not labels & HIGH_CARDINALITY, f"{exposed}: {labels & HIGH_CARDINALITY}"
 
 
+def test_requests_first_bytes_and_inflight_are_read_from_plain_numbers_at_scrape() -> None:
+    coord = Coordinator(
+        CoordinatorConfig(port=0, deployments=(Deployment(model="demo", model_path="/nowhere"),))
+    )
+    metrics = coord.metrics
+    for status in (200, 200, 503):
+        metrics.answered("/v1/completions", "demo", status)
+    for seconds in (0.01, 0.3, 100.0):  # on a bound (le is inclusive), inside, past the last
+        metrics.first_byte("demo", seconds)
+    coord.gateway.inflight.acquire("e1")
+    text = metrics.render().decode()
+    assert check_metrics(text) == ""
+    assert 'fleet_requests_total{endpoint="/v1/completions",model="demo",status="200"} 2.0' in text
+    assert 'fleet_requests_total{endpoint="/v1/completions",model="demo",status="503"} 1.0' in text
+    ttfb = "fleet_upstream_first_byte_seconds"
+    assert f'{ttfb}_bucket{{le="0.01",model="demo"}} 1.0' in text
+    assert f'{ttfb}_bucket{{le="0.25",model="demo"}} 1.0' in text
+    assert f'{ttfb}_bucket{{le="0.5",model="demo"}} 2.0' in text
+    assert f'{ttfb}_bucket{{le="60.0",model="demo"}} 2.0' in text
+    assert f'{ttfb}_bucket{{le="+Inf",model="demo"}} 3.0' in text
+    assert f'{ttfb}_count{{model="demo"}} 3.0' in text
+    assert f'{ttfb}_sum{{model="demo"}} 100.31' in text
+    assert 'fleet_requests_inflight{engine="e1"} 1.0' in text
+    coord.gateway.inflight.release("e1")  # an engine the registry does not know: gone at 0
+    assert "fleet_requests_inflight{" not in metrics.render().decode()
+
+
 # -- the scheduler's tallies ------------------------------------------------------------------
 
 
