@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from . import tracing
 from .admission import WaitEstimate
 from .attempts import CONNECTED, PAST_DEADLINE, Failed, Outcome, Refused
-from .engineerrors import EngineHTTPError, EngineURLError
+from .engineerrors import EngineHTTPError, EngineTimeout, EngineURLError
 from .enginehealth import EngineHealth
 from .errors import BadGateway, UpstreamError
 from .metrics import CoordinatorMetrics
@@ -204,15 +204,22 @@ class EngineCalls:
         """Open ``raw`` on ``engine`` unless ``deadline`` passes or the engine is put down
         first: the outcome, with the response when the engine answered (a 5xx is
         :class:`.Failed` with its status; anything below 500 is :data:`.CONNECTED`)."""
-        # One cancel scope for both ends of the wait: the deadline, or the engine put down.
-        scope = trio.CancelScope(deadline=deadline)
+        # One cancel scope for every end of the wait: the deadline, the read timeout (the
+        # engine client sets no timer of its own for the head: ``timed``), or the engine put
+        # down. (The read timeout runs from here, not from the request's last byte sent:
+        # what comes before, a free connection slot and a connection, is bounded apart.)
+        read_s = self.pools.timeouts.read_s
+        read_by = trio.current_time() + read_s
+        scope = trio.CancelScope(deadline=min(deadline, read_by))
         waits = self._waits.get(engine.id)
         if waits is None:
             waits = self._waits[engine.id] = set()
         waits.add(scope)
         try:
             with scope:
-                forwarded = await self.open(engine, path, raw, headers, request, request_id)
+                forwarded = await self.open(
+                    engine, path, raw, headers, request, request_id, timed=True
+                )
         except UpstreamError as exc:
             log.warning("%s", exc)
             if exc.reason == "refused":
@@ -221,8 +228,13 @@ class EngineCalls:
         finally:
             waits.discard(scope)
         if scope.cancelled_caught:
-            if trio.current_time() >= deadline:
+            now = trio.current_time()
+            if now >= deadline:
                 return PAST_DEADLINE, None
+            if now >= read_by:  # as the engine client's own read timer reports it
+                detail = f"engine {engine.id}: EngineTimeout: {EngineTimeout('read', read_s)}"
+                log.warning("%s", detail)
+                return Failed("timeout", detail), None
             log.warning("engine %s: stopped answering (health probe)", engine.id)
             return Failed("down", f"engine {engine.id}: stopped answering (health probe)"), None
         if forwarded.status >= 500:
@@ -238,9 +250,12 @@ class EngineCalls:
         headers: dict[str, str],
         request: ParsedRequest,
         request_id: str,
+        *,
+        timed: bool = False,
     ) -> Forwarded:
         """Send ``raw`` to ``engine`` and open its response, counted in flight until its body
-        is read or discarded.
+        is read or discarded. ``timed``: the caller's cancel scope bounds the wait for the
+        response's head (:meth:`.EngineClient.request`).
 
         Raises:
             UpstreamError: the engine could not be reached or broke before answering.
@@ -260,7 +275,8 @@ class EngineCalls:
 
         started = self.clock()
         try:
-            response = await self.pools.get(engine.url).request("POST", path, headers, raw)
+            client = self.pools.get(engine.url)
+            response = await client.request("POST", path, headers, raw, timed=timed)
         except (EngineHTTPError, EngineURLError) as exc:
             call.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             release()

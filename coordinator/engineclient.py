@@ -270,7 +270,13 @@ class EngineClient:
         return self._slots.statistics().tasks_waiting
 
     async def request(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes = b"",
+        *,
+        timed: bool = False,
     ) -> Response:
         """Send a request and read its response's head; the body is left to read.
 
@@ -280,6 +286,8 @@ class EngineClient:
             headers: extra request headers (``host``, ``content-length``, ``connection`` and
                 ``transfer-encoding`` are the client's own and dropped).
             body: sent with ``content-length``.
+            timed: the caller's own cancel scope bounds the wait for the head (no read timer
+                here: one cancel scope less per request); the body's reads keep theirs.
 
         Raises:
             EngineConnectError: no connection could be opened.
@@ -302,12 +310,12 @@ class EngineClient:
                 c.close()
             if conn is not None:
                 try:
-                    return await self._exchange(conn, request)
+                    return await self._exchange(conn, request, timed)
                 except _Stale:
                     pass  # closed by the engine while idle: it never saw the request (above)
             conn = await self._connect()
             try:
-                return await self._exchange(conn, request)
+                return await self._exchange(conn, request, timed)
             except _Stale as exc:
                 raise EngineBroken(f"the engine closed the connection: {exc}") from exc
         except BaseException:
@@ -344,9 +352,9 @@ class EngineClient:
         self.connections_opened += 1
         return _Connection(stream)
 
-    async def _exchange(self, conn: _Connection, data: bytes) -> Response:
-        """Send the request ``data`` on ``conn`` and read the response's head; ``conn`` is
-        closed on any failure.
+    async def _exchange(self, conn: _Connection, data: bytes, timed: bool) -> Response:
+        """Send the request ``data`` on ``conn`` and read the response's head (``timed``: with
+        no read timer); ``conn`` is closed on any failure.
 
         Raises:
             _Stale: the connection ended before any byte of a response.
@@ -375,7 +383,7 @@ class EngineClient:
                 except BadResponse as exc:
                     raise EngineBroken(f"bad response head: {exc}") from exc
                 try:
-                    chunk = await self._receive(conn, wait_first=not got_bytes)
+                    chunk = await self._receive(conn, wait_first=not got_bytes, timed=timed)
                 except EngineBroken as exc:
                     if got_bytes:
                         raise
@@ -388,10 +396,11 @@ class EngineClient:
             conn.close()
             raise
 
-    async def _receive(self, conn: _Connection, *, wait_first: bool) -> bytes:
+    async def _receive(self, conn: _Connection, *, wait_first: bool, timed: bool = False) -> bytes:
         """The next bytes from the engine (``b""``: it closed); ``wait_first``: none are
         expected yet (the request just went out). The read timeout runs from here; a cancel
-        scope is set up only where there is a wait (bytes already there need none)."""
+        scope is set up only where there is a wait (bytes already there need none), and not
+        where the caller times the wait (``timed``)."""
         sock = conn.sock
         if not wait_first:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -401,6 +410,11 @@ class EngineClient:
                 raise EngineBroken(f"the connection broke: {exc}") from exc
             if data is not None:
                 return data
+        if timed:
+            try:
+                return await sockio.receive(sock, wait_first=True)
+            except OSError as exc:
+                raise EngineBroken(f"the connection broke: {exc}") from exc
         limit = self.timeouts.read_s
         with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
             try:

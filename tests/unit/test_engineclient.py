@@ -318,6 +318,12 @@ async def test_a_silent_engine_times_out_on_read_filed_as_timeout(
     assert trio.current_time() - start == pytest.approx(2)
     assert (exc.value.phase, exc.value.reason) == ("read", "timeout")
     assert (client.in_use, client.idle) == (0, 0)
+    # timed: the caller's own scope bounds the wait for the head, no read timer here
+    start = trio.current_time()
+    with trio.move_on_after(30) as scope:
+        await client.request("POST", "/hang", {}, b"", timed=True)
+    assert scope.cancelled_caught and trio.current_time() - start == pytest.approx(30)
+    assert (client.in_use, client.idle) == (0, 0)
 
 
 async def test_a_stream_that_stops_times_out_on_read(
