@@ -66,6 +66,9 @@ class Forwarded:
     engine: EngineView
     discard: Callable[[], Awaitable[None]]  # close it unread (the engine is released)
     read: Callable[[], Awaitable[bytes]]  # the whole body (raises BadGateway if it broke)
+    # ``body`` for a reader whose own cancel scope bounds each wait (no read timer per read);
+    # take one of the two, once.
+    timed_body: Callable[[], AsyncIterator[bytes]]
     # Whether the body's first piece came with the head (reading it needs no wait).
     buffered: Callable[[], bool] = lambda: False
     # Whether its next piece (or its end) is here, taking what the socket holds (no wait).
@@ -302,11 +305,11 @@ class EngineCalls:
         out_headers["x-selected-pod"] = engine.id
         engine_id = engine.id
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body(timed: bool = False) -> AsyncIterator[bytes]:
             # Read to the body's end (a stream's chunked terminator included), so that the
             # connection goes back to the engine's pool; stopped early, it is closed.
             try:
-                async for chunk in response.aiter_raw():
+                while (chunk := await response.next_piece(timed=timed)) is not None:
                     progress[engine_id] = now()
                     yield chunk
             except EngineHTTPError as exc:
@@ -343,6 +346,7 @@ class EngineCalls:
             engine,
             discard,
             read,
+            lambda: body(timed=True),
             response.buffered,
             response.ready,
         )

@@ -159,7 +159,19 @@ class Response:
             self._release(reuse=complete)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    async def _next(self) -> bytes | None:
+    async def next_piece(self, *, timed: bool = False) -> bytes | None:
+        """The body's next bytes as they arrive (None: its end); :meth:`close` it after.
+        ``timed``: the caller's own cancel scope bounds each wait (no read timer here).
+
+        Raises:
+            EngineTimeout: no byte within the read timeout.
+            EngineBroken: the connection broke or the body was malformed.
+        """
+        if self._released:
+            raise RuntimeError("the response is closed")
+        return await self._next(timed)
+
+    async def _next(self, timed: bool = False) -> bytes | None:
         """The body's next bytes (None: its end), receiving where none are decoded yet."""
         conn = self._conn
         parser = conn.parser
@@ -170,7 +182,7 @@ class Response:
                 raise EngineBroken(f"bad response body: {exc}") from exc
             if data is None or data:
                 return data
-            parser.feed(await self._client._receive(conn, wait_first=False))
+            parser.feed(await self._client._receive(conn, wait_first=False, timed=timed))
 
     def buffered(self) -> bool:
         """Whether bytes of the body came with the head (its first piece needs no wait)."""
@@ -193,9 +205,9 @@ class Response:
         return parser.buffered() or parser.complete or parser.closed
 
     def close(self) -> None:
-        """Let go of the response; its connection is closed unless the body was read to its
-        end. Idempotent."""
-        self._release(reuse=False)
+        """Let go of the response; its connection is kept for the next request where the
+        whole response came (its body taken or not), else closed. Idempotent."""
+        self._release(reuse=self._conn.parser.complete)
 
     async def aclose(self) -> None:
         """:meth:`close`, for ``async`` callers."""

@@ -115,7 +115,10 @@ class Gateway:
         self.breakers = self.health.breakers
         self.budget = RetryBudget(self.resilience)
         self.calls = EngineCalls(pools, metrics, self.health, self.inflight, streaming, clock)
-        self.streams = StreamRelay(self.calls, tokenizer, metrics, self.resilience.stream_idle_s)
+        # A relayed stream's reads are timed by the relay alone: its idle limit, or the read
+        # timeout where that is shorter.
+        idle_s = min(self.resilience.stream_idle_s, pools.timeouts.read_s)
+        self.streams = StreamRelay(self.calls, tokenizer, metrics, idle_s)
         # (served name, session key or None) -> the engines that may serve it (versions)
         self.engines_for = engines_for or (lambda model, session: self.registry.routable(model))
         self.admission = admission or Admission(
@@ -303,7 +306,7 @@ class Gateway:
             self.scheduler.served(routing, engine.id, now)
             if request.stream and forwarded.status == 200 and is_sse(forwarded):
                 forwarded.body = self.streams.relay(
-                    plan, engine, forwarded.body, forwarded.ready, path, request, upstream
+                    plan, engine, forwarded.timed_body(), forwarded.ready, path, request, upstream
                 )
             return forwarded
 

@@ -65,8 +65,9 @@ class StreamRelay:
         request: ParsedRequest,
         headers: dict[str, str],
     ) -> AsyncIterator[bytes]:
-        """Relay ``body``, the stream ``engine`` started, event by event (``ready``: whether
-        its next piece is here, :attr:`.Forwarded.ready`); if the engine breaks
+        """Relay ``body``, the stream ``engine`` started (its :attr:`.Forwarded.timed_body`:
+        each wait is bounded here, by ``idle_s``), event by event (``ready``: whether its next
+        piece is here, :attr:`.Forwarded.ready`); if the engine breaks
         it (an error, the end without ``[DONE]``, or silence for ``idle_s``), continue it as
         ``plan`` says (:mod:`.resume`). ``headers``: what the engine got (a continuation gets
         them too)."""
@@ -120,7 +121,7 @@ class StreamRelay:
                     yield event
                 return
             forwarded, rewriter = nxt
-            engine, body, ready = forwarded.engine, forwarded.body, forwarded.ready
+            engine, body, ready = forwarded.engine, forwarded.timed_body(), forwarded.ready
 
     async def _continue(
         self,

@@ -270,6 +270,51 @@ async def test_a_response_closed_unread_closes_its_connection(engine: Engine) ->
         await engine.peer_closed.wait()
 
 
+async def test_a_response_closed_whole_but_unread_keeps_its_connection(engine: Engine) -> None:
+    client = EngineClient(engine.url)
+    response = await client.request("POST", "/ok", {}, b"")  # its body came with the head
+    response.close()
+    assert (client.in_use, client.idle) == (0, 1)  # the wire is clean: reused
+    assert await _read(await client.request("POST", "/ok", {}, b"")) == b"ok"
+    assert engine.accepted == 1
+
+
+async def test_a_timed_body_read_waits_under_the_callers_scope_alone(
+    engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = EngineClient(engine.url, timeouts=Timeouts(read_s=2))
+    response = await client.request("POST", "/held", {}, b"")
+    assert await response.next_piece(timed=True) == b"data: 0\n\n"
+    start = trio.current_time()
+    with trio.move_on_after(5) as scope:  # no read timer at 2 s (the engine holds for 30)
+        await response.next_piece(timed=True)
+    assert scope.cancelled_caught and trio.current_time() - start == pytest.approx(5)
+    with pytest.raises(EngineTimeout):  # untimed: the client's own timer
+        await response.next_piece()
+    assert trio.current_time() - start == pytest.approx(7)
+    response.close()
+    assert (client.in_use, client.idle) == (0, 0)
+
+
+async def test_a_relayed_stream_that_goes_silent_breaks_after_the_read_timeout(
+    demo_model: Path, engine: Engine, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The relay times a stream's reads alone: at its idle limit, or at the read timeout
+    where that is shorter (sim_gateway's engine pools read for 10 s; the idle limit is 60)."""
+    gateway, pools = sim_gateway({"held": engine.url}, demo_model, ResilienceConfig(stall_s=600))
+    assert gateway.streams.idle_s == 10
+    raw = json.dumps({"model": "demo", "prompt": "hi", "max_tokens": 4, "stream": True}).encode()
+    forwarded = await gateway.forward("/held", validate("completion", raw), raw, {})
+    start = trio.current_time()
+    async with aclosing(forwarded.body) as body:
+        chunks = [chunk async for chunk in body]
+    assert chunks[0] == b"data: 0\n\n"
+    assert trio.current_time() - start == pytest.approx(10)  # broken at 10 s, then not resumed
+    assert gateway.metrics.upstream_errors.labels(engine="held")._value.get() == 1
+    assert (gateway.inflight.get("held"), pools.get(engine.url).in_use) == (0, 0)
+    await pools.aclose()
+
+
 async def test_a_connection_the_engine_closed_while_idle_is_retried_once(engine: Engine) -> None:
     client = EngineClient(engine.url)
     assert await _read(await client.request("POST", "/close-idle", {}, b"")) == b"ok"
