@@ -83,6 +83,7 @@ class _Connection:
         self.parser = ResponseParser()  # the response under way
 
     def close(self) -> None:
+        self.parser.detach()
         self.stream.socket.close()  # synchronous: no await needed to let go of it
 
 
@@ -219,6 +220,7 @@ class Response:
         self._released = True
         conn, client = self._conn, self._client
         if reuse and conn.parser.reusable:
+            conn.parser.detach()
             conn.parser = ResponseParser()
             to_close = client._idle.put(conn, trio.current_time())
         else:
