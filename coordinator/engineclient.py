@@ -119,45 +119,33 @@ class Response:
             EngineTimeout: no byte within the read timeout.
             EngineBroken: the connection broke or the body was malformed.
         """
-        if self._released:
-            raise RuntimeError("the response is closed")
-        parser = self._conn.parser
-        complete = False
         try:
-            while True:
-                data = await self._next()
-                if data is None:
-                    complete = True
-                    return
-                complete = parser.complete  # read whole: reused even if this is the end
+            while (data := await self.next_piece()) is not None:
+                # Whole before this piece went out: the end (asked after the yield, bytes
+                # fed meanwhile, ready(), would make it skip a piece).
+                complete = self._conn.parser.complete
                 yield data
                 if complete:
                     return
         finally:
-            self._release(reuse=complete)
+            self.close()  # the connection is kept where the whole response came
 
     async def read_all(self) -> bytes:
         """The whole body (one call where it came with the head: no generator to step); the
-        response is released, its connection kept for the next request where it was read to
-        its end.
+        response is then released, as :meth:`close` does.
 
         Raises:
             EngineTimeout: no byte within the read timeout.
             EngineBroken: the connection broke or the body was malformed.
         """
-        if self._released:
-            raise RuntimeError("the response is closed")
-        parser = self._conn.parser
         pieces: list[bytes] = []
-        complete = False
         try:
-            while (data := await self._next()) is not None:
+            while (data := await self.next_piece()) is not None:
                 pieces.append(data)
-                if parser.complete:
+                if self._conn.parser.complete:
                     break
-            complete = True
         finally:
-            self._release(reuse=complete)
+            self.close()
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def next_piece(self, *, timed: bool = False) -> bytes | None:
