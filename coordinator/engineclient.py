@@ -36,7 +36,7 @@ Errors: :mod:`.engineerrors`.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import h11
@@ -51,6 +51,7 @@ from .engineerrors import (
     EngineURLError,
     parse_base_url,
 )
+from .engineresponse import Connection, Response, receive
 from .http1client import BadResponse, ResponseParser, request_bytes
 from .idlestack import IdleStack
 
@@ -74,148 +75,8 @@ class Timeouts:
                 raise ValueError(f"Timeouts.{name} must be > 0 seconds (inf: none), got {value!r}")
 
 
-class _Connection:
-    __slots__ = ("parser", "sock", "stream")
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.sock = stream.socket  # read and written through :mod:`.sockio`
-        self.parser = ResponseParser()  # the response under way
-
-    def close(self) -> None:
-        self.parser.detach()
-        self.stream.socket.close()  # synchronous: no await needed to let go of it
-
-
 class _Stale(Exception):
     """The connection ended before any byte of a response arrived."""
-
-
-class Response:
-    """An engine's response with its head read. Read the body with :meth:`aiter_raw` to its
-    end (the connection then goes back to the pool) or :meth:`close` it (the connection is
-    closed); either releases its connection slot.
-
-    Attributes:
-        status: the HTTP status.
-        headers: (name, value) pairs, names lower-case, in the engine's order.
-    """
-
-    def __init__(
-        self, client: EngineClient, conn: _Connection, status: int, headers: list[tuple[str, str]]
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self._client = client
-        self._conn = conn
-        self._released = False
-
-    async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
-        """The body's bytes as they arrive, one item per receive (every chunk decoded
-        from what came, joined: a stream's events that arrived together are passed on
-        together); at the end the connection is kept for the next request.
-
-        Raises:
-            EngineTimeout: no byte within the read timeout.
-            EngineBroken: the connection broke or the body was malformed.
-        """
-        try:
-            while (data := await self.next_piece()) is not None:
-                # Whole before this piece went out: the end (asked after the yield, bytes
-                # fed meanwhile, ready(), would make it skip a piece).
-                complete = self._conn.parser.complete
-                yield data
-                if complete:
-                    return
-        finally:
-            self.close()  # the connection is kept where the whole response came
-
-    async def read_all(self) -> bytes:
-        """The whole body (one call where it came with the head: no generator to step); the
-        response is then released, as :meth:`close` does.
-
-        Raises:
-            EngineTimeout: no byte within the read timeout.
-            EngineBroken: the connection broke or the body was malformed.
-        """
-        pieces: list[bytes] = []
-        try:
-            while (data := await self.next_piece()) is not None:
-                pieces.append(data)
-                if self._conn.parser.complete:
-                    break
-        finally:
-            self.close()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    async def next_piece(self, *, timed: bool = False) -> bytes | None:
-        """The body's next bytes as they arrive (None: its end); :meth:`close` it after.
-        ``timed``: the caller's own cancel scope bounds each wait (no read timer here).
-
-        Raises:
-            EngineTimeout: no byte within the read timeout.
-            EngineBroken: the connection broke or the body was malformed.
-        """
-        if self._released:
-            raise RuntimeError("the response is closed")
-        return await self._next(timed)
-
-    async def _next(self, timed: bool = False) -> bytes | None:
-        """The body's next bytes (None: its end), receiving where none are decoded yet."""
-        conn = self._conn
-        parser = conn.parser
-        while True:
-            try:
-                data = parser.body()
-            except BadResponse as exc:
-                raise EngineBroken(f"bad response body: {exc}") from exc
-            if data is None or data:
-                return data
-            parser.feed(await self._client._receive(conn, wait_first=False, timed=timed))
-
-    def buffered(self) -> bool:
-        """Whether bytes of the body came with the head (its first piece needs no wait)."""
-        return not self._released and self._conn.parser.buffered()
-
-    def ready(self) -> bool:
-        """Whether the body's next step (a piece, its end, or its error) needs no wait: what
-        the socket holds now is taken into the parser first. Never waits (no checkpoint)."""
-        if self._released:
-            return False
-        conn = self._conn
-        parser = conn.parser
-        if not (parser.buffered() or parser.complete or parser.closed):
-            try:
-                data = sockio.read_ready(conn.sock)
-            except OSError:
-                return False  # the next read reports it
-            if data is not None:
-                parser.feed(data)
-        return parser.buffered() or parser.complete or parser.closed
-
-    def close(self) -> None:
-        """Let go of the response; its connection is kept for the next request where the
-        whole response came (its body taken or not), else closed. Idempotent."""
-        self._release(reuse=self._conn.parser.complete)
-
-    async def aclose(self) -> None:
-        """:meth:`close`, for ``async`` callers."""
-        self.close()
-
-    def _release(self, *, reuse: bool) -> None:
-        if self._released:
-            return
-        self._released = True
-        conn, client = self._conn, self._client
-        if reuse and conn.parser.reusable:
-            conn.parser.detach()
-            conn.parser = ResponseParser()
-            to_close = client._idle.put(conn, trio.current_time())
-        else:
-            to_close = [conn]
-        for c in to_close:
-            c.close()
-        client._slots.release()
 
 
 class EngineClient:
@@ -254,7 +115,7 @@ class EngineClient:
         self.connections_opened = 0
         self._slots = trio.Semaphore(max_connections)
         self._max_connections = max_connections
-        self._idle: IdleStack[_Connection] = IdleStack(max_idle, idle_expiry_s)
+        self._idle: IdleStack[Connection] = IdleStack(max_idle, idle_expiry_s)
 
     @property
     def in_use(self) -> int:
@@ -341,7 +202,7 @@ class EngineClient:
         if scope.cancelled_caught:
             raise EngineTimeout("pool", limit)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         limit = self.timeouts.connect_s
         with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
             try:
@@ -352,9 +213,9 @@ class EngineClient:
         if scope.cancelled_caught:
             raise EngineTimeout("connect", limit)
         self.connections_opened += 1
-        return _Connection(stream)
+        return Connection(stream)
 
-    async def _exchange(self, conn: _Connection, data: bytes, timed: bool) -> Response:
+    async def _exchange(self, conn: Connection, data: bytes, timed: bool) -> Response:
         """Send the request ``data`` on ``conn`` and read the response's head (``timed``: with
         no read timer); ``conn`` is closed on any failure.
 
@@ -362,6 +223,7 @@ class EngineClient:
             _Stale: the connection ended before any byte of a response.
         """
         parser = conn.parser
+        read_s = self.timeouts.read_s
         try:
             await trio.lowlevel.checkpoint_if_cancelled()  # not sent when cancelled already
             try:
@@ -381,11 +243,11 @@ class EngineClient:
             while True:
                 try:
                     if parser.head():
-                        return Response(self, conn, parser.status, parser.headers)
+                        return Response(self, conn, read_s, parser.status, parser.headers)
                 except BadResponse as exc:
                     raise EngineBroken(f"bad response head: {exc}") from exc
                 try:
-                    chunk = await self._receive(conn, wait_first=not got_bytes, timed=timed)
+                    chunk = await receive(conn, read_s, wait_first=not got_bytes, timed=timed)
                 except EngineBroken as exc:
                     if got_bytes:
                         raise
@@ -398,33 +260,18 @@ class EngineClient:
             conn.close()
             raise
 
-    async def _receive(self, conn: _Connection, *, wait_first: bool, timed: bool = False) -> bytes:
-        """The next bytes from the engine (``b""``: it closed); ``wait_first``: none are
-        expected yet (the request just went out). The read timeout runs from here; a cancel
-        scope is set up only where there is a wait (bytes already there need none), and not
-        where the caller times the wait (``timed``)."""
-        sock = conn.sock
-        if not wait_first:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                data = sockio.read_ready(sock)
-            except OSError as exc:
-                raise EngineBroken(f"the connection broke: {exc}") from exc
-            if data is not None:
-                return data
-        if timed:
-            try:
-                return await sockio.receive(sock, wait_first=True)
-            except OSError as exc:
-                raise EngineBroken(f"the connection broke: {exc}") from exc
-        limit = self.timeouts.read_s
-        with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
-            try:
-                return await sockio.receive(sock, wait_first=True)
-            except OSError as exc:
-                raise EngineBroken(f"the connection broke: {exc}") from exc
-        assert scope.cancelled_caught
-        raise EngineTimeout("read", limit)
+    def put_back(self, conn: Connection, *, reuse: bool) -> None:
+        """Take back a released response's connection (kept on the idle stack where
+        ``reuse``, else closed) and free its slot."""
+        if reuse:
+            conn.parser.detach()
+            conn.parser = ResponseParser()
+            to_close = self._idle.put(conn, trio.current_time())
+        else:
+            to_close = [conn]
+        for c in to_close:
+            c.close()
+        self._slots.release()
 
 
 __all__ = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from opentelemetry.trace import Span
 
 from .attempts import CONNECTED, Failed, Refused
-from .enginecalls import Forwarded
+from .forwarded import Forwarded
 from .router.scheduler import Decision
 
 

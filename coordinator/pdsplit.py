@@ -40,6 +40,7 @@ from fleet.protocol.errors import ConfigError
 
 from . import tracing
 from .engineerrors import EngineHTTPError, EngineURLError
+from .forwarded import TIMEOUT_HEADER
 from .metrics import CoordinatorMetrics
 from .pools import EnginePools
 from .registry import EngineView
@@ -57,7 +58,6 @@ PREFILL_PARAMS: dict[str, Any] = {
     "remote_port": None,
 }
 PREFILL_POD_HEADER = "x-prefill-pod"
-TIMEOUT_HEADER = "x-request-timeout"
 
 Outcome = Literal["split", "fallback", "decode_only"]
 OUTCOMES: tuple[Outcome, ...] = ("split", "fallback", "decode_only")

@@ -33,9 +33,10 @@ import trio
 from . import gatewayspans, healthwatch, tracing
 from .admission import Admission, Overloaded, WaitEstimate, priority_of
 from .attempts import CONNECTED, AttemptPolicy, GiveUp, Wait
-from .enginecalls import TIMEOUT_HEADER, EngineCalls, Forwarded, holding, is_sse, relay
+from .enginecalls import EngineCalls
 from .enginehealth import EngineHealth
 from .errors import ModelNotFound, NoCapacity
+from .forwarded import TIMEOUT_HEADER, Forwarded, holding, is_sse, relay
 from .metrics import CoordinatorMetrics
 from .pdsplit import PDConfig, PrefillRunner, Splitter
 from .picker import InflightCounter

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from .enginecalls import TIMEOUT_HEADER
 from .errors import InvalidRequest
+from .forwarded import TIMEOUT_HEADER
 from .pdsplit import PREFILL_POD_HEADER
 from .registry import EngineView
 from .router.scheduler import Decision

@@ -31,7 +31,6 @@ from .api import create_app
 from .autoscaling import Autoscaling
 from .clustermodels import fleetmodels_task
 from .config import CoordinatorConfig
-from .costs import deployment_costs
 from .deploybook import DeploymentBook
 from .deployload import folder_signature, load_folder_files
 from .deployment import Deployment
@@ -51,7 +50,6 @@ from .prestage import PrestageBook
 from .proxy import Gateway
 from .redislimits import limits_for
 from .registry import EngineView, FleetRegistry
-from .resilience import STATE_VALUES
 from .respcacheflow import CachedInference, Identities
 from .respcachestore import ResponseCache
 from .router.config import DEFAULT_CONFIG, load_config
@@ -59,6 +57,7 @@ from .router.plugins import SessionStore
 from .router.prompt import PromptTokenizer
 from .router.scheduler import Scheduler
 from .scaling import Scaling
+from .stategauges import StateGauges
 from .statemetrics import FleetStateCollector
 from .tokenizers import FileFetcher, Tokenizers
 from .tpgroups import TPGroups
@@ -140,8 +139,6 @@ class Coordinator:
         self.prompt_tokenizer = PromptTokenizer(_model_paths(deployments))
         self.tokenizers = Tokenizers(self.prompt_tokenizer, tokenizer_files, self.metrics)
         self.tokenizers.want(deployments)
-        self._index_stats_seen: dict[str, int] = {}
-        self._index_drops_seen: dict[str, int] = {}
         timeout = httpx.Timeout(
             connect=cfg.upstream_connect_timeout_s,
             read=cfg.upstream_read_timeout_s,
@@ -189,6 +186,7 @@ class Coordinator:
             curve=cfg.curve_keys,
             curve_reload_s=cfg.curve_reload_s,
         )
+        self._gauges = StateGauges(self)
         self._changed = trio.Event()
         self._draining = trio.Event()
 
@@ -376,36 +374,7 @@ class Coordinator:
 
     def refresh_gauges(self) -> None:
         """Update the gauges that mirror registry state (called before /metrics renders)."""
-        self.metrics.nodes.clear()
-        for node in self.registry.nodes():
-            state = "lost" if node.lost else "live"
-            self.metrics.nodes.labels(state=state).inc()
-        self.metrics.engines.clear()
-        for engine in self.registry.engines():
-            self.metrics.engines.labels(state=engine.state).inc()
-        self.metrics.breaker_state.clear()
-        for engine_id, state in self.gateway.breakers.states().items():
-            self.metrics.breaker_state.labels(engine=engine_id).set(STATE_VALUES[state])
-        self.metrics.leader.set(1 if self.leadership.leader else 0)
-        self.metrics.autoscaler_replicas.clear()
-        for name, decision in self.scaling.decisions.items():
-            self.metrics.autoscaler_replicas.labels(deployment=name).set(decision.replicas)
-        self.metrics.deployment_cost.clear()
-        for name, cost in deployment_costs(self.registry, self.placer, self.placer.prices).items():
-            self.metrics.deployment_cost.labels(deployment=name).set(cost)
-        self.metrics.kv_blocks.set(self.kvindex.block_count())
-        self.metrics.kv_entries.set(self.kvindex.entries)
-        self.metrics.kv_engines.set(self.kvindex.engine_count())
-        for outcome, total in self.kvindex.stats.items():
-            seen = self._index_stats_seen.get(outcome, 0)
-            if total > seen:
-                self.metrics.kv_index_outcomes.labels(outcome=outcome).inc(total - seen)
-                self._index_stats_seen[outcome] = total
-        for reason, total in self.kvindex.drops.items():
-            seen = self._index_drops_seen.get(reason, 0)
-            if total > seen:
-                self.metrics.kv_engine_drops.labels(reason=reason).inc(total - seen)
-                self._index_drops_seen[reason] = total
+        self._gauges.refresh()
 
 
 __all__ = ["Coordinator", "CoordinatorAddresses", "CoordinatorConfig"]

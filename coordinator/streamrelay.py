@@ -15,7 +15,8 @@ import trio
 
 from . import tracing
 from .attempts import CONNECTED, AttemptPlan, Broken, Failed, GiveUp, Outcome, Wait
-from .enginecalls import TIMEOUT_HEADER, EngineCalls, Forwarded, is_sse, read_to_end
+from .enginecalls import EngineCalls
+from .forwarded import TIMEOUT_HEADER, Forwarded, is_sse, read_to_end
 from .metrics import CoordinatorMetrics
 from .registry import EngineView
 from .resume import (
