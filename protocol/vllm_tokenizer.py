@@ -104,8 +104,16 @@ class VllmTokenizer:
             raise ConfigError("--model", str(model_path), "the tokenizer has no ordinary tokens")
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """Tokenize a prompt (with the tokenizer's BOS etc. unless told otherwise)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Tokenize a prompt (with the tokenizer's BOS etc. unless told otherwise).
+
+        Through ``encode_batch_fast``: the ids ``encode`` gives, without the character offsets
+        nothing here reads; 21-39% less CPU than ``encode`` on 24 to 16,000 characters, one
+        thread either way (bench/README.md).
+        """
+        (encoding,) = self.tokenizer.encode_batch_fast(
+            [text], add_special_tokens=add_special_tokens
+        )
+        return encoding.ids
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Detokenize ids, as vLLM's ``/detokenize`` does (special tokens kept)."""

@@ -413,6 +413,25 @@ def test_prompts_are_tokenized_like_the_engine(demo_model: Path) -> None:
     assert prompt_tokens(tok, "chat", {"messages": []}) is None  # the engine will say why
 
 
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_gives_the_tokenizers_own_ids(demo_model: Path, add_special_tokens: bool) -> None:
+    """``encode`` goes through ``encode_batch_fast`` (no offsets): the same ids as the
+    tokenizer's plain ``encode``, for text of every kind and length."""
+    tok = VllmTokenizer(demo_model)
+    special = next(iter(tok.special_tokens.values()), "")
+    texts = [
+        "",
+        "Hi",
+        " leading and trailing  spaces ",
+        "ünïcödé 漢字 emoji 🙂 tabs\tand\nnewlines",
+        f"{special}a special token{special} inside",
+        "code() { return [1, 2, 3]; } " * 300,
+    ]
+    for text in texts:
+        want = tok.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        assert tok.encode(text, add_special_tokens=add_special_tokens) == want, text[:40]
+
+
 def test_a_hot_prefix_spreads_once_its_holder_took_more_than_its_share() -> None:
     """Two engines, one prompt group: the holder wins until its (decayed) count passes
     max(1.15 × mean, mean + 4), i.e. n > n / 2 + 4, n >= 9; then the other engine gets it too."""
