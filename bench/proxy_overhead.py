@@ -146,6 +146,21 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _preempted(pid: int) -> int:
+    """Involuntary context switches of process ``pid``'s threads so far (the kernel took the
+    CPU from it while it could run: another process woke and ran in its place)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        total += int(line.split(":")[1])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return total
+
+
 def _latency(
     args: argparse.Namespace, urls: dict[str, list[str]], fleet_pid: int
 ) -> dict[str, Any]:
@@ -162,12 +177,14 @@ def _latency(
         samples = {name: list[Sample]() for name in names}
         round_p50: dict[str, list[float]] = {name: [] for name in names}
         cpu_s = 0.0
+        preempted = 0
         for r, (a, b, sched) in enumerate(slices):
             for name in rotated(names, r):
-                cpu_before = _cpu_s(fleet_pid)
+                cpu_before, preempted_before = _cpu_s(fleet_pid), _preempted(fleet_pid)
                 got = trio.run(_spread, urls[name], requests[a:b], sched)
                 if name == "fleet":
                     cpu_s += _cpu_s(fleet_pid) - cpu_before
+                    preempted += _preempted(fleet_pid) - preempted_before
                 samples[name] += got
                 p50 = summary_ms([s.latency_s for s in got if s.ok]).get("p50_ms")
                 if p50 is not None:
@@ -187,6 +204,9 @@ def _latency(
             if name == "fleet":
                 out[f"{name}/{mode}"]["coordinator_cpu_ms_per_request"] = round(
                     cpu_s * 1000 / len(got), 3
+                )
+                out[f"{name}/{mode}"]["coordinator_preempted_per_request"] = round(
+                    preempted / len(got), 3
                 )
     out["_samples"] = samples_by
     return out
@@ -320,6 +340,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 "-" if name == "direct" else spread,
                 "-" if name == "direct" else round(added99, 2),
                 r.get("coordinator_cpu_ms_per_request", "-"),
+                r.get("coordinator_preempted_per_request", "-"),
             ]
         )
     cfg = result["config"]
@@ -340,8 +361,15 @@ def _markdown(result: dict[str, Any]) -> str:
             "added p50 ms by round: median (min..max)",
             "added p99 ms",
             "coordinator CPU ms/req",
+            "coordinator preempted /req",
         ],
         rows,
+    )
+    md += (
+        "\n\n*coordinator preempted /req*: the coordinator's involuntary context switches per "
+        "request (the kernel gave its CPU to another runnable process: an engine, the client, "
+        "the other proxies' idle work); each one stalls every request it holds until it runs "
+        "again."
     )
     thr = result["throughput"]
     if "skipped" in thr:
