@@ -38,7 +38,6 @@ from collections.abc import Mapping
 from fleet.protocol.errors import ConfigError
 
 from .plugins import (
-    ROLE_LABEL,
     Candidate,
     DecayingCounts,
     Filter,
@@ -51,16 +50,16 @@ class DecodeFilter(Filter):
     TYPE = "decode-filter"
 
     def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
-        role = c.labels.get(ROLE_LABEL)
-        return role is None or role == "both" or "decode" in role
+        role = c.engine.role  # the role label ("": none), without building the labels
+        return not role or role == "both" or "decode" in role
 
 
 class PrefillFilter(Filter):
     TYPE = "prefill-filter"
 
     def keep(self, ctx: SchedulingContext, c: Candidate) -> bool:
-        role = c.labels.get(ROLE_LABEL)
-        return role is not None and (role == "both" or "prefill" in role)
+        role = c.engine.role  # the role label ("": none), without building the labels
+        return bool(role) and (role == "both" or "prefill" in role)
 
 
 class ByLabelFilter(Filter):
