@@ -17,6 +17,7 @@ BENCHMARKS = {
     "simday": "simday",
     "pd-split": "pd_split",
     "proxy-cpu": "proxy_cpu",
+    "tokenize-stall": "tokenize_stall",
 }
 
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     for e in engines:
         for _ in range(rng.randrange(4)):
             inflight.acquire(e.id)
-    text = _text_of(args.prompt_tokens)
+    text = prompt_text(args.prompt_tokens)
     tokenizer = _tokenizer()
     tokenize_s: list[float] = []
     schedule_s: list[float] = []
@@ -154,7 +154,8 @@ def _tokenizer() -> Any:
         return None
 
 
-def _text_of(tokens: int) -> str:
+def prompt_text(tokens: int) -> str:
+    """``tokens`` words of routing vocabulary, the same for a given count (seeded)."""
     words = "cluster engine prefix cache token route schedule latency replica shard".split()
     rng = random.Random(1)
     return " ".join(rng.choice(words) for _ in range(tokens))
@@ -178,4 +179,4 @@ def _markdown(r: dict[str, Any]) -> str:
     return head + report.table(["step", "p50 ms", "p99 ms", "max ms", "samples"], rows)
 
 
-__all__ = ["add_args", "run"]
+__all__ = ["add_args", "prompt_text", "run"]

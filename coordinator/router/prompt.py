@@ -121,8 +121,9 @@ class PromptTokenizer:
         """The prompt's token ids as the engine will see them, or None.
 
         Long prompts are tokenized in a worker thread (a 4k-token prompt takes several ms, which
-        would stall every other request on the event loop); short ones inline, where a thread
-        hop would cost more than the work.
+        would stall every other request on the event loop; the tokenizer lets go of the GIL
+        meanwhile: ``python -m bench tokenize-stall``); short ones inline, where a thread hop
+        would cost more than the work.
         """
         tokenizer = await self.tokenizer(model)
         if tokenizer is None:
