@@ -116,20 +116,11 @@ class SchedulerTally:
         if len(self._runs) >= FOLD_EVERY:
             self._fold()
 
-    def plugin(self, name: str, kind: str, type_: str, seconds: float) -> None:
-        """Add one call of plugin ``name`` that took ``seconds``."""
-        entry = self._plugins.get(name)
-        if entry is None:
-            entry = self._plugins[name] = PluginTime(kind, type_)
-        entry.seconds += seconds
-        entry.calls += 1
-        entry.counts[bisect.bisect_left(PLUGIN_BUCKETS_S, seconds)] += 1
-
     def _fold(self) -> None:
         runs, self._runs = self._runs, []
         entries, bounds = self._plugins, PLUGIN_BUCKETS_S
         for decision in runs:
-            for plugin, seconds in decision:  # what plugin() does, inline: 8 runs a decision
+            for plugin, seconds in decision:  # inline: about 8 runs a decision
                 entry = entries.get(plugin.name)
                 if entry is None:
                     entry = entries[plugin.name] = PluginTime(plugin.KIND, plugin.TYPE)
