@@ -27,6 +27,7 @@ from . import tracing
 from .apikeys import ApiKey, ApiKeys, RateLimited
 from .errors import ApiError, error_body, render
 from .fastexchange import Exchange, FrontRequest
+from .forwarded import is_sse
 from .metrics import CoordinatorMetrics
 from .proxy import Gateway
 from .sharedlimits import SharedLimits, retry_after_s
@@ -228,7 +229,7 @@ async def _forward(
 ) -> Reply:  # fmt: skip
     """Route ``parsed`` (body ``raw``) to an engine; its reply."""
     fwd = await gateway.forward(path, parsed, raw, headers, tier=tier)
-    if fwd.headers.get("content-type", "").startswith("text/event-stream"):
+    if is_sse(fwd):
         return Reply(
             fwd.status, fwd.headers, stream=fwd.body, buffered=fwd.buffered, discard=fwd.discard
         )
