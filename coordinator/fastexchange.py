@@ -84,7 +84,7 @@ class Exchange:
         self._closing = closing  # a drain started: the response closes the connection
         self.nursery: trio.Nursery | None = None  # TLS: runs the watcher
         self.reader: Reader | None = None  # plain: the connection's reader, which watches
-        self.cancel_scope: trio.CancelScope | None = None  # the handler's
+        self.cancel_scope: trio.CancelScope | None = None  # the handler's (plain: the connection's)
         self.request = FrontRequest(
             method=request.method,
             path=request.target.partition("?")[0],

@@ -192,13 +192,16 @@ class _Connection:
         # A plain connection is read by its Reader, written through sockio; TLS as a stream.
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.reader: Reader | None = None
+        self.scope: trio.CancelScope | None = None  # plain: the connection's, reader and all
 
     async def run(self) -> None:
+        rest = None
         if self.sock is None:  # TLS: read here, and by a watcher per request
             rest = await self._serve()
         else:
             async with trio.open_nursery() as nursery:
                 self.reader = Reader(self.conn, self.sock, self.limits.max_header_bytes)
+                self.scope = nursery.cancel_scope
                 nursery.start_soon(self.reader.run)
                 try:
                     rest = await self._serve()
@@ -246,13 +249,17 @@ class _Connection:
             self.last_active = trio.current_time()
 
     async def _handle(self, exchange: Exchange) -> None:
-        """Run the handler, cancelled when the client leaves (once the body is read)."""
+        """Run the handler, cancelled when the client leaves (once the body is read).
+
+        A plain connection's client that left cancels the whole connection (its reader saw
+        the end; nothing more is read or written): no scope of its own per request.
+        """
         handler = self.server.handler
         if self.reader is not None:
             exchange.reader = self.reader
+            exchange.cancel_scope = self.scope
             try:
-                with trio.CancelScope() as exchange.cancel_scope:
-                    await handler(exchange.request, exchange)
+                await handler(exchange.request, exchange)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 exchange.peer_gone = True  # a write failed: the client left
             finally:
