@@ -136,11 +136,8 @@ class StreamRelay:
         with its rewriter, or the events that end the client's stream."""
         model, routing = request.model, plan.routing
         tokenizer = await self.tokenizer.tokenizer(model)
-        generated = (
-            len(tokenizer.encode(progress.text, add_special_tokens=False))
-            if tokenizer is not None and progress.text
-            else progress.chunks
-        )
+        counted = await self.tokenizer.count(model, progress.text) if progress.text else None
+        generated = progress.chunks if counted is None else counted
         if routing.token_ids is None and tokenizer is not None:
             routing.token_ids = await self.tokenizer.tokens(model, request.kind, request.body)
         prompt_tokens = len(routing.token_ids) if routing.token_ids is not None else None

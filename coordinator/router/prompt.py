@@ -14,6 +14,7 @@ its tokenizer files (:mod:`fleet.coordinator.tokenizers`), which then calls
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,21 @@ class PromptTokenizer:
         return await trio.to_thread.run_sync(
             prompt_tokens, tokenizer, kind, body, limiter=self._limiter
         )
+
+
+    async def count(self, model: str, text: str) -> int | None:
+        """How many tokens ``text`` is (no special tokens added), or None (no tokenizer);
+        long text is counted in a worker thread, as :meth:`tokens` does."""
+        tokenizer = await self.tokenizer(model)
+        if tokenizer is None:
+            return None
+        if len(text) < INLINE_TOKENIZE_CHARS:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+        ids = await trio.to_thread.run_sync(
+            functools.partial(tokenizer.encode, text, add_special_tokens=False),
+            limiter=self._limiter,
+        )
+        return len(ids)
 
 
 INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized in a worker thread

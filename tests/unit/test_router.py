@@ -4,6 +4,7 @@ prefix matching from the KV index, and what ``explain`` reports."""
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -485,6 +486,32 @@ async def test_prompt_tokenizer_loads_once_and_tokenizes_long_prompts_off_the_lo
     assert short is not None and len(short) > 1
     assert await tokenizers.tokens("broken", "completion", {"prompt": "x"}) is None
     assert await tokenizers.tokens("unknown", "completion", {"prompt": "x"}) is None
+
+
+async def test_prompt_tokenizer_counts_text_long_text_in_a_worker_thread(
+    demo_model: Path,
+) -> None:
+    """A resumed stream's generated text is counted so; thousands of tokens of it, for every
+    stream of a failed engine at once, must not stall the event loop."""
+    from fleet.coordinator.router.prompt import INLINE_TOKENIZE_CHARS, PromptTokenizer
+
+    tokenizers = PromptTokenizer({"m": str(demo_model)})
+    tok = await tokenizers.tokenizer("m")
+    assert tok is not None
+    encode, threads = tok.encode, []
+
+    def spy(text: str, *, add_special_tokens: bool = True) -> list[int]:
+        threads.append(threading.get_ident())
+        return encode(text, add_special_tokens=add_special_tokens)
+
+    tok.encode = spy  # type: ignore[method-assign]
+    short, long_text = "Hello there", "word " * (INLINE_TOKENIZE_CHARS // 5 + 10)
+    assert await tokenizers.count("m", short) == len(encode(short, add_special_tokens=False))
+    assert await tokenizers.count("m", long_text) == len(
+        encode(long_text, add_special_tokens=False)
+    )
+    assert threads[0] == threading.get_ident() != threads[1]
+    assert await tokenizers.count("unknown", short) is None
 
 
 def test_an_engine_over_the_limit_keeps_requests_that_would_lose_too_much_prefix() -> None:
