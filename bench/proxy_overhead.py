@@ -17,16 +17,19 @@ trio with none of Fleet's work (:mod:`.trio_floor`): what a Python hop itself co
    per run, ``--rounds`` runs per target alternated, where wrk is installed
    (``apt-get install wrk``); the median run stands for the target; one coordinator process.
 
-For Fleet, the CPU time of the ``fleet up`` process (coordinator and agent; the engines are
-separate processes) over each latency run, from ``/proc/PID/stat``, divided by its requests:
-coordinator CPU ms per request (the agent's share at rest is a few heartbeats). ``--targets``
-picks a subset (``direct`` always runs: the others are compared with it).
+Each proxy's CPU time over its own latency slices, from ``/proc/PID/stat``, divided by its
+requests: proxy CPU ms per request (for Fleet the ``fleet up`` process, coordinator and agent,
+whose share at rest is a few heartbeats; its engines are separate processes; a peer with the
+processes it started), and its involuntary context switches likewise. ``--targets``
+picks a subset (``direct`` always runs: the others are compared with it). ``--isolate`` pins
+the proxies to a CPU of their own, and everything else to the others (:mod:`.affinity`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import os
 import re
@@ -34,12 +37,13 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import report, targets
+from . import affinity, report, targets
 from .loadgen import Request, Sample, open_loop, poisson_schedule
 from .stats import summary_ms
 
@@ -67,6 +71,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"simulator flag (repeatable; default {' '.join(FAST_SIM)})",
     )
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="pin the proxies to the last CPU and the engines, load generator and wrk to the "
+        "others (a router's own cores, as in production: bench/affinity.py)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--targets",
@@ -88,25 +98,35 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     unknown = wanted - set(TARGETS)
     if unknown:
         raise SystemExit(f"--targets: unknown {sorted(unknown)}; choose from {TARGETS}")
-    fleet_pids: list[int] = []
+    # each proxy's process: ``fleet up`` alone (its engines are its children), a peer with
+    # whatever it started
+    procs: dict[str, Proxy] = {}
     with contextlib.ExitStack() as stack:
+        fleet_pids: list[int] = []
         fleet_url, engine_urls = stack.enter_context(
             targets.fleet_up(args.engines, log_dir, engine_args, pids=fleet_pids)
         )
         urls = {"direct": engine_urls}
         if "fleet" in wanted:
             urls["fleet"] = [fleet_url]
-        if "trio-floor" in wanted:
-            urls["trio-floor"] = [stack.enter_context(targets.trio_floor(engine_urls, log_dir))]
-        if "vllm-router" in wanted:
-            urls["vllm-router"] = [
-                stack.enter_context(targets.vllm_router(engine_urls, log_dir, "round_robin"))
-            ]
-        if "sglang-router" in wanted:
-            urls["sglang-router"] = [
-                stack.enter_context(targets.sglang_router(engine_urls, log_dir, "round_robin"))
-            ]
-        result["latency"] = _latency(args, urls, fleet_pids[0])
+            procs["fleet"] = Proxy(fleet_pids[0], tree=False)
+        peers: dict[str, Callable[[list[int]], contextlib.AbstractContextManager[str]]] = {
+            "trio-floor": lambda pids: targets.trio_floor(engine_urls, log_dir, pids=pids),
+            "vllm-router": lambda pids: targets.vllm_router(
+                engine_urls, log_dir, "round_robin", pids=pids
+            ),
+            "sglang-router": lambda pids: targets.sglang_router(
+                engine_urls, log_dir, "round_robin", pids=pids
+            ),
+        }
+        for name, started in peers.items():
+            if name in wanted:
+                pids: list[int] = []
+                urls[name] = [stack.enter_context(started(pids))]
+                procs[name] = Proxy(pids[0], tree=True)
+        if args.isolate:
+            result["isolation"] = _isolate(fleet_pids[0], procs.values())
+        result["latency"] = _latency(args, urls, procs)
         result["throughput"] = _throughput(args, urls)
     result["logs"] = str(log_dir)
     samples_by = result["latency"].pop("_samples")
@@ -127,6 +147,42 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    """A proxy's process: its ``pid``, and whether the processes it started are its (``tree``;
+    not for ``fleet up``, whose children are the engines)."""
+
+    pid: int
+    tree: bool
+
+    def pids(self) -> list[int]:
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            if self.tree:
+                todo.extend(affinity.children(pid))
+        return out
+
+    def cpu_s(self) -> float:
+        return sum(_cpu_s(pid) for pid in self.pids())
+
+    def preempted(self) -> int:
+        return sum(_preempted(pid) for pid in self.pids())
+
+
+def _isolate(fleet_pid: int, proxies: Iterable[Proxy]) -> dict[str, list[int]]:
+    """Pin this process (the load generator, and wrk after it) and every process it started
+    to all CPUs but the last, then the proxies to the last: the ``fleet up`` process's own
+    threads (coordinator and agent; its engines stay), each peer router with its children."""
+    mine, others = affinity.split_cpus()
+    affinity.pin(os.getpid(), others, tree=True)
+    affinity.pin(fleet_pid, mine)
+    for proxy in proxies:
+        affinity.pin(proxy.pid, mine, tree=proxy.tree)
+    return {"proxy_cpus": sorted(mine), "other_cpus": sorted(others)}
+
+
 def _workload(args: argparse.Namespace, stream: bool) -> list[Request]:
     body: dict[str, Any] = {
         "model": targets.MODEL_NAME,
@@ -140,9 +196,13 @@ def _workload(args: argparse.Namespace, stream: bool) -> list[Request]:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (its threads, not its children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """User + system CPU seconds of process ``pid`` so far (its threads, not its children;
+    0 once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -150,7 +210,7 @@ def _preempted(pid: int) -> int:
     """Involuntary context switches of process ``pid``'s threads so far (the kernel took the
     CPU from it while it could run: another process woke and ran in its place)."""
     total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for task in affinity.threads(pid):
         try:
             with open(f"/proc/{pid}/task/{task}/status") as f:
                 for line in f:
@@ -162,10 +222,11 @@ def _preempted(pid: int) -> int:
 
 
 def _latency(
-    args: argparse.Namespace, urls: dict[str, list[str]], fleet_pid: int
+    args: argparse.Namespace, urls: dict[str, list[str]], procs: dict[str, Proxy]
 ) -> dict[str, Any]:
     """Each mode's requests in ``args.rounds`` slices of the schedule; every slice goes to each
-    target in turn (the order rotating by round), so slow periods of the machine fall on all."""
+    target in turn (the order rotating by round), so slow periods of the machine fall on all.
+    Each proxy's CPU and preemptions are counted over its own slices."""
     schedule = poisson_schedule(args.requests, args.rate, args.seed)
     slices = round_slices(schedule, args.rounds)
     names = list(urls)
@@ -176,15 +237,17 @@ def _latency(
         requests = _workload(args, stream)
         samples = {name: list[Sample]() for name in names}
         round_p50: dict[str, list[float]] = {name: [] for name in names}
-        cpu_s = 0.0
-        preempted = 0
+        cpu_s = dict.fromkeys(procs, 0.0)
+        preempted = dict.fromkeys(procs, 0)
         for r, (a, b, sched) in enumerate(slices):
             for name in rotated(names, r):
-                cpu_before, preempted_before = _cpu_s(fleet_pid), _preempted(fleet_pid)
+                proc = procs.get(name)
+                if proc is not None:
+                    cpu_before, preempted_before = proc.cpu_s(), proc.preempted()
                 got = trio.run(_spread, urls[name], requests[a:b], sched)
-                if name == "fleet":
-                    cpu_s += _cpu_s(fleet_pid) - cpu_before
-                    preempted += _preempted(fleet_pid) - preempted_before
+                if proc is not None:
+                    cpu_s[name] += proc.cpu_s() - cpu_before
+                    preempted[name] += proc.preempted() - preempted_before
                 samples[name] += got
                 p50 = summary_ms([s.latency_s for s in got if s.ok]).get("p50_ms")
                 if p50 is not None:
@@ -201,12 +264,12 @@ def _latency(
                 "ttft": summary_ms([s.ttft_s for s in ok if s.ttft_s is not None]),
                 "round_p50_ms": round_p50[name],
             }
-            if name == "fleet":
-                out[f"{name}/{mode}"]["coordinator_cpu_ms_per_request"] = round(
-                    cpu_s * 1000 / len(got), 3
+            if name in procs:
+                out[f"{name}/{mode}"]["proxy_cpu_ms_per_request"] = round(
+                    cpu_s[name] * 1000 / len(got), 3
                 )
-                out[f"{name}/{mode}"]["coordinator_preempted_per_request"] = round(
-                    preempted / len(got), 3
+                out[f"{name}/{mode}"]["proxy_preempted_per_request"] = round(
+                    preempted[name] / len(got), 3
                 )
     out["_samples"] = samples_by
     return out
@@ -339,8 +402,8 @@ def _markdown(result: dict[str, Any]) -> str:
                 "-" if name == "direct" else round(added50, 2),
                 "-" if name == "direct" else spread,
                 "-" if name == "direct" else round(added99, 2),
-                r.get("coordinator_cpu_ms_per_request", "-"),
-                r.get("coordinator_preempted_per_request", "-"),
+                r.get("proxy_cpu_ms_per_request", "-"),
+                r.get("proxy_preempted_per_request", "-"),
             ]
         )
     cfg = result["config"]
@@ -349,6 +412,12 @@ def _markdown(result: dict[str, Any]) -> str:
         f"req/s, {cfg['requests']} requests per target and mode in {cfg['rounds']} alternated "
         "rounds)\n\n"
     )
+    if "isolation" in result:
+        iso = result["isolation"]
+        md += (
+            f"Isolated (`--isolate`): the proxies on CPU {iso['proxy_cpus']}, the engines, "
+            f"the load generator and wrk on CPU {iso['other_cpus']}.\n\n"
+        )
     md += report.table(
         [
             "target",
@@ -360,16 +429,17 @@ def _markdown(result: dict[str, Any]) -> str:
             "added p50 ms",
             "added p50 ms by round: median (min..max)",
             "added p99 ms",
-            "coordinator CPU ms/req",
-            "coordinator preempted /req",
+            "proxy CPU ms/req",
+            "proxy preempted /req",
         ],
         rows,
     )
     md += (
-        "\n\n*coordinator preempted /req*: the coordinator's involuntary context switches per "
-        "request (the kernel gave its CPU to another runnable process: an engine, the client, "
-        "the other proxies' idle work); each one stalls every request it holds until it runs "
-        "again."
+        "\n\n*proxy CPU ms/req*: the proxy's CPU time over its own slices per request (at "
+        "this rate mostly a cold CPU's cost, several times what the same work costs under "
+        "load). *proxy preempted /req*: its involuntary context switches per request (the "
+        "kernel gave its CPU to another runnable process: an engine, the client, the other "
+        "proxies' idle work); each one stalls every request it holds until it runs again."
     )
     thr = result["throughput"]
     if "skipped" in thr:

@@ -262,9 +262,14 @@ def ensure_peer(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _router(name: str, argv: Sequence[str], port: int, log_dir: Path) -> Iterator[str]:
-    """Start a peer router listening on ``port``; yield its URL once ``/health`` answers."""
+def _router(
+    name: str, argv: Sequence[str], port: int, log_dir: Path, pids: list[int] | None = None
+) -> Iterator[str]:
+    """Start a peer router listening on ``port``; yield its URL once ``/health`` answers
+    (``pids``, when given, gets its process's pid)."""
     proc = start(name, argv, log_dir)
+    if pids is not None:
+        pids.append(proc.popen.pid)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, proc, path="/health")
@@ -274,7 +279,12 @@ def _router(name: str, argv: Sequence[str], port: int, log_dir: Path) -> Iterato
 
 
 def vllm_router(
-    worker_urls: Sequence[str], log_dir: Path, policy: str, extra: Sequence[str] = ()
+    worker_urls: Sequence[str],
+    log_dir: Path,
+    policy: str,
+    extra: Sequence[str] = (),
+    *,
+    pids: list[int] | None = None,
 ) -> contextlib.AbstractContextManager[str]:
     """vllm-router (Rust, from PyPI) in front of ``worker_urls``; yields its URL."""
     bin_dir = ensure_peer("vllm-router")
@@ -285,16 +295,18 @@ def vllm_router(
         *("--policy", policy, "--log-level", "warning", "--prometheus-port", str(free_port())),
         *extra,
     ]
-    return _router(f"vllm-router-{policy}", argv, port, log_dir)
+    return _router(f"vllm-router-{policy}", argv, port, log_dir, pids)
 
 
-def trio_floor(worker_urls: Sequence[str], log_dir: Path) -> contextlib.AbstractContextManager[str]:
+def trio_floor(
+    worker_urls: Sequence[str], log_dir: Path, *, pids: list[int] | None = None
+) -> contextlib.AbstractContextManager[str]:
     """The minimal trio proxy (:mod:`.trio_floor`) in front of ``worker_urls``; yields its
     URL (its ``/health`` is an engine's)."""
     port = free_port()
     addresses = [url.split("//", 1)[1].rstrip("/") for url in worker_urls]
     argv = [sys.executable, "-m", "fleet.bench.trio_floor", str(port), *addresses]
-    return _router("trio-floor", argv, port, log_dir)
+    return _router("trio-floor", argv, port, log_dir, pids)
 
 
 # sglang-router 0.3.2 asks its workers SGLang-only routes, names their model "unknown" and 404s
@@ -303,7 +315,7 @@ SGLANG_NAMES = (MODEL_NAME, "unknown")
 
 
 def sglang_router(
-    worker_urls: Sequence[str], log_dir: Path, policy: str
+    worker_urls: Sequence[str], log_dir: Path, policy: str, *, pids: list[int] | None = None
 ) -> contextlib.AbstractContextManager[str]:
     """sglang-router (Rust, from PyPI) in front of ``worker_urls``, which must serve the model
     also as ``unknown`` (:data:`SGLANG_NAMES`); yields its URL."""
@@ -314,7 +326,7 @@ def sglang_router(
         *("--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls),
         *("--policy", policy, "--log-level", "warn", "--prometheus-port", str(free_port())),
     ]
-    return _router(f"sglang-router-{policy}", argv, port, log_dir)
+    return _router(f"sglang-router-{policy}", argv, port, log_dir, pids)
 
 
 __all__ = [

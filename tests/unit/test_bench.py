@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fleet.bench import report
+from fleet.bench.affinity import children, pin, split_cpus
 from fleet.bench.loadgen import poisson_schedule
 from fleet.bench.stats import percentile, summary_ms
 
@@ -111,3 +115,38 @@ def test_proxy_overhead_rounds_cover_the_schedule_and_rotate_targets() -> None:
     assert sorted(rotated(names, 2)) == sorted(names)
     assert added_by_round([5.0, 7.0, 6.5], [4.0, 4.5, 6.0]) == "1.00 (0.50..2.50)"
     assert added_by_round([], []) == "-"
+
+
+def test_isolate_gives_the_proxies_the_last_cpu_and_refuses_one_cpu() -> None:
+    assert split_cpus([0, 1]) == ({1}, {0})
+    assert split_cpus([5, 2, 7]) == ({7}, {2, 5})
+    with pytest.raises(SystemExit, match="two CPUs"):
+        split_cpus([3])
+
+
+def test_pin_reaches_every_thread_and_descendant() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    # a child with a second thread, which starts a grandchild: all of them pinned
+    code = (
+        "import subprocess, sys, threading, time; "
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+        "print('up', flush=True); time.sleep(30)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
+        (grandchild,) = children(child.pid)
+        assert pin(child.pid, {allowed[0]}) == 2  # its two threads, not the grandchild
+        assert os.sched_getaffinity(grandchild) == set(allowed)
+        assert pin(child.pid, {allowed[-1]}, tree=True) == 3
+        for pid in (child.pid, grandchild):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                assert os.sched_getaffinity(int(tid)) == {allowed[-1]}
+    finally:
+        for pid in children(child.pid):
+            os.kill(pid, 9)
+        child.kill()
+        child.wait()
