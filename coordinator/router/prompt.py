@@ -135,7 +135,6 @@ class PromptTokenizer:
             prompt_tokens, tokenizer, kind, body, limiter=self._limiter
         )
 
-
     async def count(self, model: str, text: str) -> int | None:
         """How many tokens ``text`` is (no special tokens added), or None (no tokenizer);
         long text is counted in a worker thread, as :meth:`tokens` does."""
