@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
                 urls[name] = [stack.enter_context(started(pids))]
                 procs[name] = Proxy(pids[0], tree=True)
         if args.isolate:
-            result["isolation"] = _isolate(fleet_pids[0], procs.values())
+            result["isolation"] = _isolate(procs.values())
         result["latency"] = _latency(args, urls, procs)
         result["throughput"] = _throughput(args, urls)
     result["logs"] = str(log_dir)
@@ -171,13 +171,12 @@ class Proxy:
         return sum(_preempted(pid) for pid in self.pids())
 
 
-def _isolate(fleet_pid: int, proxies: Iterable[Proxy]) -> dict[str, list[int]]:
+def _isolate(proxies: Iterable[Proxy]) -> dict[str, list[int]]:
     """Pin this process (the load generator, and wrk after it) and every process it started
     to all CPUs but the last, then the proxies to the last: the ``fleet up`` process's own
     threads (coordinator and agent; its engines stay), each peer router with its children."""
     mine, others = affinity.split_cpus()
     affinity.pin(os.getpid(), others, tree=True)
-    affinity.pin(fleet_pid, mine)
     for proxy in proxies:
         affinity.pin(proxy.pid, mine, tree=proxy.tree)
     return {"proxy_cpus": sorted(mine), "other_cpus": sorted(others)}
