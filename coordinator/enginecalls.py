@@ -28,6 +28,7 @@ from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
 from .pools import EnginePools
 from .registry import EngineView
+from .streamwatch import StreamWatch, StreamWatches
 from .validation import ParsedRequest
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class EngineCalls:
         # served name -> engine -> its requests in flight there (slots held off routing)
         self.by_model: dict[str, InflightCounter] = {}
         self._waits: dict[str, set[trio.CancelScope]] = {}  # cancelled when the engine is down
+        self.streams = StreamWatches()  # started streams' waits (also ended when it is down)
+        self._watchdog: trio.lowlevel.TrioToken | None = None  # the loop it runs in
         # (model, stream) -> the wait for a response's first byte: a request whose deadline is
         # closer than its bound when it leaves the queue is shed, not sent
         self.first_byte: dict[tuple[str, bool], WaitEstimate] = {}
@@ -88,40 +91,65 @@ class EngineCalls:
         finally:
             waits.discard(scope)
 
-    async def next_chunk(
-        self, engine_id: str, body: AsyncIterator[bytes], idle_s: float
-    ) -> bytes | str:
+    def watch_stream(self, engine_id: str, idle_s: float, abort: Callable[[], None]) -> StreamWatch:
+        """Watch a started stream's waits on ``engine_id`` (:meth:`next_chunk`): one of
+        ``idle_s``, or the engine put down, ends it with ``abort``. :meth:`unwatch` it after."""
+        watch = StreamWatch(engine_id, idle_s, abort)
+        self.streams.add(watch)
+        token = trio.lowlevel.current_trio_token()
+        if self._watchdog is not token:  # one watchdog per event loop, from the first stream
+            self._watchdog = token
+            trio.lowlevel.spawn_system_task(self._watch_streams, name="fleet stream watchdog")
+        return watch
+
+    def unwatch(self, watch: StreamWatch) -> None:
+        """The stream ended: stop watching it."""
+        self.streams.remove(watch)
+
+    async def next_chunk(self, watch: StreamWatch, body: AsyncIterator[bytes]) -> bytes | str:
         """A stream's next chunk, or why none came: its end, no byte for ``idle_s``, or its
-        engine put down. One cancel scope: it runs once per chunk (asking ``ready()`` first
-        measured no better: while an engine streams, its next chunk is mostly not here yet)."""
-        scope = trio.CancelScope(deadline=trio.current_time() + idle_s)
-        waits = self._waits.get(engine_id)
-        if waits is None:
-            waits = self._waits[engine_id] = set()
-        waits.add(scope)
+        engine put down. The watchdog times the wait (:mod:`.streamwatch`: no cancel scope
+        per chunk)."""
+        watch.since = trio.current_time()
         try:
-            with scope:
-                return await body.__anext__()
+            return await body.__anext__()
         except StopAsyncIteration:
-            return "the stream ended without [DONE]"
+            return watch.why or "the stream ended without [DONE]"
         finally:
-            waits.discard(scope)
-        if trio.current_time() >= scope.deadline:
-            return f"no byte for {idle_s:g} s"
-        return "its engine was found down (a failed probe, or a stall)"
+            watch.since = None
+
+    async def _watch_streams(self) -> None:
+        """End the streams' waits past their ``idle_s`` (a system task: never raises)."""
+        streams = self.streams
+        while True:
+            await trio.sleep(streams.tick_s)
+            try:
+                for watch in streams.overdue(trio.current_time()):
+                    watch.end(f"no byte for {watch.idle_s:g} s")
+            except Exception:
+                log.exception("the stream watchdog failed a sweep")
 
     def cancel_waits(self, engine_id: str, why: str) -> None:
         """End every wait on ``engine_id`` (it is down), so requests not answered yet are
         retried elsewhere and started streams resumed."""
         waits = self._waits.get(engine_id, set())
-        log.warning("engine %s down (%s): %d waiting requests moved", engine_id, why, len(waits))
+        streams = self.streams.waiting(engine_id)
+        log.warning(
+            "engine %s down (%s): %d waiting requests moved",
+            engine_id,
+            why,
+            len(waits) + len(streams),
+        )
         for scope in list(waits):
             scope.cancel()
+        for watch in streams:
+            watch.end("its engine was found down (a failed probe, or a stall)")
 
     def forget(self, keep: set[str]) -> None:
         """Drop the wait lists of engines that left (``keep``: the known ones)."""
         for engine_id in [e for e in self._waits if e not in keep and not self._waits[e]]:
             del self._waits[engine_id]
+        self.streams.forget(keep)
 
     def hold(
         self, engine_id: str, model: str | None = None, *, stream: bool = False
@@ -262,6 +290,12 @@ class EngineCalls:
         out_headers["x-request-id"] = request_id
         out_headers["x-selected-pod"] = engine.id
         engine_id = engine.id
+        aborted = False  # ended by a stream's watchdog: no engine error to report
+
+        def abort() -> None:
+            nonlocal aborted
+            aborted = True
+            response.abort()
 
         async def body(timed: bool = False) -> AsyncIterator[bytes]:
             # Read to the body's end (a stream's chunked terminator included), so that the
@@ -272,8 +306,9 @@ class EngineCalls:
                     yield chunk
             except EngineHTTPError as exc:
                 # The stream broke after it started; the stream relay resumes it.
-                self.metrics.upstream_errors.labels(engine=engine_id).inc()
-                log.warning("engine %s broke a response mid-way: %s", engine_id, exc)
+                if not aborted:
+                    self.metrics.upstream_errors.labels(engine=engine_id).inc()
+                    log.warning("engine %s broke a response mid-way: %s", engine_id, exc)
             finally:
                 release()
                 response.close()
@@ -307,6 +342,7 @@ class EngineCalls:
             lambda: body(timed=True),
             response.buffered,
             response.ready,
+            abort,
         )
 
 

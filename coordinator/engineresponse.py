@@ -7,6 +7,7 @@ its end (the connection goes back to the pool where the response allows reuse) o
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
@@ -184,6 +185,15 @@ class Response:
             if data is not None:
                 parser.feed(data)
         return parser.buffered() or parser.complete or parser.closed
+
+    def abort(self) -> None:
+        """End the body now: its connection is shut down, so a wait for its next bytes wakes
+        to the connection's end (the body then reads as broken). :meth:`close` it after."""
+        if not self._released:
+            try:
+                self._conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the engine
 
     def close(self) -> None:
         """Let go of the response; its connection is kept for the next request where the

@@ -53,6 +53,8 @@ class Forwarded:
     buffered: Callable[[], bool] = lambda: False
     # Whether its next piece (or its end) is here, taking what the socket holds (no wait).
     ready: Callable[[], bool] = lambda: False
+    # Ends the body at once (its connection shut down): a stream's wait found stalled.
+    abort: Callable[[], None] = lambda: None
 
 
 async def relay(

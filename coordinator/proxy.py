@@ -307,7 +307,14 @@ class Gateway:
             self.scheduler.served(routing, engine.id, now)
             if request.stream and forwarded.status == 200 and is_sse(forwarded):
                 forwarded.body = self.streams.relay(
-                    plan, engine, forwarded.timed_body(), forwarded.ready, path, request, upstream
+                    plan,
+                    engine,
+                    forwarded.timed_body(),
+                    forwarded.ready,
+                    forwarded.abort,
+                    path,
+                    request,
+                    upstream,
                 )
             return forwarded
 

@@ -62,26 +62,29 @@ class StreamRelay:
         engine: EngineView,
         body: AsyncIterator[bytes],
         ready: Callable[[], bool],
+        abort: Callable[[], None],
         path: str,
         request: ParsedRequest,
         headers: dict[str, str],
     ) -> AsyncIterator[bytes]:
         """Relay ``body``, the stream ``engine`` started (its :attr:`.Forwarded.timed_body`:
-        each wait is bounded here, by ``idle_s``), event by event (``ready``: whether its next
+        each wait is bounded here, by ``idle_s``, and ended with ``abort``,
+        :attr:`.Forwarded.abort`), event by event (``ready``: whether its next
         piece is here, :attr:`.Forwarded.ready`); if the engine breaks
         it (an error, the end without ``[DONE]``, or silence for ``idle_s``), continue it as
         ``plan`` says (:mod:`.resume`). ``headers``: what the engine got (a continuation gets
         them too)."""
-        idle_s, next_chunk = self.idle_s, self.calls.next_chunk
+        calls, next_chunk = self.calls, self.calls.next_chunk
         progress = Progress(request.kind)
         rewriter: Rewriter | None = None
         while True:
+            watch = calls.watch_stream(engine.id, self.idle_s, abort)
             splitter = SseSplitter()
             sent: list[bytes] = []  # the first stream's events, parsed only if it breaks
             why = ""
             try:
                 while True:
-                    chunk = await next_chunk(engine.id, body, idle_s)
+                    chunk = await next_chunk(watch, body)
                     if isinstance(chunk, str):
                         why = chunk
                         break
@@ -103,8 +106,10 @@ class StreamRelay:
                         await read_to_end(body, ready)
                         return
             finally:
+                calls.unwatch(watch)
                 aclose = getattr(body, "aclose", None)
-                if aclose is not None:
+                # (a body read to its end has nothing left to close: no shielded scope)
+                if aclose is not None and getattr(body, "ag_frame", True) is not None:
                     with trio.CancelScope(shield=True):
                         await aclose()
             # The engine broke the stream: count it, then find the rest elsewhere.
@@ -123,6 +128,7 @@ class StreamRelay:
                 return
             forwarded, rewriter = nxt
             engine, body, ready = forwarded.engine, forwarded.timed_body(), forwarded.ready
+            abort = forwarded.abort
 
     async def _continue(
         self,
