@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import trio
 
-from . import report, targets
+from . import machineprobe, report, targets
 from .cpuload import Load, cpu_s, run_load
 
 STUB_MODULE = "fleet.bench.stub_engine"
@@ -66,7 +66,12 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     streams = [int(c) for c in args.stream_concurrency.split(",")]
     log_dir = Path(tempfile.mkdtemp(prefix="bench-proxy-cpu-"))
     cfg = {k: v for k, v in vars(args).items() if k not in ("run", "out")}
-    result: dict[str, Any] = {"config": cfg, "load_average": list(os.getloadavg()), "runs": []}
+    result: dict[str, Any] = {
+        "config": cfg,
+        "load_average": list(os.getloadavg()),
+        "machine": {"start": machineprobe.probe()},
+        "runs": [],
+    }
     with contextlib.ExitStack() as stack:
         fleet_url, engine_url, coord_pid = stack.enter_context(_fleet(log_dir))
         routers: dict[str, tuple[str, int]] = {}
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
             _check_answers(url, args.tokens)
             result["runs"].extend(_measure(args, name, url, pid, streams))
     result["load_average_after"] = list(os.getloadavg())
+    result["machine"]["end"] = machineprobe.probe()
     result["logs"] = str(log_dir)
     result["summary"] = _summary(result["runs"], streams)
     md = _markdown(result)
@@ -270,6 +276,8 @@ def _markdown(result: dict[str, Any]) -> str:
         md += "\n"
     load = ", ".join(f"{x:.2f}" for x in result["load_average"])
     md += f"\nLoad average at the start: {load} ({os.cpu_count()} CPUs).\n"
+    if "machine" in result:
+        md += "\n" + machineprobe.line(result["machine"]["start"], result["machine"]["end"])
     return md
 
 

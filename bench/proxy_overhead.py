@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from . import affinity, report, targets
+from . import affinity, machineprobe, report, targets
 from .loadgen import Request, Sample, open_loop, poisson_schedule
 from .stats import summary_ms
 
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
     sim_args = tuple(args.sim_arg) if args.sim_arg else FAST_SIM
     log_dir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     result: dict[str, Any] = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("run", "out")}
+        "config": {k: v for k, v in vars(args).items() if k not in ("run", "out")},
+        "machine": {"start": machineprobe.probe()},
     }
     # the engines also answer to "unknown": sglang-router routes nothing else to vLLM
     engine_args = (*sim_args, "--served-model-name", *targets.SGLANG_NAMES)
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict[str, Any]:
             result["isolation"] = _isolate(procs.values())
         result["latency"] = _latency(args, urls, procs)
         result["throughput"] = _throughput(args, urls)
+    result["machine"]["end"] = machineprobe.probe()
     result["logs"] = str(log_dir)
     samples_by = result["latency"].pop("_samples")
     md = _markdown(result)
@@ -464,6 +466,8 @@ def _markdown(result: dict[str, Any]) -> str:
         md += report.table(
             ["target", "engines", "req/s", "every run's req/s", "p50", "p99", "non-2xx"], rows
         )
+    if "machine" in result:
+        md += "\n\n" + machineprobe.line(result["machine"]["start"], result["machine"]["end"])
     return md
 
 

@@ -7,11 +7,12 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from fleet.bench import report
+from fleet.bench import machineprobe, report
 from fleet.bench.affinity import children, pin, split_cpus
 from fleet.bench.loadgen import poisson_schedule
 from fleet.bench.stats import percentile, summary_ms
@@ -150,3 +151,13 @@ def test_pin_reaches_every_thread_and_descendant() -> None:
             os.kill(pid, 9)
         child.kill()
         child.wait()
+
+
+def test_machine_probe_times_the_work_warm_and_after_each_idle_wait() -> None:
+    started = time.monotonic()
+    p = machineprobe.probe(samples=20, idle_s=0.002)
+    assert time.monotonic() - started >= 20 * 0.002  # every cold sample waited first
+    assert p["warm_us"] > 0 and p["cold_us"] > 0 and p["idle_s"] == 0.002
+    assert p["cold_factor"] == round(p["cold_us"] / p["warm_us"], 1)
+    text = machineprobe.line(p, p)
+    assert f"{p['warm_us']:.1f} us warm, {p['cold_us']:.1f} us after 2 ms idle" in text
