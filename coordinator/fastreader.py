@@ -48,6 +48,7 @@ class Reader:
         self.stopped = False  # set by stop(): read no more
         self._watched: Watched | None = None
         self._wake: trio.Event | None = None  # the connection task waits for bytes
+        self.expired = False  # the connection task's wait was ended (:meth:`expire`)
         self._resume: trio.Event | None = None  # paused over the limit
 
     async def run(self) -> None:
@@ -88,6 +89,12 @@ class Reader:
             self._resume = None
         self._wake = wake = trio.Event()
         await wake.wait()
+
+    def expire(self) -> None:
+        """End the connection task's wait in :meth:`more` (its deadline passed): it returns,
+        :attr:`expired` set."""
+        self.expired = True
+        self._wake_up()
 
     def stop(self) -> None:
         """Read no more (from now, before the reader task is cancelled: it may have been

@@ -33,6 +33,7 @@ bug is logged with its traceback.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -43,6 +44,7 @@ from .errors import error_body
 from .fastexchange import READ_BYTES, Exchange, FrontRequest, server_headers
 from .fastreader import Reader
 from .frontpolicy import FrontLimits, classify, head_deadline, keep_open
+from .frontwaits import HeadWaits
 from .http1server import BadRequest, RequestHead, ServerConnection
 
 log = logging.getLogger("fleet.coordinator.http")
@@ -64,6 +66,9 @@ class Drain(Protocol):
 
     def idle(self, scope: trio.CancelScope) -> AbstractContextManager[None]:
         """While inside, ``scope`` (an idle connection's wait) is cancelled by a termination."""
+
+    def when_terminated(self, end_idle: Callable[[], None]) -> None:
+        """Call ``end_idle`` at the termination (it ends the plain connections' idle waits)."""
 
 
 Handler = Callable[[FrontRequest, "Exchange"], Awaitable[None]]
@@ -150,6 +155,9 @@ class FrontServer:
         self.limits = limits
         self.drain = drain
         self.hand_over = hand_over
+        # Plain connections waiting for a request's head (no cancel scope per wait)
+        self.head_waits = HeadWaits(limits, drain)
+        drain.when_terminated(self.head_waits.end_idle)
 
     async def serve_connection(self, stream: ClientStream) -> None:
         """Serve one connection until it closes; never raises (but Cancelled)."""
@@ -193,6 +201,8 @@ class _Connection:
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.reader: Reader | None = None
         self.scope: trio.CancelScope | None = None  # plain: the connection's, reader and all
+        self.until = math.inf  # plain: when the wait for a request's head under way ends
+        self.idle = False  # plain: that wait has no byte of a request yet
 
     async def run(self) -> None:
         rest = None
@@ -202,6 +212,7 @@ class _Connection:
             async with trio.open_nursery() as nursery:
                 self.reader = Reader(self.conn, self.sock, self.limits.max_header_bytes)
                 self.scope = nursery.cancel_scope
+                self.server.head_waits.start()
                 nursery.start_soon(self.reader.run)
                 try:
                     rest = await self._serve()
@@ -293,16 +304,40 @@ class _Connection:
             deadline = head_deadline(
                 last_active=self.last_active, started=started, limits=self.limits
             )
-            with trio.move_on_at(deadline) as scope:
-                if started is None:
-                    with self.server.drain.idle(scope):
+            if self.reader is not None:
+                ended = await self._wait(deadline, idle=started is None)
+            else:  # TLS
+                with trio.move_on_at(deadline) as scope:
+                    if started is None:
+                        with self.server.drain.idle(scope):
+                            await self._more()
+                    else:
                         await self._more()
-                else:
-                    await self._more()
-            if scope.cancelled_caught:
+                ended = scope.cancelled_caught
+            if ended:
                 if started is not None and deadline <= trio.current_time():
                     await self._refuse(408, "The request's headers took too long to arrive.")
                 return None
+
+    async def _wait(self, until: float, *, idle: bool) -> bool:
+        """Plain: wait for the client's next bytes (or its end) until ``until`` (the server's
+        sweep ends the wait then; its drain's termination ends an ``idle`` one,
+        :mod:`.frontwaits`): whether the wait was ended so."""
+        assert self.reader is not None
+        waiting = self.server.head_waits.waiting
+        self.until, self.idle = until, idle
+        waiting.add(self)
+        try:
+            await self.reader.more()
+        finally:
+            waiting.discard(self)
+        ended, self.reader.expired = self.reader.expired, False
+        return ended
+
+    def end_wait(self) -> None:
+        """End the wait in :meth:`_wait`."""
+        assert self.reader is not None
+        self.reader.expire()
 
     async def _more(self) -> None:
         """Wait for the client's next bytes (or its end) in ``self.conn``."""

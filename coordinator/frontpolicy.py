@@ -75,6 +75,23 @@ def head_deadline(*, last_active: float, started: float | None, limits: FrontLim
     return started + limits.header_timeout_s
 
 
+#: Sweeps of the plain connections' waits per shortest head timeout (:func:`sweep_every`).
+SWEEPS = 10
+
+
+def sweep_every(limits: FrontLimits) -> float:
+    """How often the plain connections' waits for a request's head are swept: a tenth of the
+    shorter of ``keep_alive_s`` and ``header_timeout_s`` (a wait ends within that of its
+    deadline)."""
+    return min(limits.keep_alive_s, limits.header_timeout_s) / SWEEPS
+
+
+def wait_ends(*, until: float, idle: bool, now: float, terminated: bool) -> bool:
+    """Whether a wait for a request's head ends now: its deadline ``until`` passed, or it is
+    ``idle`` (no byte of a request yet) and the server's drain ended."""
+    return now >= until or (idle and terminated)
+
+
 def keep_open(*, our_done: bool, their_done: bool, peer_closed: bool, closing: bool) -> bool:
     """Whether a connection serves another request after a response: only when both sides
     finished their message (a body left unread would be parsed as the next request), the
@@ -82,4 +99,13 @@ def keep_open(*, our_done: bool, their_done: bool, peer_closed: bool, closing: b
     return our_done and their_done and not peer_closed and not closing
 
 
-__all__ = ["FrontLimits", "Route", "classify", "head_deadline", "keep_open"]
+__all__ = [
+    "SWEEPS",
+    "FrontLimits",
+    "Route",
+    "classify",
+    "head_deadline",
+    "keep_open",
+    "sweep_every",
+    "wait_ends",
+]

@@ -69,6 +69,7 @@ class Draining:
         self._idle = trio.Event()
         self._idle.set()
         self._idle_waits: set[trio.CancelScope] = set()
+        self._on_terminate: list[Callable[[], None]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,11 +111,18 @@ class Draining:
         finally:
             self._idle_waits.discard(scope)
 
+    def when_terminated(self, end_idle: Callable[[], None]) -> None:
+        """Call ``end_idle`` at :meth:`terminate` (it ends idle waits kept elsewhere)."""
+        self._on_terminate.append(end_idle)
+
     def terminate(self) -> None:
-        """Close the idle connections (those waiting inside :meth:`idle`, and any later)."""
+        """Close the idle connections (those waiting inside :meth:`idle` or told through
+        :meth:`when_terminated`, and any later)."""
         self.terminated = True
         for scope in self._idle_waits:
             scope.cancel()
+        for end_idle in self._on_terminate:
+            end_idle()
 
     async def idle_wait(self) -> None:
         """Wait until no request is in flight."""

@@ -5,6 +5,7 @@ oversized requests, slow clients, clients that leave, the hand-over to hypercorn
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -13,7 +14,15 @@ import trio
 from hypercorn.config import Config
 
 from fleet.coordinator.fastexchange import Exchange, FrontRequest
-from fleet.coordinator.frontpolicy import FrontLimits, classify, head_deadline, keep_open
+from fleet.coordinator.frontpolicy import (
+    SWEEPS,
+    FrontLimits,
+    classify,
+    head_deadline,
+    keep_open,
+    sweep_every,
+    wait_ends,
+)
 from fleet.coordinator.httpserve import serve
 from fleet.protocol.errors import ConfigError
 
@@ -48,6 +57,14 @@ def test_a_head_has_keep_alive_s_to_start_then_header_timeout_s_to_finish() -> N
     limits = FrontLimits(keep_alive_s=75, header_timeout_s=10)
     assert head_deadline(last_active=100.0, started=None, limits=limits) == 175.0
     assert head_deadline(last_active=100.0, started=170.0, limits=limits) == 180.0
+
+
+def test_a_wait_for_a_head_ends_at_its_deadline_or_when_idle_at_the_drain_end() -> None:
+    assert not wait_ends(until=10.0, idle=True, now=9.99, terminated=False)
+    assert wait_ends(until=10.0, idle=False, now=10.0, terminated=False)
+    assert wait_ends(until=10.0, idle=True, now=1.0, terminated=True)
+    assert not wait_ends(until=10.0, idle=False, now=1.0, terminated=True)  # a head under way
+    assert sweep_every(FrontLimits(keep_alive_s=75, header_timeout_s=10)) == 10 / SWEEPS
 
 
 def test_a_connection_is_kept_only_when_both_sides_are_done_and_not_draining() -> None:
@@ -142,7 +159,11 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def start(
-    nursery: trio.Nursery, routes: Routes, drain: trio.Event | None = None, drain_s: float = 5
+    nursery: trio.Nursery,
+    routes: Routes,
+    drain: trio.Event | None = None,
+    drain_s: float = 5,
+    limits: FrontLimits = LIMITS,
 ) -> tuple[str, int]:
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -155,7 +176,7 @@ async def start(
             drain=drain if drain is not None else trio.Event(),
             drain_s=drain_s,
             front=routes,
-            limits=LIMITS,
+            limits=limits,
             task_status=task_status,
         )
 
@@ -392,10 +413,28 @@ async def test_slow_heads_and_bodies_time_out(nursery: trio.Nursery) -> None:
     assert (status, headers["connection"]) == (408, "close")
     assert await slow_head.rest() == b""
     assert LIMITS.header_timeout_s <= trio.current_time() - start_at < 3
+    slow_line = await Client.open(addr)
+    start_at = trio.current_time()
+    await slow_line.send(b"POST /ec")  # the request line never ends
+    status, headers, _ = await slow_line.response()
+    assert (status, headers["connection"]) == (408, "close")
+    assert LIMITS.header_timeout_s <= trio.current_time() - start_at < 3
     slow_body = await Client.open(addr)
     await slow_body.send(post("/echo", b"0123456789")[:-5])
     status, headers, _ = await slow_body.response()
     assert (status, headers["connection"]) == (408, "close")
+
+
+async def test_an_idle_connection_is_closed_after_keep_alive_s(nursery: trio.Nursery) -> None:
+    limits = dataclasses.replace(LIMITS, keep_alive_s=0.3)
+    addr = await start(nursery, Routes(), limits=limits)
+    client = await Client.open(addr)
+    await client.send(post("/echo", b"x"))
+    assert (await client.response())[2] == b"x"
+    idle_from = trio.current_time()
+    with trio.fail_after(5):  # a safety bound
+        assert await client.rest() == b""  # closed by the server, with nothing more said
+    assert limits.keep_alive_s <= trio.current_time() - idle_from < 3
 
 
 async def test_a_client_that_leaves_cancels_its_request(nursery: trio.Nursery) -> None:
