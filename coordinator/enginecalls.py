@@ -24,6 +24,7 @@ from .engineerrors import EngineHTTPError, EngineTimeout, EngineURLError
 from .enginehealth import EngineHealth
 from .errors import BadGateway, UpstreamError
 from .forwarded import HOP_BY_HOP, Forwarded
+from .loopsweep import LoopSweep
 from .metrics import CoordinatorMetrics
 from .picker import InflightCounter
 from .pools import EnginePools
@@ -70,7 +71,9 @@ class EngineCalls:
         self.by_model: dict[str, InflightCounter] = {}
         self._waits: dict[str, set[trio.CancelScope]] = {}  # cancelled when the engine is down
         self.streams = StreamWatches()  # started streams' waits (also ended when it is down)
-        self._watchdog: trio.lowlevel.TrioToken | None = None  # the loop it runs in
+        self._watchdog = LoopSweep(
+            "fleet stream watchdog", lambda: self.streams.tick_s, self._end_overdue
+        )
         # (model, stream) -> the wait for a response's first byte: a request whose deadline is
         # closer than its bound when it leaves the queue is shed, not sent
         self.first_byte: dict[tuple[str, bool], WaitEstimate] = {}
@@ -96,10 +99,7 @@ class EngineCalls:
         ``idle_s``, or the engine put down, ends it with ``abort``. :meth:`unwatch` it after."""
         watch = StreamWatch(engine_id, idle_s, abort)
         self.streams.add(watch)
-        token = trio.lowlevel.current_trio_token()
-        if self._watchdog is not token:  # one watchdog per event loop, from the first stream
-            self._watchdog = token
-            trio.lowlevel.spawn_system_task(self._watch_streams, name="fleet stream watchdog")
+        self._watchdog.start()  # one per event loop, from the first stream
         return watch
 
     def unwatch(self, watch: StreamWatch) -> None:
@@ -118,16 +118,10 @@ class EngineCalls:
         finally:
             watch.since = None
 
-    async def _watch_streams(self) -> None:
-        """End the streams' waits past their ``idle_s`` (a system task: never raises)."""
-        streams = self.streams
-        while True:
-            await trio.sleep(streams.tick_s)
-            try:
-                for watch in streams.overdue(trio.current_time()):
-                    watch.end(f"no byte for {watch.idle_s:g} s")
-            except Exception:
-                log.exception("the stream watchdog failed a sweep")
+    def _end_overdue(self, now: float) -> None:
+        """End the streams' waits past their ``idle_s`` (the watchdog's sweep)."""
+        for watch in self.streams.overdue(now):
+            watch.end(f"no byte for {watch.idle_s:g} s")
 
     def cancel_waits(self, engine_id: str, why: str) -> None:
         """End every wait on ``engine_id`` (it is down), so requests not answered yet are

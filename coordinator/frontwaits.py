@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-import trio
-
 from .frontpolicy import FrontLimits, sweep_every, wait_ends
+from .loopsweep import LoopSweep
 
 log = logging.getLogger("fleet.coordinator.http")
 
@@ -44,16 +43,13 @@ class HeadWaits:
 
     def __init__(self, limits: FrontLimits, drain: Terminated) -> None:
         self.waiting: set[HeadWait] = set()
-        self._every = sweep_every(limits)
         self._drain = drain
-        self._loop: trio.lowlevel.TrioToken | None = None  # the event loop the sweep runs in
+        every = sweep_every(limits)
+        self._sweep = LoopSweep("fleet front head waits", lambda: every, self.end_due)
 
     def start(self) -> None:
         """Start the sweep, once per event loop."""
-        token = trio.lowlevel.current_trio_token()
-        if self._loop is not token:
-            self._loop = token
-            trio.lowlevel.spawn_system_task(self._sweep, name="fleet front head waits")
+        self._sweep.start()
 
     def end_due(self, now: float) -> None:
         """End the waits that end at ``now`` (:func:`.frontpolicy.wait_ends`)."""
@@ -69,15 +65,6 @@ class HeadWaits:
         """End the idle waits (the drain ended)."""
         for wait in [w for w in self.waiting if w.idle]:
             wait.end_wait()
-
-    async def _sweep(self) -> None:
-        """A system task: never raises."""
-        while True:
-            await trio.sleep(self._every)
-            try:
-                self.end_due(trio.current_time())
-            except Exception:
-                log.exception("the front server's sweep of head waits failed")
 
 
 __all__ = ["HeadWait", "HeadWaits"]
